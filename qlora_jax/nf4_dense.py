@@ -1,0 +1,202 @@
+"""The QLoRA linear layer: a frozen 4-bit base weight plus a trainable low-rank adapter.
+
+    y = x @ dequant(W).T + bias + scaling * (dropout(x) @ A @ B)
+
+``W`` is a :class:`~qlora_jax.nf4.QuantizedTensor` of shape ``[out, in]`` (PyTorch /
+bitsandbytes layout), ``A`` is ``[in, r]`` and ``B`` is ``[r, out]`` (PEFT's
+``lora_A.weight`` / ``lora_B.weight`` transposed), ``scaling = alpha / r``.
+
+The base matmul carries a ``custom_vjp``: its only residual is the packed weight
+itself, its backward pass computes ``dx = dy @ dequant(W)`` through
+:mod:`qlora_jax.kernels`, and ``W`` gets a zero cotangent. No dequantized copy
+of ``W`` is ever saved for the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qlora_jax import kernels
+from qlora_jax.nf4 import QuantizedTensor, quantize
+
+
+def _zero_cotangent(tree: Any) -> Any:
+    def zero(leaf):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.zeros_like(leaf)
+        return np.zeros(leaf.shape, dtype=jax.dtypes.float0)
+
+    return jax.tree.map(zero, tree)
+
+
+@jax.custom_vjp
+def frozen_matmul(x: jax.Array, w: QuantizedTensor) -> jax.Array:
+    """``x [..., in] @ dequant(w).T -> [..., out]`` whose backward pass saves only ``w``."""
+    return kernels.nf4_matmul(x, w)
+
+
+def _frozen_matmul_fwd(x, w):
+    return kernels.nf4_matmul(x, w), w
+
+
+def _frozen_matmul_bwd(w, dy):
+    return kernels.nf4_matmul_t(dy, w), _zero_cotangent(w)
+
+
+frozen_matmul.defvjp(_frozen_matmul_fwd, _frozen_matmul_bwd)
+
+
+def nf4_dense(
+    x: jax.Array,
+    qweight: QuantizedTensor,
+    lora_a: jax.Array | None = None,
+    lora_b: jax.Array | None = None,
+    *,
+    scaling: float = 1.0,
+    bias: jax.Array | None = None,
+    compute_dtype: Any = jnp.bfloat16,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """QLoRA linear: ``x [..., in] -> [..., out]`` in ``compute_dtype``.
+
+    Args:
+      x: input activations ``[..., in]``, any float dtype.
+      qweight: frozen base weight, ``QuantizedTensor`` of shape ``[out, in]``.
+      lora_a, lora_b: adapter ``[in, r]`` and ``[r, out]``, or both ``None``.
+      scaling: LoRA scale (``alpha / r``).
+      bias: optional ``[out]``.
+      compute_dtype: dtype of the matmuls' operands and of the output.
+      dropout_rate: dropout on the adapter's input (PEFT's ``lora_dropout``);
+        applied only when ``dropout_rng`` is given.
+    """
+    out_features, in_features = qweight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"nf4_dense: x.shape[-1]={x.shape[-1]} but the weight is [out={out_features}, in={in_features}]")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("nf4_dense: pass both lora_a and lora_b, or neither")
+    if lora_a is not None and (lora_a.shape[0] != in_features or lora_b.shape[1] != out_features or lora_a.shape[1] != lora_b.shape[0]):
+        raise ValueError(
+            f"nf4_dense: lora_a {lora_a.shape} and lora_b {lora_b.shape} do not fit [in={in_features}, r] and [r, out={out_features}]"
+        )
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"nf4_dense: dropout_rate={dropout_rate} must be in [0, 1)")
+
+    xc = x.astype(compute_dtype)
+    y = frozen_matmul(xc, qweight)
+    if lora_a is not None:
+        xa = xc
+        if dropout_rng is not None and dropout_rate > 0.0:
+            keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, xc.shape)
+            xa = jnp.where(keep, xc / jnp.asarray(1.0 - dropout_rate, compute_dtype), jnp.zeros((), compute_dtype))
+        h = jnp.matmul(xa, lora_a.astype(compute_dtype), preferred_element_type=jnp.float32).astype(compute_dtype)
+        delta = jnp.matmul(h, lora_b.astype(compute_dtype), preferred_element_type=jnp.float32)
+        y = (y.astype(jnp.float32) + scaling * delta).astype(compute_dtype)
+    if bias is not None:
+        y = y + bias.astype(compute_dtype)
+    return y
+
+
+class Frozen(nnx.Variable):
+    """Base-model state that is never trained (quantized weights, biases): not a ``Param``."""
+
+
+def _torch_linear_init(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: torch's ``nn.Linear`` weight init and PEFT's
+    ``kaiming_uniform_(a=sqrt(5))`` for ``lora_A``."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+class NF4Dense(nnx.Module):
+    """A Flax NNX QLoRA linear layer (see :func:`nf4_dense`).
+
+    The base weight is a :class:`Frozen` variable holding a ``QuantizedTensor``;
+    ``lora_a`` / ``lora_b`` are ``nnx.LoRAParam`` and are the only trainable
+    leaves (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``). Initialisation is
+    PEFT's: ``A`` uniform in ``±1/sqrt(in)``, ``B`` zeros, so a fresh adapter
+    leaves the layer's output unchanged.
+
+    Args:
+      in_features, out_features: layer sizes.
+      r: LoRA rank; 0 builds the layer without an adapter.
+      alpha: LoRA alpha; ``scaling = alpha / r``.
+      dropout: dropout rate on the adapter input (active in ``train()`` mode).
+      use_bias: add a frozen bias ``[out]`` (zeros unless ``bias`` is given).
+      weight: ``[out, in]`` float array to quantize, or an existing ``QuantizedTensor``;
+        ``None`` draws torch's default ``nn.Linear`` init and quantizes it.
+      quant_type, blocksize, double_quant: the 4-bit format (see :func:`qlora_jax.quantize`).
+      compute_dtype: dtype of the matmuls and output.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        r: int = 64,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_bias: bool = False,
+        weight: jax.Array | np.ndarray | QuantizedTensor | None = None,
+        bias: jax.Array | np.ndarray | None = None,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: Any = jnp.bfloat16,
+        rngs: nnx.Rngs,
+    ):
+        if r < 0:
+            raise ValueError(f"NF4Dense: r={r} must be >= 0")
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.dropout_rate = r, alpha, dropout
+        self.compute_dtype = compute_dtype
+        if weight is None:
+            weight = _torch_linear_init(rngs.params(), (out_features, in_features), in_features)
+        if not isinstance(weight, QuantizedTensor):
+            if tuple(weight.shape) != (out_features, in_features):
+                raise ValueError(f"NF4Dense: weight shape {tuple(weight.shape)} is not [out={out_features}, in={in_features}]")
+            weight = quantize(weight, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        elif weight.shape != (out_features, in_features):
+            raise ValueError(f"NF4Dense: quantized weight shape {weight.shape} is not [out={out_features}, in={in_features}]")
+        self.weight = Frozen(weight)
+        if use_bias or bias is not None:
+            b = jnp.zeros((out_features,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+            self.bias = Frozen(b)
+        else:
+            self.bias = None
+        if r > 0:
+            self.lora_a = nnx.LoRAParam(_torch_linear_init(rngs.params(), (in_features, r), in_features))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((r, out_features), jnp.float32))
+        else:
+            self.lora_a = self.lora_b = None
+        self.deterministic = False
+        self.rngs = rngs["dropout"].fork() if dropout > 0 and r > 0 else None
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r if self.r else 0.0
+
+    def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+        """``x [..., in] -> [..., out]`` in ``compute_dtype``."""
+        deterministic = self.deterministic if deterministic is None else deterministic
+        rng = None
+        if self.rngs is not None and not deterministic:
+            rng = self.rngs()
+        return nf4_dense(
+            x,
+            self.weight.get_value(),
+            None if self.lora_a is None else self.lora_a[...],
+            None if self.lora_b is None else self.lora_b[...],
+            scaling=self.scaling,
+            bias=None if self.bias is None else self.bias[...],
+            compute_dtype=self.compute_dtype,
+            dropout_rate=self.dropout_rate,
+            dropout_rng=rng,
+        )

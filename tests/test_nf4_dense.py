@@ -1,0 +1,145 @@
+"""nf4_dense / NF4Dense: forward and gradients equal a float reference through the dequantized
+weight; the frozen weight gets no gradient and is never saved dequantized for the backward pass."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
+
+from qlora_jax import Frozen, NF4Dense, dequantize, nf4_dense, quantize
+
+
+def _setup(in_f=172, out_f=64, r=8, batch=(2, 5), seed=0, dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(seed), 4)
+    w = quantize(jax.random.normal(k[0], (out_f, in_f)) * 0.05)
+    x = jax.random.normal(k[1], (*batch, in_f), dtype)
+    a = jax.random.normal(k[2], (in_f, r)) * 0.1
+    b = jax.random.normal(k[3], (r, out_f)) * 0.1
+    return w, x, a, b
+
+
+def _reference(x, w_dense, a, b, scaling, bias=None):
+    y = x @ w_dense.T + scaling * (x @ a @ b)
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("batch", [(2, 5), (1,), (1, 1), (3, 2, 4)])
+def test_forward_equals_float_reference(batch):
+    w, x, a, b = _setup(batch=batch)
+    bias = jnp.arange(64, dtype=jnp.float32) * 0.01
+    y = nf4_dense(x, w, a, b, scaling=2.0, bias=bias, compute_dtype=jnp.float32)
+    ref = _reference(x, dequantize(w, jnp.float32), a, b, 2.0, bias)
+    assert y.shape == (*batch, 64)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_forward_close_to_float_reference():
+    w, x, a, b = _setup()
+    y = nf4_dense(x, w, a, b, scaling=2.0)
+    assert y.dtype == jnp.bfloat16
+    ref = _reference(x, dequantize(w, jnp.float32), a, b, 2.0)
+    assert float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)) < 1e-2
+
+
+def test_gradients_equal_float_reference_and_weight_gets_none():
+    w, x, a, b = _setup()
+    w_dense = dequantize(w, jnp.float32)
+
+    def loss(x, a, b, w):
+        return jnp.sum(jnp.sin(nf4_dense(x, w, a, b, scaling=2.0, compute_dtype=jnp.float32)))
+
+    def ref_loss(x, a, b):
+        return jnp.sum(jnp.sin(_reference(x, w_dense, a, b, 2.0)))
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), allow_int=True))(x, a, b, w)
+    ref = jax.grad(ref_loss, argnums=(0, 1, 2))(x, a, b)
+    for g, r in zip(grads[:3], ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    for leaf in jax.tree.leaves(grads[3]):  # the frozen weight: zero (float) or float0 (integer) cotangents
+        assert leaf.dtype == jax.dtypes.float0 or not np.any(np.asarray(leaf))
+
+
+def test_backward_saves_only_the_packed_weight():
+    w, x, a, b = _setup(in_f=256, out_f=128)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_saved_residuals(lambda x, a, b: nf4_dense(x, w, a, b, scaling=2.0).sum(), x, a, b)
+    saved = buf.getvalue()
+    assert "u8[16384]" in saved  # the packed codes
+    for shape in ("[128,256]", "[256,128]"):
+        assert shape not in saved, saved
+
+
+def test_dropout_only_touches_the_adapter_and_is_seeded():
+    w, x, a, b = _setup()
+    base = nf4_dense(x, w, None, None, compute_dtype=jnp.float32)
+    y0 = nf4_dense(x, w, a, b, scaling=2.0, compute_dtype=jnp.float32)
+    y1 = nf4_dense(x, w, a, b, scaling=2.0, compute_dtype=jnp.float32, dropout_rate=0.5, dropout_rng=jax.random.key(1))
+    y2 = nf4_dense(x, w, a, b, scaling=2.0, compute_dtype=jnp.float32, dropout_rate=0.5, dropout_rng=jax.random.key(1))
+    np.testing.assert_array_equal(y1, y2)
+    assert not np.allclose(y0, y1)
+    x_zero_lora = nf4_dense(x, w, a, jnp.zeros_like(b), scaling=2.0, compute_dtype=jnp.float32, dropout_rate=0.5, dropout_rng=jax.random.key(1))
+    np.testing.assert_allclose(x_zero_lora, base, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_shapes_raise_clear_errors():
+    w, x, a, b = _setup()
+    with pytest.raises(ValueError, match="x.shape"):
+        nf4_dense(x[..., :100], w, a, b)
+    with pytest.raises(ValueError, match="lora_a"):
+        nf4_dense(x, w, a[:10], b)
+    with pytest.raises(ValueError, match="both"):
+        nf4_dense(x, w, a, None)
+
+
+def test_module_trains_only_lora_params():
+    layer = NF4Dense(172, 64, r=8, alpha=16, dropout=0.1, use_bias=True, compute_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(layer.lora_b[...], 0)  # PEFT init: the adapter starts as a no-op
+    assert float(jnp.max(jnp.abs(layer.lora_a[...]))) <= 1 / np.sqrt(172)
+    opt = nnx.Optimizer(layer, optax.adamw(1e-2), wrt=nnx.LoRAParam)
+    trainable = nnx.state(layer, nnx.LoRAParam)
+    assert sorted(k for k, _ in nnx.to_flat_state(trainable)) == [("lora_a",), ("lora_b",)]
+    assert len(jax.tree.leaves(opt.opt_state)) == 1 + 2 * 2 + 0  # count + mu/nu of lora_a, lora_b
+
+    frozen_before = jax.tree.map(np.asarray, nnx.state(layer, Frozen))
+    x = jax.random.normal(jax.random.key(1), (4, 172))
+    target = jax.random.normal(jax.random.key(2), (4, 64))
+
+    @nnx.jit
+    def step(layer, opt):
+        def loss_fn(layer):
+            return jnp.mean((layer(x) - target) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(layer)
+        opt.update(layer, grads)
+        return loss
+
+    losses = [float(step(layer, opt)) for _ in range(20)]
+    assert losses[-1] < losses[0]
+    frozen_after = jax.tree.map(np.asarray, nnx.state(layer, Frozen))
+    jax.tree.map(np.testing.assert_array_equal, frozen_after, frozen_before)
+
+
+def test_module_eval_mode_is_deterministic_and_accepts_a_quantized_weight():
+    w = quantize(jax.random.normal(jax.random.key(0), (32, 64)))
+    layer = NF4Dense(64, 32, r=4, dropout=0.5, weight=w, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 64))
+    layer.eval()
+    np.testing.assert_array_equal(layer(x), layer(x))
+    with pytest.raises(ValueError, match="weight shape"):
+        NF4Dense(64, 16, weight=w, rngs=nnx.Rngs(0))
+
+
+def test_without_adapter():
+    layer = NF4Dense(64, 32, r=0, compute_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jnp.ones((3, 64))
+    np.testing.assert_allclose(layer(x), x @ dequantize(layer.weight.get_value(), jnp.float32).T, rtol=1e-5, atol=1e-6)
+    assert not nnx.state(layer, nnx.LoRAParam)
