@@ -1,0 +1,174 @@
+"""4-bit matmul speed: the fused kernels (where they apply) vs XLA dequant+dot vs a bf16 dot.
+
+    python benchmarks/kernels.py [--m 1,16,64,2048] [--shapes 4096x11008,...] [--json out.json]
+
+Shapes are ``KxN`` (in x out): the forward is ``x [M, K] @ W.T`` with ``W [N, K]`` stored
+in 4 bits (NF4 + double quantization, blocksize 64); the backward is ``dy [M, N] @ W``.
+Several copies of each weight are cycled so the 4-bit weight never sits in L2, and
+each timing is one jitted program running many calls (no per-call dispatch in the
+number). Prints one table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from qlora_jax import kernels, quantize  # noqa: E402
+
+L2_BYTES = 60 * 2**20  # at least H100/H200's L2
+
+
+def _timeit(fn, *args, runs: int) -> float:
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _calls(op, reps: int):
+    """jit(xs, ws) running ``op(xs[r], ws[c])`` for every rep r and copy c; returns all outputs."""
+
+    def run(xs, ws):
+        return [op(xs[r], w) for r in range(reps) for w in ws]
+
+    return jax.jit(run)
+
+
+def bench_shape(k: int, n: int, m: int, runs: int) -> list[dict]:
+    key = jax.random.key(k * 7 + n)
+    w_f32 = jax.random.normal(key, (n, k), jnp.float32) * 0.02
+    w_bf16 = w_f32.astype(jnp.bfloat16)
+    qw = quantize(w_f32)
+    del w_f32
+    copies = min(32, max(2, -(-3 * L2_BYTES // qw.nbytes)))
+    qws = [jax.tree.map(lambda a, i=i: a + 0 if a.dtype != jnp.uint8 else a ^ np.uint8(i % 256), qw) for i in range(copies)]
+    bws = [w_bf16 + jnp.asarray(i, jnp.bfloat16) * 0 for i in range(min(32, max(2, -(-3 * L2_BYTES // (2 * n * k)))))]
+    reps = 4 if m <= 64 else 1
+    rows = []
+    for direction in ("fwd", "bwd"):
+        in_dim = k if direction == "fwd" else n
+        xs = [jax.random.normal(jax.random.key(r), (m, in_dim), jnp.bfloat16) for r in range(reps)]
+        if direction == "fwd":
+            fused, xla = kernels.nf4_matmul, kernels.nf4_matmul_reference
+            dense = lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+        else:
+            fused, xla = kernels.nf4_matmul_t, kernels.nf4_matmul_t_reference
+            dense = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        with kernels.use_implementation("small_m"):
+            impl = kernels.select_implementation(xs[0], qw)
+        with kernels.use_implementation("small_m"):  # "fused" columns: the kernel wherever it applies
+            t_fused = _timeit(_calls(fused, reps), xs, qws, runs=runs) / (reps * len(qws))
+            y_f = fused(xs[0], qw)
+        t_xla = _timeit(_calls(xla, reps), xs, qws, runs=runs) / (reps * len(qws))
+        t_bf16 = _timeit(_calls(dense, reps), xs, bws, runs=runs) / (reps * len(bws))
+        # check the fused path against the XLA path on this shape
+        y_x = xla(xs[0], qw)
+        rel = float(jnp.linalg.norm((y_f - y_x).astype(jnp.float32)) / jnp.linalg.norm(y_x.astype(jnp.float32)))
+        out_dim = n if direction == "fwd" else k
+        act_bytes = 2 * m * (in_dim + out_dim)
+        rows.append(
+            dict(
+                shape=f"{k}x{n}", direction=direction, m=m, implementation=impl,
+                fused_us=t_fused * 1e6, xla_dequant_dot_us=t_xla * 1e6, bf16_dot_us=t_bf16 * 1e6,
+                fused_gbps=(qw.nbytes + act_bytes) / t_fused / 1e9,
+                bf16_gbps=(2 * n * k + act_bytes) / t_bf16 / 1e9,
+                fused_tflops=2 * m * n * k / t_fused / 1e12,
+                speedup_vs_bf16=t_bf16 / t_fused, speedup_vs_xla=t_xla / t_fused,
+                rel_err_vs_xla=rel,
+            )
+        )
+    return rows
+
+
+def sweep(k: int, n: int, m: int, runs: int) -> list[dict]:
+    """Time every small-M tile config on one shape (both directions); check each against XLA."""
+    import itertools
+
+    from qlora_jax.kernels import nf4_matmul_small_m as small_m
+
+    w = quantize(jax.random.normal(jax.random.key(0), (n, k), jnp.float32) * 0.02)
+    copies = min(32, max(2, -(-3 * L2_BYTES // w.nbytes)))
+    ws = [jax.tree.map(lambda a, i=i: a + 0 if a.dtype != jnp.uint8 else a ^ np.uint8(i % 256), w) for i in range(copies)]
+    out = []
+    for direction, (bn, split, g, warps) in itertools.product(
+        ("fwd", "bwd"), itertools.product((64, 128, 256), (1, 2, 4, 8), (1, 2, 4), (4,))
+    ):
+        cfg = small_m.SmallMConfig(block_n=bn, split=split, blocks_per_step=g, num_warps=warps)
+        fn = small_m.nf4_matmul_small_m if direction == "fwd" else small_m.nf4_matmul_t_small_m
+        ref = kernels.nf4_matmul_reference if direction == "fwd" else kernels.nf4_matmul_t_reference
+        xs = [jax.random.normal(jax.random.key(r), (m, k if direction == "fwd" else n), jnp.bfloat16) for r in range(4)]
+        op = lambda x, w, cfg=cfg, fn=fn: fn(x, w, config=cfg)
+        try:
+            t = _timeit(_calls(op, 4), xs, ws, runs=runs) / (4 * copies)
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory / registers for this tile
+            print(f"  {direction} {cfg}: failed: {str(e).splitlines()[0][:120]}", flush=True)
+            continue
+        y, r = op(xs[0], w), ref(xs[0], w)
+        rel = float(jnp.linalg.norm((y - r).astype(jnp.float32)) / jnp.linalg.norm(r.astype(jnp.float32)))
+        out.append(dict(direction=direction, m=m, shape=f"{k}x{n}", config=dataclasses.asdict(cfg), us=t * 1e6,
+                        gbps=(w.nbytes + 2 * m * (n + k)) / t / 1e9, rel_err_vs_xla=rel))
+        print(f"  {direction} M={m} bn={bn} split={split} g={g} warps={warps}: {t * 1e6:.1f} us "
+              f"{out[-1]['gbps']:.0f} GB/s err {rel:.1e}", flush=True)
+    for direction in ("fwd", "bwd"):
+        best = min((r for r in out if r["direction"] == direction), key=lambda r: r["us"])
+        print(f"best {direction} {k}x{n} M={m}: {best['config']} {best['us']:.1f} us {best['gbps']:.0f} GB/s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", default="1,16,64,512,2048,8192")
+    ap.add_argument("--shapes", default="4096x11008,11008x4096,8192x22016")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--json", type=Path, default=Path("kernels.json"))
+    ap.add_argument("--sweep", metavar="KxN", help="sweep the small-M kernels' tile configs on this shape instead")
+    args = ap.parse_args(argv)
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
+    if args.sweep:
+        k, n = (int(v) for v in args.sweep.split("x"))
+        res = [r for m in (int(v) for v in args.m.split(",")) for r in sweep(k, n, m, args.runs)]
+        args.json.write_text(json.dumps(dict(device=dev.device_kind, sweep=res), indent=2))
+        return 0
+    rows = []
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        for m in (int(v) for v in args.m.split(",")):
+            rows += bench_shape(k, n, m, args.runs)
+            for r in rows[-2:]:
+                print(f"  {shape} {r['direction']} M={m}: {r['implementation']} {r['fused_us']:.1f} us, "
+                      f"xla {r['xla_dequant_dot_us']:.1f} us, bf16 {r['bf16_dot_us']:.1f} us", flush=True)
+    hdr = (f"{'shape KxN':<12}{'dir':<5}{'M':>6}  {'impl':<8}{'fused us':>10}{'xla us':>10}{'bf16 us':>10}"
+           f"{'GB/s':>8}{'TFLOP/s':>9}{'x bf16':>8}{'x xla':>7}{'relerr':>9}")
+    print("\n" + hdr + "\n" + "-" * len(hdr))
+    for r in rows:
+        print(f"{r['shape']:<12}{r['direction']:<5}{r['m']:>6}  {r['implementation']:<8}{r['fused_us']:>10.1f}"
+              f"{r['xla_dequant_dot_us']:>10.1f}{r['bf16_dot_us']:>10.1f}{r['fused_gbps']:>8.0f}"
+              f"{r['fused_tflops']:>9.1f}{r['speedup_vs_bf16']:>8.2f}{r['speedup_vs_xla']:>7.2f}{r['rel_err_vs_xla']:>9.1e}")
+    meta = dict(device=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), host=platform.node(),
+                command=" ".join(["python", "benchmarks/kernels.py", *(argv if argv is not None else sys.argv[1:])]))
+    args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
