@@ -208,10 +208,11 @@ def oasst_top_ranked_paths(messages: Iterable[Record]) -> list[list[dict[str, An
 
     Accepts the official export layouts: flat messages (``message_id``/``parent_id``), nested
     message trees (``replies``) or tree rows (``{message_tree_id, prompt}``). From each root
-    prompt, repeatedly follow the reply with the best (lowest) ``rank``; unranked replies come
-    after ranked ones, ties keep export order; deleted replies and replies that failed review
-    are skipped. A trailing prompter turn without an answer is dropped; roots with no answer
-    give no conversation.
+    prompt, repeatedly follow the reply with the best (lowest) ``rank``; unranked replies
+    (OASST1 ranks assistant replies only) come after ranked ones; among equals, a reply that
+    has an answer wins over one that has none, then export order. Deleted replies and
+    replies that failed review are skipped. A trailing prompter turn without an answer is
+    dropped; roots with no answer give no conversation.
 
     Returns:
       One list of messages (dicts with ``role`` "prompter"/"assistant" and ``text``) per tree
@@ -226,9 +227,10 @@ def oasst_top_ranked_paths(messages: Iterable[Record]) -> list[list[dict[str, An
     def usable(msg: Mapping) -> bool:
         return not msg.get("deleted") and msg.get("review_result") is not False
 
-    def key(msg: Mapping) -> tuple[bool, float, int]:
+    def key(msg: Mapping) -> tuple[bool, float, bool, int]:
         rank = msg.get("rank")
-        return (rank is None, 0 if rank is None else rank, msg["_order"])
+        answered = any(usable(m) for m in children.get(msg["message_id"], []))
+        return (rank is None, 0 if rank is None else rank, not answered, msg["_order"])
 
     paths = []
     for root in (m for m in flat if m.get("parent_id") is None and usable(m)):
