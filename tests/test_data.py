@@ -326,3 +326,27 @@ def test_make_data_end_to_end(paths, tokenizer):
     eval_batches = list(dm.eval)
     assert len(eval_batches) == 3
     assert sum(int(b["attention_mask"].any(axis=1).sum()) for b in eval_batches) == 10
+
+
+def test_hub_ids_and_arguments_of_the_original(monkeypatch):
+    """Format names load the original's hub data sets (datasets.load_dataset is stubbed: no network)."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return datasets.Dataset.from_list([{"text": "<human>: hi\n<bot>: yo", "chosen": "c",
+                                            "prompt": "p", "completion": "q"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert data.load_records("chip2") == [{"input": "hi", "output": "yo"}]
+    assert data.load_records("hh-rlhf") == [{"input": "", "output": "c"}]
+    assert data.load_records("self-instruct", split="test") == [{"input": "p", "output": "q"}]
+    assert data.load_records("Anthropic/hh-rlhf") == [{"input": "", "output": "c"}]
+    assert calls == [
+        ("laion/OIG", {"split": "train", "data_files": "unified_chip2.jsonl"}),
+        ("Anthropic/hh-rlhf", {"split": "train"}),
+        ("yizhongw/self_instruct", {"split": "test", "name": "self_instruct"}),
+        ("Anthropic/hh-rlhf", {"split": "train"}),
+    ]
