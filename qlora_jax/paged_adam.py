@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +52,7 @@ class Chunk:
 Page = tuple[Chunk, ...]
 
 
-@jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass
-class PagedState:
+class PagedState(NamedTuple):
     """One ``optax.adamw`` state per page; every array leaf sits in host memory.
 
     ``pages[i]`` is the inner state for page ``i`` of ``page_plan(params, page_size)``; its
@@ -62,14 +60,6 @@ class PagedState:
     """
 
     pages: tuple[Any, ...]
-
-    def tree_flatten(self):
-        return (self.pages,), None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        del aux
-        return cls(*children)
 
 
 def page_plan(params: Any, page_size: int | None) -> tuple[Page, ...]:

@@ -200,3 +200,21 @@ def test_nnx_optimizer_over_nf4dense_lora_params():
         a, b = (np.asarray(getattr(m, name)[...]) for m in trained)
         assert np.abs(b).max() > 0
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_orbax_round_trip_restores_the_state_into_host_memory(tmp_path):
+    """A saved PagedState restored against its abstract tree comes back equal and in pinned_host."""
+    import orbax.checkpoint as ocp
+
+    params = lora_params()
+    tx = paged_adamw(1e-3, page_size=DIM * RANK)
+    _, state, _ = run(tx, params, 2)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "opt", state)
+    checkpointer.wait_until_finished()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = checkpointer.restore(tmp_path / "opt", abstract)
+    assert isinstance(restored, PagedState)
+    assert state_memory_kinds(restored) == {"pinned_host"}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 restored, state)
