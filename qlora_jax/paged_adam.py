@@ -10,8 +10,9 @@ unified memory; the explicit equivalent used here is:
   ``optax.adamw``'s update on it and copies the new state back to ``pinned_host``. The
   updates themselves (same shapes as the parameters) stay on the device.
 
-Because each page runs ``optax.adamw`` itself, and Adam is elementwise, the result is the
-same as unpaged ``optax.adamw`` bit for bit. ``paged=False`` returns plain ``optax.adamw``.
+Because each page runs ``optax.adamw`` itself, and Adam is elementwise, the math is that of
+unpaged ``optax.adamw``; results agree to float rounding (1-2 ulp, from XLA fusing the paged
+and the whole-tree graphs differently). ``paged=False`` returns plain ``optax.adamw``.
 
 A page is at most ``page_size`` elements of one moment: small leaves are packed together,
 leaves bigger than a page are cut along axis 0 (for per-layer stacked LoRA weights
@@ -130,7 +131,8 @@ def paged_adamw(
       b1, b2, eps, weight_decay: as ``optax.adamw`` (the defaults are PyTorch's AdamW ones,
         with QLoRA's ``weight_decay=0.0``).
       paged: ``False`` returns plain ``optax.adamw`` with the state on the device.
-      page_size: most elements of one moment per page (``None``: one page per leaf).
+      page_size: most elements of one moment per page (``None``: one page per leaf); a
+        page's state on the device is ``2 * page_size`` elements (mu and nu).
       mu_dtype: dtype of the first moment, as ``optax.adamw``.
 
     Returns:
@@ -146,9 +148,9 @@ def paged_adamw(
 
     def init_fn(params):
         leaves = jax.tree.leaves(params)
-        pages = tuple(inner.init(_page_leaves(leaves, page))
-                      for page in page_plan(params, page_size))
-        return PagedState(pages=_to_host(pages))
+        # Page by page, so that (eagerly) at most one page of zeros is on the device at a time.
+        return PagedState(pages=tuple(_to_host(inner.init(_page_leaves(leaves, page)))
+                                      for page in page_plan(params, page_size)))
 
     def update_fn(updates, state, params=None):
         grad_leaves, treedef = jax.tree.flatten(updates)
