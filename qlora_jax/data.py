@@ -247,10 +247,12 @@ def oasst_top_ranked_paths(messages: Iterable[Record]) -> list[list[dict[str, An
 _ROLES = {"prompter": "Human", "assistant": "Assistant"}
 
 
-def guanaco_conversation(path: Sequence[Record]) -> str:
-    """``"### Human: {text} ### Assistant: {text} ### Human: ..."``: turns joined by one space.
+def guanaco_conversation(path: Sequence[Record], sep: str = " ") -> str:
+    """``"### Human: {text} ### Assistant: {text} ### Human: ..."``: turns joined by ``sep``.
 
-    The joining matches the Guanaco-format prompts of the OASST1 validation set.
+    The default matches QLoRA's Guanaco-format OASST1 validation prompts
+    (``qlora_oa_questions.jsonl``). The hub's ``timdettmers/openassistant-guanaco`` text is
+    reported to join turns with no space (``...{text}### Assistant: ...``): ``sep=""``.
     """
     turns = []
     for msg in path:
@@ -258,7 +260,7 @@ def guanaco_conversation(path: Sequence[Record]) -> str:
         if role not in _ROLES:
             raise ValueError(f"OASST1 message role must be one of {sorted(_ROLES)}, got {role!r}")
         turns.append(f"### {_ROLES[role]}: {msg['text']}")
-    return " ".join(turns)
+    return sep.join(turns)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -127,6 +127,8 @@ def test_oasst_skips_unanswered_and_deleted(tmp_path):
     ]
     assert data.format_records("oasst1", rows) == [
         {"input": "", "output": "### Human: hi ### Assistant: ok"}]
+    path_ = data.oasst_top_ranked_paths(rows)[0]
+    assert data.guanaco_conversation(path_, sep="") == "### Human: hi### Assistant: ok"
     path = tmp_path / "unanswered.jsonl"
     path.write_text(json.dumps(rows[-1]) + "\n")
     with pytest.raises(ValueError, match="no examples"):
