@@ -8,7 +8,8 @@ unified memory; the explicit equivalent used here is:
 * ``update`` (called inside ``jit``) splits the state into *pages*; for each page it copies
   the page to the device (``jax.device_put(x, jax.memory.Space.Device)``), runs
   ``optax.adamw``'s update on it and copies the new state back to ``pinned_host``. The
-  updates themselves (same shapes as the parameters) stay on the device.
+  updates themselves (same shapes as the parameters) stay on the device. Optimization
+  barriers chain the pages so that at most ``pages_in_flight`` of them are on the device.
 
 Because each page runs ``optax.adamw`` itself, and Adam is elementwise, the math is that of
 unpaged ``optax.adamw``; results agree to float rounding (1-2 ulp, from XLA fusing the paged
@@ -122,6 +123,7 @@ def paged_adamw(
     *,
     paged: bool = True,
     page_size: int | None = None,
+    pages_in_flight: int | None = 2,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformation:
     """AdamW (``optax.adamw``'s math) whose state is kept in ``pinned_host`` memory.
@@ -133,6 +135,10 @@ def paged_adamw(
       paged: ``False`` returns plain ``optax.adamw`` with the state on the device.
       page_size: most elements of one moment per page (``None``: one page per leaf); a
         page's state on the device is ``2 * page_size`` elements (mu and nu).
+      pages_in_flight: how many pages' states may be on the device at once: page ``i`` is
+        fetched only after page ``i - pages_in_flight`` has been written back (an
+        ``optimization_barrier`` on the host values, which XLA's host offloader allows on
+        offload paths). ``None`` leaves the order of the copies to XLA.
       mu_dtype: dtype of the first moment, as ``optax.adamw``.
 
     Returns:
@@ -141,6 +147,8 @@ def paged_adamw(
       it works too, page by page, eagerly) and returns updates on the device and the new
       state on the host. The state's layout depends on ``page_size``: resume with the same.
     """
+    if pages_in_flight is not None and pages_in_flight < 1:
+        raise ValueError(f"{pages_in_flight=} must be >= 1 (or None)")
     inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                         mu_dtype=mu_dtype)
     if not paged:
@@ -161,8 +169,12 @@ def paged_adamw(
                 f"optimizer state has {len(state.pages)} pages but the gradients make "
                 f"{len(plan)} with {page_size=}: was the state created for other parameters?")
         out_chunks: list[list[tuple[Chunk, jax.Array]]] = [[] for _ in grad_leaves]
-        new_pages = []
-        for page, host_state in zip(plan, state.pages):
+        new_pages: list[Any] = []
+        for i, (page, host_state) in enumerate(zip(plan, state.pages)):
+            if pages_in_flight is not None and i >= pages_in_flight:
+                # Fetch page i only once page i - pages_in_flight is back on the host.
+                j = i - pages_in_flight
+                host_state, new_pages[j] = jax.lax.optimization_barrier((host_state, new_pages[j]))
             page_state = _to_device(host_state)
             grads = _page_leaves(grad_leaves, page)
             page_params = None if param_leaves is None else _page_leaves(param_leaves, page)

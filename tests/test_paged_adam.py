@@ -66,8 +66,8 @@ def moments(state, params, page_size):
 SCHEDULE = optax.linear_schedule(1e-3, 2e-2, transition_steps=3)
 
 
-@pytest.mark.parametrize("page_size", [None, DIM * RANK, 1000])
-def test_paged_equals_optax_adamw(page_size):
+@pytest.mark.parametrize("page_size,in_flight", [(None, 2), (DIM * RANK, 1), (1000, None)])
+def test_paged_equals_optax_adamw(page_size, in_flight):
     """N steps of paged AdamW == optax.adamw (params, updates and both moments), to 1-2 ulp.
 
     (Not bit-exact in general: XLA fuses the per-page and the whole-tree graphs differently;
@@ -76,7 +76,8 @@ def test_paged_equals_optax_adamw(page_size):
     kw = dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
     params = lora_params()
     p_ref, s_ref, u_ref = run(optax.adamw(SCHEDULE, **kw), params, 5)
-    p_pag, s_pag, u_pag = run(paged_adamw(SCHEDULE, **kw, page_size=page_size), params, 5)
+    tx = paged_adamw(SCHEDULE, **kw, page_size=page_size, pages_in_flight=in_flight)
+    p_pag, s_pag, u_pag = run(tx, params, 5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p_pag, p_ref)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), u_pag, u_ref)
     got = moments(s_pag, params, page_size)
@@ -108,12 +109,14 @@ def test_paging_off_is_plain_adamw_on_device():
     assert jax.tree.structure(state) == jax.tree.structure(ref)
 
 
-def test_gpu_lowering_moves_each_page_to_the_device_and_back():
+@pytest.mark.parametrize("in_flight", [2, None])
+def test_gpu_lowering_moves_each_page_to_the_device_and_back(in_flight):
     """Lowered for CUDA, the update copies every page's state to the device and back to
-    pinned_host separately (one placement per state array), and returns the state on host."""
+    pinned_host separately (one placement per state array), chains the pages with one
+    optimization barrier per page beyond the first `in_flight`, and returns the state on host."""
     params = lora_params()
     page_size = DIM * RANK  # one layer of q_proj.lora_a per page
-    tx = paged_adamw(1e-3, page_size=page_size)
+    tx = paged_adamw(1e-3, page_size=page_size, pages_in_flight=in_flight)
     state = tx.init(params)
     plan = page_plan(params, page_size)
     assert len(plan) > LAYERS  # per-layer pages, not one per leaf
@@ -124,6 +127,8 @@ def test_gpu_lowering_moves_each_page_to_the_device_and_back():
 
     text = (jax.jit(step).trace(params, state, grads_for(params, 0))
             .lower(lowering_platforms=("cuda",)).as_text())
+    barriers = text.count("stablehlo.optimization_barrier")
+    assert barriers == (0 if in_flight is None else len(plan) - in_flight)
     arrays_per_page = [1 + 2 * len(page) for page in plan]  # count, mu chunks, nu chunks
     to_device = text.count('_xla_buffer_placement = "device"')
     to_host = text.count('_xla_buffer_placement = "pinned_host"')
@@ -166,6 +171,8 @@ def test_state_from_other_params_is_rejected():
         tx.update({"a": jnp.zeros((3, DIM, RANK))}, state, None)
     with pytest.raises(ValueError, match="page_size"):
         paged_adamw(1e-3, page_size=0).init({"a": jnp.zeros(3)})
+    with pytest.raises(ValueError, match="pages_in_flight"):
+        paged_adamw(1e-3, pages_in_flight=0)
 
 
 def test_nnx_optimizer_over_nf4dense_lora_params():
