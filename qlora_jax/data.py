@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -568,6 +568,11 @@ class BatchIterator:
         longest = max(int(self.lengths[i]) for i in indices if i >= 0)
         length = bucket_length(longest, self.pad_to_multiple, self.max_length)
         return pad_batch(rows, length, self.pad_id)
+
+    def epoch_batches(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """All batches of ``epoch``, without touching the iterator's state (e.g. each eval)."""
+        for indices in self.epoch_order(epoch):
+            yield self.make_batch(indices)
 
     def __iter__(self) -> BatchIterator:
         return self

@@ -327,6 +327,8 @@ def test_make_data_end_to_end(paths, tokenizer):
     assert (batch["input_ids"][:, 0] == 1).all()
     eval_batches = list(dm.eval)
     assert len(eval_batches) == 3
+    for again, first in zip(dm.eval.epoch_batches(), eval_batches, strict=True):  # re-runnable
+        np.testing.assert_array_equal(again["input_ids"], first["input_ids"])
     assert sum(int(b["attention_mask"].any(axis=1).sum()) for b in eval_batches) == 10
 
 
