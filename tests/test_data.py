@@ -229,6 +229,13 @@ def test_tokens_bos_source_target_eos_and_label_mask(alpaca, alpaca_tokens, toke
         assert tok["input_ids"].dtype == tok["labels"].dtype == np.int32
     cut = [t for t in alpaca_tokens if len(t["input_ids"]) - (t["labels"] == IGNORE_INDEX).sum() == 256]
     assert cut and all(t["input_ids"][-1] != 2 for t in cut)  # truncated targets lose EOS
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(tokenizer.name_or_path) + "/tokenizer.json")
+    same = data.tokenize_examples(alpaca[:20], raw, source_max_len=128, target_max_len=256,
+                                  bos_id=1, eos_id=2)
+    for a, b in zip(same, alpaca_tokens[:20], strict=True):  # tokenizers.Tokenizer path
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
     on_source = data.tokenize_examples(alpaca[:5], tokenizer, source_max_len=128,
                                        target_max_len=256, train_on_source=True)
     for a, b in zip(on_source, alpaca_tokens[:5]):
