@@ -1,0 +1,224 @@
+"""The run configuration of ``train.py``: typed sections, config files, ``--set`` overrides.
+
+A config file is a Python file with ``get_config() -> TrainConfig`` (see ``configs/``).
+``--set section.key=value`` overrides one field; the value is parsed for the field's
+type. Unknown sections or keys, and values of the wrong type, raise ``ConfigError``
+naming them. The model architecture is not here: it comes from the model directory's
+``config.json`` (``qlora_jax.models.llama.LlamaConfig``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from qlora_jax.data import DataConfig
+
+REMAT_CHOICES = ("none", "full", "save_dots", "offload")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """The frozen base model and how its weights are stored.
+
+    ``path``: a directory written by ``python -m qlora_jax.convert`` (loaded directly), or a
+    Hugging Face model directory / hub id / GGUF file, converted on the fly into
+    ``converted_dir`` (default ``<output_dir>/base_model``) the first time.
+    """
+
+    path: str = ""
+    converted_dir: str = ""
+    quantize: bool = True
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    remat: str = "full"
+
+    def __post_init__(self):
+        if self.remat not in REMAT_CHOICES:
+            raise ConfigError(f"model.remat={self.remat!r} is not one of {REMAT_CHOICES}")
+        if self.quant_type not in ("nf4", "fp4", "int4"):
+            raise ConfigError(f"model.quant_type={self.quant_type!r} is not one of ('nf4', 'fp4', 'int4')")
+        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
+            raise ConfigError(f"model.compute_dtype={self.compute_dtype!r} is not bfloat16, float16 or float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASection:
+    """LoRA adapters (QLoRA: r=64, alpha=16 on all seven linear projections)."""
+
+    r: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ConfigError(f"lora.r={self.r} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    """Paged AdamW with a warmup + schedule, clipping by global norm."""
+
+    learning_rate: float = 2e-4
+    schedule: str = "constant"
+    warmup_ratio: float = 0.03
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    paged: bool = True
+    page_size: int = 0  # elements per page of one moment; 0: one page per parameter leaf
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"optim.learning_rate={self.learning_rate} must be > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"optim.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if self.page_size < 0:
+            raise ConfigError(f"optim.page_size={self.page_size} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    """The loop: steps, batch split, schedules for logging / eval / checkpoints."""
+
+    steps: int = 1875
+    grad_accum: int = 16  # micro-batches per step; data.batch_size is the whole step's batch
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 0  # 0: the whole eval split
+    save_every: int = 250
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        for name in ("steps", "grad_accum", "log_every", "eval_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be > 0")
+        if self.eval_batches < 0:
+            raise ConfigError(f"train.eval_batches={self.eval_batches} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs besides the model's architecture."""
+
+    model: ModelSection = ModelSection()
+    lora: LoRASection = LoRASection()
+    data: DataConfig = DataConfig()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+
+    def __post_init__(self):
+        if self.data.batch_size % self.train.grad_accum:
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} must be a multiple of train.grad_accum={self.train.grad_accum}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Run ``get_config()`` of a config file, then apply ``section.key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"qlora_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.resolve().parent))  # config files may import their siblings
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the file is user code: report which file failed
+        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config()")
+    config = module.get_config()
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, not TrainConfig")
+    return apply_overrides(config, overrides)
+
+
+def _parse_value(text: str, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in sorted(args, key=lambda a: a is not int):  # "1024" is an int before it is a float
+            if arg is type(None):
+                continue
+            try:
+                return _parse_value(text, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}={text!r}: " + "; ".join(errors))
+    if annotation is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key}={text!r} is not a boolean (true/false)")
+    if annotation in (int, float):
+        try:
+            return annotation(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} is not a{'n int' if annotation is int else ' float'}") from None
+    if annotation is str:
+        return text
+    if origin is tuple:
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ConfigError(f"{key}={text!r} cannot be parsed for type {annotation}") from None
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """``["lora.r=16", "data.dataset=/path.jsonl", ...]`` -> a new validated config."""
+    sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    changes: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, text = item.split("=", 1)
+        if dotted.count(".") != 1:
+            raise ConfigError(f"override key {dotted!r} must be section.key (sections: {sorted(sections)})")
+        section, key = dotted.split(".")
+        if section not in sections:
+            raise ConfigError(f"unknown config section {section!r} in {item!r}; sections: {sorted(sections)}")
+        section_obj = getattr(config, section)
+        fields = {f.name: f for f in dataclasses.fields(section_obj)}
+        if key not in fields:
+            raise ConfigError(f"unknown config key {dotted!r}; {section} has {sorted(fields)}")
+        hints = typing.get_type_hints(type(section_obj))
+        changes.setdefault(section, {})[key] = _parse_value(text, hints[key], dotted)
+    try:
+        new_sections = {name: dataclasses.replace(getattr(config, name), **kv) for name, kv in changes.items()}
+        return dataclasses.replace(config, **new_sections)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e

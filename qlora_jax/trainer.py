@@ -1,0 +1,333 @@
+"""The training loop behind ``train.py``: model + data + paged AdamW + checkpoints + logging.
+
+The step is pure and jitted (``make_train_step``); the loop (``train``) owns I/O: it logs
+``metrics.jsonl`` and TensorBoard, evaluates and checkpoints on fixed schedules, stops on a
+non-finite loss or gradient, and resumes bit-exactly from the last checkpoint.
+
+Output directory layout::
+
+    OUT/config.json          the resolved TrainConfig
+    OUT/metrics.jsonl        one JSON object per logged step (step, loss, lr, grad_norm, tokens_per_s, [eval_loss])
+    OUT/tensorboard/         the same scalars for TensorBoard
+    OUT/checkpoints/<step>/  orbax: LoRA params, optimizer state (host memory), data position
+    OUT/adapter/             the final LoRA weights (safetensors + adapter_config.json)
+    OUT/loss.png             train / eval loss curves
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from qlora_jax.data import BatchIterator, make_data
+from qlora_jax.paged_adam import paged_adamw
+from qlora_jax.step import accumulate_gradients, causal_lm_loss, clip_by_global_norm
+from qlora_jax.train_config import TrainConfig
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss or gradients, an unusable checkpoint)."""
+
+
+# --- the pure step ---------------------------------------------------------------------------------
+
+
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup over ``warmup_ratio * steps``, then constant / linear decay / cosine."""
+    o, steps = cfg.optim, cfg.train.steps
+    warmup = int(math.ceil(o.warmup_ratio * steps))
+    after = max(1, steps - warmup)
+    tail = {
+        "constant": optax.constant_schedule(o.learning_rate),
+        "linear": optax.linear_schedule(o.learning_rate, 0.0, after),
+        "cosine": optax.cosine_decay_schedule(o.learning_rate, after),
+    }[o.schedule]
+    if warmup == 0:
+        return tail
+    return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), tail], [warmup])
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    o = cfg.optim
+    return paged_adamw(make_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                       paged=o.paged, page_size=o.page_size or None)
+
+
+def _lm_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    return causal_lm_loss(logits, batch["labels"])
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainConfig) -> Callable:
+    """``step(lora, opt_state, rest, batch, step, key) -> (lora, opt_state, metrics)``, jitted.
+
+    ``lora`` holds the ``nnx.LoRAParam`` state (the only trained leaves), ``rest`` everything
+    else (frozen weights, RNG state). The batch's leading axis is split into
+    ``cfg.train.grad_accum`` micro-batches inside the step (a ``scan``); gradients are
+    clipped by global norm, then the (paged) optimizer updates the adapters.
+    """
+    schedule = make_schedule(cfg)
+
+    def loss_fn(lora, micro, rng, rest):
+        model = nnx.merge(graphdef, lora, rest)
+        nnx.reseed(model, dropout=rng, policy="match_shape")
+        return _lm_loss(model, micro)
+
+    def step_fn(lora, opt_state, rest, batch, step, key):
+        rng = jax.random.fold_in(key, step)
+        loss, grads = accumulate_gradients(lambda p, m, r: loss_fn(p, m, r, rest), lora, batch,
+                                           cfg.train.grad_accum, rng=rng)
+        grads, grad_norm = clip_by_global_norm(grads, cfg.optim.max_grad_norm)
+        updates, opt_state = tx.update(grads, opt_state, lora)
+        lora = optax.apply_updates(lora, updates)
+        return lora, opt_state, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step)}
+
+    return jax.jit(step_fn, donate_argnums=(0, 1))
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+    """``eval_step(lora, rest, batch) -> (loss_sum, num_tokens)`` with dropout off, jitted."""
+
+    def eval_fn(lora, rest, batch):
+        return _lm_loss(nnx.merge(graphdef, lora, rest), batch)
+
+    return jax.jit(eval_fn)
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+
+def resolve_base_model(cfg: TrainConfig, output_dir: Path) -> Path:
+    """A converted model directory for ``cfg.model.path``, converting it once if needed."""
+    from qlora_jax.convert import convert
+    from qlora_jax.models.checkpoint import META_FILE
+    from qlora_jax.models.llama import QuantConfig
+
+    src = Path(cfg.model.path)
+    if not cfg.model.path:
+        raise TrainingError("model.path is empty: set it in the config or with --set model.path=...")
+    if (src / META_FILE).is_file():
+        return src
+    target = Path(cfg.model.converted_dir) if cfg.model.converted_dir else output_dir / "base_model"
+    if (target / META_FILE).is_file():
+        return target
+    print(f"converting {cfg.model.path} -> {target}", flush=True)
+    quant = QuantConfig(quantize=cfg.model.quantize, quant_type=cfg.model.quant_type, blocksize=cfg.model.blocksize,
+                        double_quant=cfg.model.double_quant, compute_dtype=cfg.model.compute_dtype)
+    convert(cfg.model.path, target, quant=quant)
+    return target
+
+
+def build_model(cfg: TrainConfig, model_dir: Path) -> nnx.Module:
+    from qlora_jax.models.checkpoint import load_model
+    from qlora_jax.models.llama import LoRAConfig
+
+    lora = LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=tuple(cfg.lora.targets))
+    return load_model(model_dir, lora=lora, remat=cfg.model.remat, compute_dtype=cfg.model.compute_dtype,
+                      seed=cfg.train.seed)
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"{model_dir}: no usable tokenizer files beside the model ({e})") from None
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+
+class Checkpoints:
+    """orbax checkpoints of (LoRA params, optimizer state, step, data position), atomic, keep-last-K."""
+
+    def __init__(self, directory: Path, keep: int):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            directory.absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, lora: Any, opt_state: Any, data_state: dict[str, int]) -> None:
+        ocp = self._ocp
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"lora": lora, "opt_state": opt_state}),
+            meta=ocp.args.JsonSave({"step": step, "data": data_state}),
+        ))
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, lora: Any, opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
+        ocp = self._ocp
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"lora": lora, "opt_state": opt_state})
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return out.state["lora"], out.state["opt_state"], out.meta
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunResult:
+    output_dir: Path
+    steps_done: int
+    metrics: list[dict[str, Any]]
+
+
+def _evaluate(eval_step, lora, rest, batches: Iterator[dict[str, np.ndarray]], limit: int) -> float:
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(batches):
+        if limit and i >= limit:
+            break
+        s, n = eval_step(lora, rest, batch)
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+
+def _device_memory_gib() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def _plot(metrics: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
+          stop_after: int | None = None, progress: bool = True) -> RunResult:
+    """Run (or resume) a fine-tune; see the module docstring for what lands in ``output_dir``.
+
+    ``stop_after``: return after this many steps of this invocation (tests use it to
+    simulate a killed run).
+    """
+    from tqdm import tqdm
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpts = Checkpoints(out / "checkpoints", cfg.train.keep_checkpoints)
+    if not resume and ckpts.latest_step() is not None:
+        raise TrainingError(f"{out} already has checkpoints (step {ckpts.latest_step()}): pass --resume or use a new --output-dir")
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+
+    model_dir = resolve_base_model(cfg, out)
+    tokenizer = load_tokenizer(model_dir)
+    data = make_data(cfg.data, tokenizer)
+    model = build_model(cfg, model_dir)
+    model.train()
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    model.eval()
+    eval_graphdef = nnx.split(model, nnx.LoRAParam, ...)[0]
+
+    tx = make_optimizer(cfg)
+    opt_state = tx.init(lora)
+    train_step = make_train_step(graphdef, tx, cfg)
+    eval_step = make_eval_step(eval_graphdef)
+    key = jax.random.key(cfg.train.seed)
+
+    start = 0
+    metrics_path = out / "metrics.jsonl"
+    history: list[dict[str, Any]] = []
+    if resume and (last := ckpts.latest_step()) is not None:
+        lora, opt_state, meta = ckpts.restore(last, lora, opt_state)
+        data.train.load_state_dict(meta["data"])
+        start = int(meta["step"])
+        if metrics_path.exists():  # keep what was logged up to the checkpoint, drop the rest
+            history = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if m["step"] <= start]
+        print(f"resumed from {out / 'checkpoints' / str(last)} at step {start}", flush=True)
+    metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
+
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tensorboard"))
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    tokens, t0 = 0, time.perf_counter()
+    try:
+        for step in range(start, end):
+            batch = next(data.train)
+            tokens += int(batch["attention_mask"].sum())
+            lora, opt_state, m = train_step(lora, opt_state, rest, batch, step, key)
+            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                last = ckpts.latest_step()
+                raise TrainingError(
+                    f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                    f"(loss={loss}, grad_norm={grad_norm}); stopped. The last good checkpoint is "
+                    f"{'step ' + str(last) if last is not None else 'none (no checkpoint was written yet)'}"
+                )
+            done = step + 1
+            record: dict[str, Any] = {}
+            if done % cfg.train.log_every == 0 or done == end:
+                elapsed = time.perf_counter() - t0
+                record = {"step": done, "loss": loss, "lr": float(m["lr"]), "grad_norm": grad_norm,
+                          "tokens_per_s": tokens / max(elapsed, 1e-9)}
+                tokens, t0 = 0, time.perf_counter()
+            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                if data.eval is not None:
+                    record.setdefault("step", done)
+                    record["eval_loss"] = _evaluate(eval_step, lora, rest, data.eval.epoch_batches(0),
+                                                    cfg.train.eval_batches)
+            if record:
+                history.append(record)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                for k, v in record.items():
+                    if k != "step":
+                        writer.add_scalar(k, v, done)
+                mem = _device_memory_gib()
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"}
+                                | ({"mem_GiB": f"{mem:.2f}"} if mem is not None else {}))
+            if done % cfg.train.save_every == 0 or done == cfg.train.steps:
+                ckpts.save(done, lora, opt_state, data.train.state_dict())
+            bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+        ckpts.close()
+
+    if end == cfg.train.steps:
+        from qlora_jax.peft_io import save_adapter
+
+        nnx.update(model, lora)
+        save_adapter(model, out / "adapter", lora_config=cfg.lora, base_model=cfg.model.path)
+        _plot(history, out / "loss.png")
+    return RunResult(out, end, history)
