@@ -345,7 +345,7 @@ class SafetensorsSource(Source):
         a = self.files[name].read(name)
         if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != "bfloat16":
             raise ConversionError(f"{self.where(name)}: tensor {name!r} has dtype {a.dtype}, expected a float tensor")
-        return a.astype(np.float32)
+        return a.astype(np.float32, copy=False)
 
     def read_quantized(self, name: str) -> QuantizedTensor | None:
         if name not in self.bnb_weights:
@@ -549,6 +549,17 @@ def _convert_tensor(src: Source, name: str, t: Target, quant: QuantConfig, fmt: 
     return src.read_float(name).astype(dtype)
 
 
+def _release_host_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS creeps up layer by
+    layer although nothing is held)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def convert(
     src: str | Path,
     out: str | Path,
@@ -583,6 +594,7 @@ def convert(
             if t.layer != group_layer and group:
                 writer.add(group)
                 group = {}
+                _release_host_memory()
             group_layer = t.layer
             stored = _convert_tensor(source, name, t, quant, fmt)
             node = group

@@ -45,7 +45,7 @@ def _is_qt(x: Any) -> bool:
 
 def qt_to_tree(qt: QuantizedTensor) -> dict[str, np.ndarray]:
     """The stored arrays of a quantized tensor (``None`` fields omitted)."""
-    return {f: np.asarray(getattr(qt, f)) for f in QT_FIELDS if getattr(qt, f) is not None}
+    return {f: np.array(getattr(qt, f)) for f in QT_FIELDS if getattr(qt, f) is not None}
 
 
 def to_host(value: Any) -> Any:
@@ -179,7 +179,7 @@ def load_model(
 
     abstract = nnx.eval_shape(make)
     graphdef, frozen, rest = nnx.split(abstract, Frozen, ...)
-    tree = ocp1.load_pytree(model_dir / WEIGHTS_DIR)
+    tree = ocp1.load(model_dir / WEIGHTS_DIR)
     pure = state_from_checkpoint_tree(nnx.to_pure_dict(frozen), tree, cfg.num_hidden_layers, str(model_dir))
     nnx.replace_by_pure_dict(frozen, pure)
     # The adapters and RNG state, initialized for real; XLA drops the unused random base weights.
