@@ -105,9 +105,8 @@ def hf_name_table(cfg: LlamaConfig) -> dict[str, Target]:
     return t
 
 
-# Tensors a source may hold that are not parameters of the model (rotary caches, llama.cpp's
-# precomputed LLaMA-3 rope factors, which we compute from rope_scaling).
-IGNORED = re.compile(r"(.*rotary_emb\.inv_freq$)|(^rope_freqs\.weight$)")
+# Tensors a source may hold that are not parameters of the model (old checkpoints' rotary caches).
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 GGUF_TO_HF = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -387,8 +386,17 @@ class GGUFSource(Source):
             key = hf if hf is not None else t.name
             self.tensors[key] = t
             self.gguf_names[key] = t.name
+        if "rope_freqs.weight" in self.tensors:
+            # llama.cpp stores Llama-3.1 RoPE scaling only as per-frequency factors, not its parameters.
+            raise ConversionError(
+                f"{path}: GGUF tensor 'rope_freqs.weight' (Llama-3.1 RoPE scaling) is not supported; "
+                "convert the Hugging Face checkpoint instead"
+            )
         self.hf_config = self._hf_config()
-        self.cfg = LlamaConfig.from_hf_config(self.hf_config)
+        try:
+            self.cfg = LlamaConfig.from_hf_config(self.hf_config)
+        except ValueError as e:
+            raise ConversionError(f"{path}: unsupported config: {e}") from None
 
     def _field(self, key: str, default: Any = None) -> Any:
         f = self.reader.fields.get(key)

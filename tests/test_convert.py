@@ -338,6 +338,9 @@ def test_missing_and_malformed_sources_raise_clear_errors(stories, tmp_path):
     with pytest.raises(ConversionError, match="shard 'model-00002-of-00002.safetensors' \\(holding 'model.norm.weight'"):
         convert(src, tmp_path / "out", progress=False)
 
+    with pytest.raises(ConversionError, match="no-such-org/no-such-model: could not fetch from the Hugging Face Hub"):
+        convert("no-such-org/no-such-model", tmp_path / "out", progress=False)  # offline in tests (conftest)
+
     (tmp_path / "fake.gguf").write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(ConversionError, match="fake.gguf: not a readable GGUF file"):
         convert(tmp_path / "fake.gguf", tmp_path / "out", progress=False)

@@ -101,8 +101,6 @@ class LlamaConfig:
             raise ValueError(f"sliding_window={c['sliding_window']} attention is not supported")
         if c.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act={c['hidden_act']!r} is not supported (LLaMA uses silu)")
-        if c.get("pretraining_tp", 1) not in (None, 1):
-            pass  # a training-time sharding hint; the forward pass is the same
         heads = int(c["num_attention_heads"])
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
@@ -210,12 +208,16 @@ def _offload_policy():
     return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
 
 
+# What each decoder layer keeps for the backward pass: everything ("none": no remat), only its
+# input ("full"), the outputs of matmuls without batch dimensions ("save_dots"), or those same
+# matmul outputs moved to pinned host memory ("offload", offload-to-host).
 REMAT_POLICIES: dict[str, Callable[[], Any] | None] = {
     "none": None,
     "full": lambda: jax.checkpoint_policies.nothing_saveable,
     "save_dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "offload": _offload_policy,
 }
+_REMAT_ALIASES = {"save-dots": "save_dots", "offload-to-host": "offload", "offload_to_host": "offload"}
 
 
 # --- building blocks -----------------------------------------------------------------------------
@@ -403,6 +405,7 @@ class Llama(nnx.Module):
         remat: str = "none",
         rngs: nnx.Rngs,
     ):
+        remat = _REMAT_ALIASES.get(remat, remat)
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r} is not one of {tuple(REMAT_POLICIES)}")
         self.cfg, self.lora, self.quant, self.remat = cfg, lora, quant, remat
