@@ -167,7 +167,7 @@ def load_model(
     """
     from orbax.checkpoint.experimental import v1 as ocp1
 
-    model_dir = Path(model_dir)
+    model_dir = Path(model_dir).absolute()  # orbax wants absolute paths
     meta = read_meta(model_dir)
     quant = QuantConfig(**meta["quant"])
     if compute_dtype is not None:
