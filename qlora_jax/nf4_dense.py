@@ -117,7 +117,7 @@ class Frozen(nnx.Variable):
     """Base-model state that is never trained (quantized weights, biases): not a ``Param``."""
 
 
-def _torch_linear_init(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+def torch_linear_init(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
     """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: torch's ``nn.Linear`` weight init and PEFT's
     ``kaiming_uniform_(a=sqrt(5))`` for ``lora_A``."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -167,7 +167,7 @@ class LoRADense(nnx.Module):
         self.param_dtype = param_dtype
         self.compute_dtype = compute_dtype
         if weight is None:
-            weight = _torch_linear_init(rngs.params(), (out_features, in_features), in_features)
+            weight = torch_linear_init(rngs.params(), (out_features, in_features), in_features)
         self.weight = Frozen(self._frozen_weight(weight))
         if use_bias or bias is not None:
             b = jnp.zeros((out_features,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
@@ -175,7 +175,7 @@ class LoRADense(nnx.Module):
         else:
             self.bias = None
         if r > 0:
-            self.lora_a = nnx.LoRAParam(_torch_linear_init(rngs.params(), (in_features, r), in_features))
+            self.lora_a = nnx.LoRAParam(torch_linear_init(rngs.params(), (in_features, r), in_features))
             self.lora_b = nnx.LoRAParam(jnp.zeros((r, out_features), jnp.float32))
         else:
             self.lora_a = self.lora_b = None

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax.nf4_dense import Frozen, LoRADense, NF4Dense
+from qlora_jax.nf4_dense import Frozen, LoRADense, NF4Dense, torch_linear_init
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
@@ -300,16 +300,13 @@ def _linear(cfg: LlamaConfig, lora: LoRAConfig, quant: QuantConfig, name: str, n
         r=r, alpha=lora.alpha, dropout=lora.dropout, use_bias=bias,
         param_dtype=jnp.dtype(quant.param_dtype), compute_dtype=jnp.dtype(quant.compute_dtype), rngs=rngs,
     )
+    # Random init (torch's nn.Linear); loading replaces it. Drawn in param_dtype so that a quantized
+    # weight records the dtype the checkpoint's weights have.
+    weight = torch_linear_init(rngs.params(), (n_out, n_in), n_in).astype(quant.param_dtype)
     if quant.quantize:
-        weight = _torch_like_init(rngs, n_out, n_in, quant.param_dtype)
         return NF4Dense(n_in, n_out, quant_type=quant.quant_type, blocksize=quant.blocksize,
                         double_quant=quant.double_quant, weight=weight, **common)
-    return LoRADense(n_in, n_out, **common)
-
-
-def _torch_like_init(rngs: nnx.Rngs, n_out: int, n_in: int, dtype: str) -> jax.Array:
-    bound = 1.0 / math.sqrt(n_in)
-    return jax.random.uniform(rngs.params(), (n_out, n_in), jnp.float32, -bound, bound).astype(dtype)
+    return LoRADense(n_in, n_out, weight=weight, **common)
 
 
 class Attention(nnx.Module):
