@@ -589,8 +589,14 @@ def convert(
         raise ConversionError(f"{source.path}: unsupported config: {e}") from None
     table = hf_name_table(cfg)
     _check_names(source, table)
-    order = sorted(table, key=lambda n: (-1 if table[n].layer is None and "embed" in n else
-                                         cfg.num_hidden_layers if table[n].layer is None else table[n].layer, n))
+
+    def position(name: str) -> tuple[int, str]:  # embeddings, layer 0, 1, ..., then norm and head
+        t = table[name]
+        if t.layer is not None:
+            return t.layer, name
+        return (-1 if t.path[0] == "embed_tokens" else cfg.num_hidden_layers), name
+
+    order = sorted(table, key=position)
     fmt: dict[str, Any] = {}
     start, nbytes = time.perf_counter(), 0
     with CheckpointWriter(out) as writer:
@@ -638,13 +644,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--param-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    quant = QuantConfig(
-        quantize=not args.no_quantize, quant_type=args.quant_type, blocksize=args.blocksize,
-        double_quant=not args.no_double_quant, param_dtype=args.param_dtype,
-    )
     try:
+        quant = QuantConfig(
+            quantize=not args.no_quantize, quant_type=args.quant_type, blocksize=args.blocksize,
+            double_quant=not args.no_double_quant, param_dtype=args.param_dtype,
+        )
         out = convert(args.src, args.out, quant=quant, progress=not args.quiet)
-    except ConversionError as e:
+    except (ValueError, OSError) as e:  # ConversionError, bad flags, disk full, ...
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

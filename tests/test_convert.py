@@ -363,6 +363,8 @@ def test_truncated_file_names_the_tensor_and_leaves_the_existing_output_intact(s
     assert main([str(src), str(out), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "truncated safetensors file" in err
+    assert main([str(stories), str(out), "--quiet", "--blocksize", "100"]) == 1
+    assert "blocksize=100 must be a power of two" in capsys.readouterr().err
     jax.tree.map(np.testing.assert_array_equal, _load_tree(out), before)
     assert load_model(out).cfg.num_hidden_layers == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "trunc"]

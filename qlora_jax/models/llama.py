@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlora_jax.nf4 import MAX_BLOCKSIZE, MIN_BLOCKSIZE, QUANT_TYPES
 from qlora_jax.nf4_dense import Frozen, LoRADense, NF4Dense, torch_linear_init
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -199,6 +200,16 @@ class QuantConfig:
     double_quant: bool = True
     param_dtype: str = "bfloat16"
     compute_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type={self.quant_type!r} is not one of {QUANT_TYPES}")
+        bs = self.blocksize
+        if not (MIN_BLOCKSIZE <= bs <= MAX_BLOCKSIZE and bs & (bs - 1) == 0):
+            raise ValueError(f"blocksize={bs} must be a power of two between {MIN_BLOCKSIZE} and {MAX_BLOCKSIZE}")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in ("bfloat16", "float16", "float32"):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of bfloat16, float16, float32")
 
 
 # --- rematerialization ---------------------------------------------------------------------------
