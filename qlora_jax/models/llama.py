@@ -351,11 +351,18 @@ class Attention(nnx.Module):
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """``q [B, T, H, D]``, ``k, v [B, S, K, D]``; ``mask`` bool ``[B, 1, T, S]`` or ``None`` for causal.
 
-    cuDNN's fused attention on GPU for the plain causal case in 16-bit, XLA otherwise.
+    cuDNN's fused (flash) attention on GPU for the plain causal case in 16-bit with a head size
+    it supports; XLA otherwise.
     """
     if mask is None:
-        impl = "cudnn" if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        head_dim = q.shape[-1]
+        cudnn = (
+            jax.default_backend() == "gpu"
+            and q.dtype in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0
+            and head_dim <= 128
+        )
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if cudnn else "xla")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
