@@ -4,7 +4,6 @@ model's machinery (scan over stacked layers, remat policies, KV cache, padding) 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
@@ -187,7 +186,7 @@ def test_random_gqa_config_with_rope_scaling_equals_transformers(tmp_path, overr
 
 def _dequantized_reference(model: Llama) -> Llama:
     """The same architecture with float32 linear weights equal to the model's dequantized NF4 weights."""
-    ref = Llama(model.cfg, lora=model.lora, quant=dataclasses.replace(F32), rngs=nnx.Rngs(1))
+    ref = Llama(model.cfg, lora=model.lora, quant=F32, rngs=nnx.Rngs(1))
     deq = jax.tree.map(
         lambda v: dequantize(v, jnp.float32) if isinstance(v, QuantizedTensor) else jnp.asarray(v, jnp.float32),
         nnx.to_pure_dict(nnx.state(model, Frozen)),

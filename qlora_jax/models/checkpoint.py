@@ -130,16 +130,6 @@ def state_from_checkpoint_tree(abstract_frozen: dict, tree: dict, num_layers: in
     return out
 
 
-def checkpoint_tree_paths(tree: dict) -> set[tuple[str, ...]]:
-    """Parameter paths of a checkpoint tree, quantized tensors counted once."""
-    paths = set()
-    for path, _ in _flat(tree):
-        if path and path[-1] in QT_FIELDS and len(path) > 1:
-            path = path[:-1]
-        paths.add(path)
-    return paths
-
-
 def read_meta(model_dir: str | Path) -> dict[str, Any]:
     """``qlora_jax.json`` of a converted model; raises ``ValueError`` if the directory is incomplete."""
     model_dir = Path(model_dir)
