@@ -9,7 +9,7 @@ from qlora_jax.nf4 import (
     quantize,
     to_bnb_state_dict,
 )
-from qlora_jax.nf4_dense import Frozen, NF4Dense, nf4_dense
+from qlora_jax.nf4_dense import Frozen, LoRADense, NF4Dense, nf4_dense
 
 __all__ = [
     "QUANT_TYPES",
@@ -20,6 +20,7 @@ __all__ = [
     "quantize",
     "to_bnb_state_dict",
     "Frozen",
+    "LoRADense",
     "NF4Dense",
     "nf4_dense",
 ]

@@ -6,7 +6,11 @@
 bitsandbytes layout), ``A`` is ``[in, r]`` and ``B`` is ``[r, out]`` (PEFT's
 ``lora_A.weight`` / ``lora_B.weight`` transposed), ``scaling = alpha / r``.
 
-The base matmul carries a ``custom_vjp``: its only residual is the packed weight
+``W`` may also be a plain float array ``[out, in]`` (the 16-bit LoRA baseline the
+paper compares against); the layer, its parameters and their paths are the same,
+so adapters move freely between the two.
+
+The 4-bit base matmul carries a ``custom_vjp``: its only residual is the packed weight
 itself, its backward pass computes ``dx = dy @ dequant(W)`` through
 :mod:`qlora_jax.kernels`, and ``W`` gets a zero cotangent. No dequantized copy
 of ``W`` is ever saved for the backward pass.
@@ -54,7 +58,7 @@ frozen_matmul.defvjp(_frozen_matmul_fwd, _frozen_matmul_bwd)
 
 def nf4_dense(
     x: jax.Array,
-    qweight: QuantizedTensor,
+    qweight: QuantizedTensor | jax.Array,
     lora_a: jax.Array | None = None,
     lora_b: jax.Array | None = None,
     *,
@@ -68,7 +72,8 @@ def nf4_dense(
 
     Args:
       x: input activations ``[..., in]``, any float dtype.
-      qweight: frozen base weight, ``QuantizedTensor`` of shape ``[out, in]``.
+      qweight: frozen base weight ``[out, in]``: a ``QuantizedTensor``, or a float array
+        (unquantized baseline; it is cast to ``compute_dtype`` and gets no gradient).
       lora_a, lora_b: adapter ``[in, r]`` and ``[r, out]``, or both ``None``.
       scaling: LoRA scale (``alpha / r``).
       bias: optional ``[out]``.
@@ -89,7 +94,12 @@ def nf4_dense(
         raise ValueError(f"nf4_dense: dropout_rate={dropout_rate} must be in [0, 1)")
 
     xc = x.astype(compute_dtype)
-    y = frozen_matmul(xc, qweight)
+    if isinstance(qweight, QuantizedTensor):
+        y = frozen_matmul(xc, qweight)
+    else:
+        w = jax.lax.stop_gradient(qweight).astype(compute_dtype)
+        y = jax.lax.dot_general(xc, w, (((xc.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = y.astype(compute_dtype)
     if lora_a is not None:
         xa = xc
         if dropout_rng is not None and dropout_rate > 0.0:
@@ -107,21 +117,22 @@ class Frozen(nnx.Variable):
     """Base-model state that is never trained (quantized weights, biases): not a ``Param``."""
 
 
-def _torch_linear_init(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+def torch_linear_init(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
     """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: torch's ``nn.Linear`` weight init and PEFT's
     ``kaiming_uniform_(a=sqrt(5))`` for ``lora_A``."""
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
-class NF4Dense(nnx.Module):
-    """A Flax NNX QLoRA linear layer (see :func:`nf4_dense`).
+class LoRADense(nnx.Module):
+    """A frozen float linear layer plus a LoRA adapter (see :func:`nf4_dense`).
 
-    The base weight is a :class:`Frozen` variable holding a ``QuantizedTensor``;
+    The base weight is a :class:`Frozen` ``[out, in]`` array in ``param_dtype``;
     ``lora_a`` / ``lora_b`` are ``nnx.LoRAParam`` and are the only trainable
     leaves (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``). Initialisation is
     PEFT's: ``A`` uniform in ``±1/sqrt(in)``, ``B`` zeros, so a fresh adapter
-    leaves the layer's output unchanged.
+    leaves the layer's output unchanged. :class:`NF4Dense` is the same layer
+    with the weight stored in 4 bits; parameter names and paths are identical.
 
     Args:
       in_features, out_features: layer sizes.
@@ -129,9 +140,8 @@ class NF4Dense(nnx.Module):
       alpha: LoRA alpha; ``scaling = alpha / r``.
       dropout: dropout rate on the adapter input (active in ``train()`` mode).
       use_bias: add a frozen bias ``[out]`` (zeros unless ``bias`` is given).
-      weight: ``[out, in]`` float array to quantize, or an existing ``QuantizedTensor``;
-        ``None`` draws torch's default ``nn.Linear`` init and quantizes it.
-      quant_type, blocksize, double_quant: the 4-bit format (see :func:`qlora_jax.quantize`).
+      weight: ``[out, in]`` float array; ``None`` draws torch's default ``nn.Linear`` init.
+      param_dtype: storage dtype of the frozen float weight.
       compute_dtype: dtype of the matmuls and output.
     """
 
@@ -144,40 +154,46 @@ class NF4Dense(nnx.Module):
         alpha: float = 16.0,
         dropout: float = 0.0,
         use_bias: bool = False,
-        weight: jax.Array | np.ndarray | QuantizedTensor | None = None,
+        weight: Any = None,
         bias: jax.Array | np.ndarray | None = None,
-        quant_type: str = "nf4",
-        blocksize: int = 64,
-        double_quant: bool = True,
+        param_dtype: Any = jnp.bfloat16,
         compute_dtype: Any = jnp.bfloat16,
         rngs: nnx.Rngs,
     ):
         if r < 0:
-            raise ValueError(f"NF4Dense: r={r} must be >= 0")
+            raise ValueError(f"{type(self).__name__}: r={r} must be >= 0")
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.dropout_rate = r, alpha, dropout
+        self.param_dtype = param_dtype
         self.compute_dtype = compute_dtype
         if weight is None:
-            weight = _torch_linear_init(rngs.params(), (out_features, in_features), in_features)
-        if not isinstance(weight, QuantizedTensor):
-            if tuple(weight.shape) != (out_features, in_features):
-                raise ValueError(f"NF4Dense: weight shape {tuple(weight.shape)} is not [out={out_features}, in={in_features}]")
-            weight = quantize(weight, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
-        elif weight.shape != (out_features, in_features):
-            raise ValueError(f"NF4Dense: quantized weight shape {weight.shape} is not [out={out_features}, in={in_features}]")
-        self.weight = Frozen(weight)
+            weight = torch_linear_init(rngs.params(), (out_features, in_features), in_features)
+        self.weight = Frozen(self._frozen_weight(weight))
         if use_bias or bias is not None:
             b = jnp.zeros((out_features,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
             self.bias = Frozen(b)
         else:
             self.bias = None
         if r > 0:
-            self.lora_a = nnx.LoRAParam(_torch_linear_init(rngs.params(), (in_features, r), in_features))
+            self.lora_a = nnx.LoRAParam(torch_linear_init(rngs.params(), (in_features, r), in_features))
             self.lora_b = nnx.LoRAParam(jnp.zeros((r, out_features), jnp.float32))
         else:
             self.lora_a = self.lora_b = None
         self.deterministic = False
         self.rngs = rngs["dropout"].fork() if dropout > 0 and r > 0 else None
+
+    def _check_shape(self, shape: tuple[int, ...], what: str) -> None:
+        if tuple(shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{type(self).__name__}: {what} shape {tuple(shape)} is not [out={self.out_features}, in={self.in_features}]"
+            )
+
+    def _frozen_weight(self, weight: Any) -> Any:
+        """The value stored in ``self.weight``: here the float array in ``param_dtype``."""
+        if isinstance(weight, QuantizedTensor):
+            raise ValueError(f"{type(self).__name__} holds a float weight; use NF4Dense for a QuantizedTensor")
+        self._check_shape(weight.shape, "weight")
+        return jnp.asarray(weight, self.param_dtype)
 
     @property
     def scaling(self) -> float:
@@ -200,3 +216,33 @@ class NF4Dense(nnx.Module):
             dropout_rate=self.dropout_rate,
             dropout_rng=rng,
         )
+
+
+class NF4Dense(LoRADense):
+    """The QLoRA linear layer: :class:`LoRADense` with its frozen weight stored in 4 bits.
+
+    ``weight`` may be an ``[out, in]`` float array (quantized here with ``quant_type``,
+    ``blocksize``, ``double_quant``; see :func:`qlora_jax.quantize`) or an existing
+    ``QuantizedTensor``; ``None`` draws torch's default ``nn.Linear`` init and quantizes it.
+    Other arguments as for :class:`LoRADense`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        **kwargs: Any,
+    ):
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        super().__init__(in_features, out_features, **kwargs)
+
+    def _frozen_weight(self, weight: Any) -> QuantizedTensor:
+        if isinstance(weight, QuantizedTensor):
+            self._check_shape(weight.shape, "quantized weight")
+            return weight
+        self._check_shape(weight.shape, "weight")
+        return quantize(weight, quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant)

@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from qlora_jax.convert import ConversionError, gguf_linear_weights
 from qlora_jax.nf4 import QUANT_TYPES, dequantize, quantize
 
-LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                   "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 
 
 def default_gguf() -> Path:
@@ -41,17 +40,11 @@ def default_gguf() -> Path:
 
 
 def linear_weights(path: Path):
-    """Yield ``(name, fp32 [out, in] array)`` for every transformer linear weight in a GGUF file."""
-    import gguf
-
+    """Yield ``(GGUF name, fp32 [out, in] array)`` for every transformer linear weight (the converter's reader)."""
     try:
-        reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{path}: not a readable GGUF file ({e})") from None
-    for t in reader.tensors:
-        if t.name.endswith(LINEAR_SUFFIXES):
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-            yield t.name, np.asarray(w, np.float32).reshape([int(d) for d in reversed(t.shape)])
+        yield from gguf_linear_weights(path)
+    except ConversionError as e:
+        raise SystemExit(str(e)) from None
 
 
 def report(path: Path, blocksize: int) -> dict:
@@ -70,7 +63,7 @@ def report(path: Path, blocksize: int) -> dict:
             s["bytes"] += q.nbytes
             s["sq_err"] += float(np.sum(np.square(err, dtype=np.float64)))
     if not n_tensors:
-        raise SystemExit(f"{path}: no linear-layer weights ({', '.join(LINEAR_SUFFIXES)}) found")
+        raise SystemExit(f"{path}: no linear-layer weights found")
     rows = {
         k: {
             "bits_per_param": 8 * s["bytes"] / n_params,

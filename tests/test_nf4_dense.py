@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
-from qlora_jax import Frozen, NF4Dense, dequantize, nf4_dense, quantize
+from qlora_jax import Frozen, LoRADense, NF4Dense, dequantize, nf4_dense, quantize
 
 
 def _setup(in_f=172, out_f=64, r=8, batch=(2, 5), seed=0, dtype=jnp.float32):
@@ -143,3 +143,21 @@ def test_without_adapter():
     x = jnp.ones((3, 64))
     np.testing.assert_allclose(layer(x), x @ dequantize(layer.weight.get_value(), jnp.float32).T, rtol=1e-5, atol=1e-6)
     assert not nnx.state(layer, nnx.LoRAParam)
+
+
+def test_lora_dense_is_nf4_dense_with_a_float_weight():
+    """The 16-bit baseline layer has the same parameter paths as NF4Dense and computes
+    x @ W.T + scaling * x @ A @ B with its float weight; the weight gets no gradient."""
+    w = jax.random.normal(jax.random.key(0), (32, 64)) * 0.1
+    dense = LoRADense(64, 32, r=4, alpha=8, weight=w, param_dtype=jnp.float32, compute_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    quant = NF4Dense(64, 32, r=4, alpha=8, weight=w, compute_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    paths = lambda m: sorted(k for k, _ in nnx.to_flat_state(nnx.state(m, nnx.LoRAParam)))
+    assert paths(dense) == paths(quant) == [("lora_a",), ("lora_b",)]
+    b = jax.random.normal(jax.random.key(1), (4, 32))
+    dense.lora_b[...] = b
+    x = jax.random.normal(jax.random.key(2), (3, 64))
+    np.testing.assert_allclose(dense(x), x @ w.T + 2.0 * (x @ dense.lora_a[...] @ b), rtol=1e-5, atol=1e-5)
+    gw = jax.grad(lambda w: nf4_dense(x, w, compute_dtype=jnp.float32).sum())(w)
+    np.testing.assert_array_equal(gw, 0)
+    with pytest.raises(ValueError, match="weight shape"):
+        LoRADense(64, 16, weight=w, rngs=nnx.Rngs(0))

@@ -1,0 +1,506 @@
+"""LLaMA (1/2/3 and compatible: SmolLM2, TinyLlama, Mistral without sliding window) in Flax NNX,
+with every linear projection an NF4 (or 16-bit) layer carrying a LoRA adapter.
+
+The architecture is transformers' ``LlamaForCausalLM``: RMSNorm, rotary embeddings (``rope_theta``;
+linear and LLaMA-3 ``rope_scaling``), grouped-query attention, SwiGLU MLP, optional tied embeddings.
+Embeddings, norms and ``lm_head`` are frozen float arrays (``param_dtype``, bf16 by default).
+
+Decoder layers are created stacked (one leading layer axis on every leaf, ``nnx.vmap``) and run with
+``jax.lax.scan``, so compile time does not grow with depth; each layer can be rematerialized with a
+selectable policy (:data:`REMAT_POLICIES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qlora_jax.nf4 import MAX_BLOCKSIZE, MIN_BLOCKSIZE, QUANT_TYPES
+from qlora_jax.nf4_dense import Frozen, LoRADense, NF4Dense, torch_linear_init
+
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """transformers' ``rope_scaling`` / ``rope_parameters`` for the types we support.
+
+    ``linear`` divides every frequency by ``factor``; ``llama3`` (Llama 3.1) divides only the low
+    frequencies, interpolating between ``low_freq_factor`` and ``high_freq_factor``.
+    """
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of a LLaMA-family model; field names are transformers' ``config.json`` keys."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 128
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any] | str | Path) -> "LlamaConfig":
+        """Read a transformers ``config.json`` (a dict, the file, or the directory holding it).
+
+        Raises ``ValueError`` for an architecture or RoPE variant this model does not implement.
+        """
+        if not isinstance(config, dict):
+            path = Path(config)
+            if path.is_dir():
+                path = path / "config.json"
+            try:
+                config = json.loads(path.read_text())
+            except FileNotFoundError:
+                raise ValueError(f"{path}: no such file (expected a transformers config.json)") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        c = dict(config)
+        model_type = c.get("model_type", "llama")
+        if model_type not in ("llama", "mistral"):
+            raise ValueError(f"unsupported model_type {model_type!r}: this model implements llama (and mistral-style) only")
+        if c.get("sliding_window") not in (None, 0) and model_type == "mistral":
+            raise ValueError(f"sliding_window={c['sliding_window']} attention is not supported")
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={c['hidden_act']!r} is not supported (LLaMA uses silu)")
+        heads = int(c["num_attention_heads"])
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
+        if rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 is not supported")
+        scaling = None
+        if rope_type != "default":
+            scaling = RopeScaling(
+                rope_type=rope_type,
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(
+                    rope.get("original_max_position_embeddings", c.get("max_position_embeddings", 8192))
+                ),
+            )
+        return cls(
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=int(c["hidden_size"]),
+            intermediate_size=int(c["intermediate_size"]),
+            num_hidden_layers=int(c["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(c.get("head_dim") or int(c["hidden_size"]) // heads),
+            max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            attention_bias=bool(c.get("attention_bias", False)),
+            mlp_bias=bool(c.get("mlp_bias", False)),
+            bos_token_id=c.get("bos_token_id", 1),
+            eos_token_id=tuple(eos) if isinstance(eos := c.get("eos_token_id", 2), list) else eos,
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A transformers ``LlamaForCausalLM`` ``config.json`` dict for this architecture."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "rope_scaling"}
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", **d}
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
+        """Original LLaMA sizes (Touvron et al., 2023, Table 2): ``7b``, ``13b``, ``33b``, ``65b``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def _llama1(hidden: int, ffn: int, layers: int, heads: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=32000, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, head_dim=hidden // heads,
+        max_position_embeddings=2048, rms_norm_eps=1e-6,
+    )
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "7b": _llama1(4096, 11008, 32, 32),
+    "13b": _llama1(5120, 13824, 40, 40),
+    "33b": _llama1(6656, 17920, 60, 52),
+    "65b": _llama1(8192, 22016, 80, 64),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA on the linear projections (QLoRA: r=64, alpha=16, all seven projections)."""
+
+    r: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        bad = set(self.targets) - set(LORA_TARGETS)
+        if bad:
+            raise ValueError(f"unknown LoRA targets {sorted(bad)}; choose from {LORA_TARGETS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How the frozen weights are stored and computed.
+
+    ``quantize=False`` keeps the linear weights as ``param_dtype`` arrays (16-bit LoRA baseline).
+    Embeddings, norms and ``lm_head`` are always ``param_dtype``.
+    """
+
+    quantize: bool = True
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    param_dtype: str = "bfloat16"
+    compute_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type={self.quant_type!r} is not one of {QUANT_TYPES}")
+        bs = self.blocksize
+        if not (MIN_BLOCKSIZE <= bs <= MAX_BLOCKSIZE and bs & (bs - 1) == 0):
+            raise ValueError(f"blocksize={bs} must be a power of two between {MIN_BLOCKSIZE} and {MAX_BLOCKSIZE}")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in ("bfloat16", "float16", "float32"):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of bfloat16, float16, float32")
+
+
+# --- rematerialization ---------------------------------------------------------------------------
+
+
+def _offload_policy():
+    return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+
+
+# What each decoder layer keeps for the backward pass: everything ("none": no remat), only its
+# input ("full"), the outputs of matmuls without batch dimensions ("save_dots"), or those same
+# matmul outputs moved to pinned host memory ("offload", offload-to-host).
+REMAT_POLICIES: dict[str, Callable[[], Any] | None] = {
+    "none": None,
+    "full": lambda: jax.checkpoint_policies.nothing_saveable,
+    "save_dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": _offload_policy,
+}
+_REMAT_ALIASES = {"save-dots": "save_dots", "offload-to-host": "offload", "offload_to_host": "offload"}
+
+
+# --- building blocks -----------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale`` computed in fp32 (as transformers does), returned in ``x.dtype``."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: Any):
+        self.eps = eps
+        self.scale = Frozen(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(jnp.float32) * xf.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """fp32 ``[head_dim / 2]`` rotary frequencies, with ``rope_scaling`` applied as transformers does."""
+    dim = cfg.head_dim
+    inv = (1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+    s = cfg.rope_scaling
+    if s is None or s.rope_type == "default":
+        return inv
+    if s.rope_type == "linear":
+        return (inv / np.float32(s.factor)).astype(np.float32)
+    # llama3 (Llama 3.1): keep high frequencies, divide low ones by `factor`, interpolate between.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """``positions [B, T]`` -> fp32 ``cos, sin [B, T, head_dim]`` (halves repeated, transformers' layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]  # (B, T, D/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [B, T, H, D]`` by ``cos, sin [B, T, D]`` (rotate-half convention), in fp32."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer for incremental decoding.
+
+    k, v:  ``[L, B, S, K, D]`` in the compute dtype (``S`` = cache length, ``K`` = KV heads).
+    valid: bool ``[B, S]``, slots that hold a real (non-padding) token.
+    index: int32 ``[]``, the next slot to write; every batch row writes the same slot.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, cfg: LlamaConfig, batch: int, length: int, dtype: Any = jnp.bfloat16) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(
+            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32)
+        )
+
+
+def _linear(cfg: LlamaConfig, lora: LoRAConfig, quant: QuantConfig, name: str, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs) -> LoRADense:
+    r = lora.r if name in lora.targets else 0
+    common = dict(
+        r=r, alpha=lora.alpha, dropout=lora.dropout, use_bias=bias,
+        param_dtype=jnp.dtype(quant.param_dtype), compute_dtype=jnp.dtype(quant.compute_dtype), rngs=rngs,
+    )
+    # Random init (torch's nn.Linear); loading replaces it. Drawn in param_dtype so that a quantized
+    # weight records the dtype the checkpoint's weights have.
+    weight = torch_linear_init(rngs.params(), (n_out, n_in), n_in).astype(quant.param_dtype)
+    if quant.quantize:
+        return NF4Dense(n_in, n_out, quant_type=quant.quant_type, blocksize=quant.blocksize,
+                        double_quant=quant.double_quant, weight=weight, **common)
+    return LoRADense(n_in, n_out, weight=weight, **common)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings through ``jax.nn.dot_product_attention``."""
+
+    def __init__(self, cfg: LlamaConfig, lora: LoRAConfig, quant: QuantConfig, *, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, hd, b = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
+        self.q_proj = _linear(cfg, lora, quant, "q_proj", d, self.num_heads * hd, b, rngs)
+        self.k_proj = _linear(cfg, lora, quant, "k_proj", d, self.num_kv_heads * hd, b, rngs)
+        self.v_proj = _linear(cfg, lora, quant, "v_proj", d, self.num_kv_heads * hd, b, rngs)
+        self.o_proj = _linear(cfg, lora, quant, "o_proj", self.num_heads * hd, d, b, rngs)
+
+    def __call__(self, x, cos, sin, mask, kv, cache_index, deterministic):
+        B, T, _ = x.shape
+        q = self.q_proj(x, deterministic=deterministic).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x, deterministic=deterministic).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, deterministic=deterministic).reshape(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # write this step's keys/values into the cache, attend over all of it
+            ck, cv = kv
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_kv = (k, v)
+        else:
+            new_kv = None
+        out = _attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)  # (B, T, H, D)
+        return self.o_proj(out.reshape(B, T, -1), deterministic=deterministic), new_kv
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``q [B, T, H, D]``, ``k, v [B, S, K, D]``; ``mask`` bool ``[B, 1, T, S]`` or ``None`` for causal.
+
+    cuDNN's fused (flash) attention on GPU for the plain causal case in 16-bit with a head size
+    it supports; XLA otherwise.
+    """
+    if mask is None:
+        head_dim = q.shape[-1]
+        cudnn = (
+            jax.default_backend() == "gpu"
+            and q.dtype in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0
+            and head_dim <= 128
+        )
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if cudnn else "xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: LlamaConfig, lora: LoRAConfig, quant: QuantConfig, *, rngs: nnx.Rngs):
+        d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = _linear(cfg, lora, quant, "gate_proj", d, f, b, rngs)
+        self.up_proj = _linear(cfg, lora, quant, "up_proj", d, f, b, rngs)
+        self.down_proj = _linear(cfg, lora, quant, "down_proj", f, d, b, rngs)
+
+    def __call__(self, x, deterministic):
+        g = self.gate_proj(x, deterministic=deterministic)
+        u = self.up_proj(x, deterministic=deterministic)
+        return self.down_proj(jax.nn.silu(g) * u, deterministic=deterministic)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``h = x + attn(norm(x))``; ``out = h + mlp(norm(h))``."""
+
+    def __init__(self, cfg: LlamaConfig, lora: LoRAConfig, quant: QuantConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(quant.param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.self_attn = Attention(cfg, lora, quant, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.mlp = MLP(cfg, lora, quant, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv, cache_index, deterministic):
+        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, cache_index, deterministic)
+        h = x + a
+        return h + self.mlp(self.post_attention_layernorm(h), deterministic), new_kv
+
+
+class Llama(nnx.Module):
+    """``LlamaForCausalLM`` with NF4 (or 16-bit) frozen linear weights and LoRA adapters.
+
+    Args:
+      cfg: the architecture.
+      lora: adapter rank/alpha/dropout and which projections get one.
+      quant: weight storage (NF4/FP4 or unquantized) and dtypes.
+      remat: rematerialization policy per decoder layer, one of :data:`REMAT_POLICIES`.
+      rngs: ``params`` draws the (random) initial weights and LoRA ``A``; ``dropout`` the LoRA dropout.
+
+    Parameters live at ``embed_tokens``, ``layers.<module path>`` (stacked, leading axis = layer),
+    ``norm`` and, without tied embeddings, ``lm_head``.
+    """
+
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        *,
+        lora: LoRAConfig = LoRAConfig(),
+        quant: QuantConfig = QuantConfig(),
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        remat = _REMAT_ALIASES.get(remat, remat)
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r} is not one of {tuple(REMAT_POLICIES)}")
+        self.cfg, self.lora, self.quant, self.remat = cfg, lora, quant, remat
+        pd = jnp.dtype(quant.param_dtype)
+        self.embed_tokens = Frozen(
+            (jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32) * 0.02).astype(pd)
+        )
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, lora, quant, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Frozen(
+                (jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32) * 0.02).astype(pd)
+            )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        deterministic: bool | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits for every position.
+
+        Args:
+          input_ids: int ``[B, T]``.
+          positions: int ``[B, T]`` rotary positions; default ``0..T-1`` (after ``cache.index`` with a cache).
+          attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding (keys at padded slots are ignored).
+          cache: a :class:`KVCache`; the new tokens are written at ``cache.index``.
+          deterministic: disable LoRA dropout (default: the modules' ``train()`` / ``eval()`` mode).
+
+        Returns:
+          fp32 logits ``[B, T, vocab]``, and the updated cache when one was passed.
+        """
+        B, T = input_ids.shape
+        cdt = jnp.dtype(self.quant.compute_dtype)
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(cdt)  # (B, T, D)
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg))
+        tok_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+
+        if cache is None:
+            kv, cache_index = None, None
+            mask = None if attention_mask is None else (jnp.tril(jnp.ones((T, T), bool))[None] & tok_valid[:, None, :])[:, None]
+        else:
+            S = cache.k.shape[2]
+            valid = jax.lax.dynamic_update_slice(cache.valid, tok_valid, (0, start))
+            slots = jnp.arange(S)
+            causal = slots[None, :] <= (start + jnp.arange(T))[:, None]  # (T, S): a query sees earlier slots
+            mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, T, S)
+            kv, cache_index = (cache.k, cache.v), start
+
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x, xs):
+            layer_state, layer_kv = xs
+            layer = nnx.merge(graphdef, layer_state)
+            x, new_kv = layer(x, cos, sin, mask, layer_kv, cache_index, deterministic)
+            return x, (nnx.state(layer, nnx.RngState), new_kv)
+
+        policy = REMAT_POLICIES[self.remat]
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy(), prevent_cse=False)
+        x, (rng_state, new_kv) = jax.lax.scan(body, x, (state, kv))
+        nnx.update(self.layers, rng_state)
+
+        x = self.norm(x)
+        head = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum("btd,vd->btv", x, head.astype(cdt), preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits
+        return logits, KVCache(new_kv[0], new_kv[1], valid, start + T)
