@@ -80,7 +80,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     schedule = make_schedule(cfg)
 
     def loss_fn(lora, micro, rng, rest):
-        model = nnx.merge(graphdef, lora, rest)
+        model = nnx.merge(graphdef, lora, rest, copy=True)  # fresh Variables owned by this trace
         nnx.reseed(model, dropout=rng, policy="match_shape")
         return _lm_loss(model, micro)
 
@@ -100,7 +100,7 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
     """``eval_step(lora, rest, batch) -> (loss_sum, num_tokens)`` with dropout off, jitted."""
 
     def eval_fn(lora, rest, batch):
-        return _lm_loss(nnx.merge(graphdef, lora, rest), batch)
+        return _lm_loss(nnx.merge(graphdef, lora, rest, copy=True), batch)
 
     return jax.jit(eval_fn)
 
@@ -192,6 +192,7 @@ class RunResult:
     output_dir: Path
     steps_done: int
     metrics: list[dict[str, Any]]
+    model: nnx.Module  # the base model with the trained adapters
 
 
 def _evaluate(eval_step, lora, rest, batches: Iterator[dict[str, np.ndarray]], limit: int) -> float:
@@ -273,6 +274,9 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
         if metrics_path.exists():  # keep what was logged up to the checkpoint, drop the rest
             history = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if m["step"] <= start]
         print(f"resumed from {out / 'checkpoints' / str(last)} at step {start}", flush=True)
+    if start == 0 and data.eval is not None:  # the held-out loss before any training
+        history = [{"step": 0, "eval_loss": _evaluate(eval_step, lora, rest, data.eval.epoch_batches(0),
+                                                      cfg.train.eval_batches)}]
     metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
 
     from tensorboardX import SummaryWriter
@@ -324,10 +328,10 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
         writer.close()
         ckpts.close()
 
+    nnx.update(model, lora)
     if end == cfg.train.steps:
         from qlora_jax.peft_io import save_adapter
 
-        nnx.update(model, lora)
         save_adapter(model, out / "adapter", lora_config=cfg.lora, base_model=cfg.model.path)
         _plot(history, out / "loss.png")
-    return RunResult(out, end, history)
+    return RunResult(out, end, history, model)
