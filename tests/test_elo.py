@@ -459,9 +459,47 @@ def test_cli_with_fake_llm_judge(tmp_path, oa_records):
                                "model": "fake-gpt-4", "temperature": 0.0}
     saved = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
     assert all(set(s["detail"]) == {"ab", "ba"} and s["winner"] != "tie" for s in saved)
+    # Re-scoring the saved verdicts in place leaves them (and their detail) untouched.
+    before = (out / "judgments.jsonl").read_text()
+    assert elo.main(["--generations", *map(str, paths), "--judgments", str(out / "judgments.jsonl"),
+                     "--permutations", "200", "--out", str(out)]) == 0
+    assert (out / "judgments.jsonl").read_text() == before
+    assert json.loads((out / "elo.json").read_text())["ratings"] == report["ratings"]
     # The judge saw the question without the Guanaco framing.
     first_user = server.requests[0]["body"]["messages"][1]["content"]
     assert "### Human:" not in first_user and "### Assistant:" not in first_user
+
+
+def test_cli_resume_after_judge_failure(tmp_path, oa_records, capsys):
+    """A judge failing mid-run leaves the verdicts so far in judgments.jsonl; --resume judges only
+    the rest and gives the same ratings as an uninterrupted run; without --resume the saved
+    verdicts are never overwritten."""
+    paths = write_generations(tmp_path, oa_records)
+    common = ["--generations", *map(str, paths), "--judge-model", "j", "--judge-workers", "1",
+              "--judge-retries", "0", "--permutations", "200"]
+
+    def dies_after_10(n, body):
+        return prefers_longer(n, body) if n < 10 else (401, b"key revoked")
+
+    out = tmp_path / "out"
+    with FakeChatServer(dies_after_10) as server:
+        assert elo.main([*common, "--judge-url", server.url, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 401: key revoked" in err and "--resume" in err
+    assert len((out / "judgments.jsonl").read_text().splitlines()) == 5  # 2 requests a match
+
+    with FakeChatServer(prefers_longer) as server:
+        assert elo.main([*common, "--judge-url", server.url, "--out", str(out)]) == 2
+        assert "already holds verdicts" in capsys.readouterr().err
+        assert elo.main([*common, "--judge-url", server.url, "--out", str(out),
+                         "--resume"]) == 0
+    assert len(server.requests) == 2 * (15 - 5)
+    assert len((out / "judgments.jsonl").read_text().splitlines()) == 15
+    full = tmp_path / "full"
+    with FakeChatServer(prefers_longer) as server:
+        assert elo.main([*common, "--judge-url", server.url, "--out", str(full)]) == 0
+    assert (json.loads((out / "elo.json").read_text())["ratings"]
+            == json.loads((full / "elo.json").read_text())["ratings"])
 
 
 def test_cli_bad_inputs(tmp_path, oa_records, capsys):

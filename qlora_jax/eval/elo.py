@@ -22,7 +22,9 @@ CLI::
         [--permutations 10000] [--seed 0] [--out DIR]
 
 prints the table and writes ``DIR/elo.json``, ``DIR/elo.txt``, ``DIR/elo.png`` and
-``DIR/judgments.jsonl`` (re-score it later with ``--judgments``, without calling the judge).
+``DIR/judgments.jsonl`` (re-score it later with ``--judgments``, without calling the judge). With
+``--judge-url`` each verdict is appended to ``DIR/judgments.jsonl`` as it arrives; ``--resume``
+continues an interrupted run from it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -278,21 +280,35 @@ def elo_ratings(judgments: Iterable[Judgment], k: float = 32.0, initial: float =
 
 
 def judge_matches(judge: Judge, matches: Sequence[Match], generations: Generations,
-                  workers: int = 1, progress: bool = False) -> list[Judgment]:
-    """Judges every match (in ``workers`` threads for a remote judge), results in match order."""
+                  workers: int = 1, progress: bool = False,
+                  on_result: Callable[[Judgment], None] | None = None) -> list[Judgment]:
+    """Judges every match (in ``workers`` threads for a remote judge), results in match order.
+
+    ``on_result`` sees each judgment as it completes (to save it at once). On the first error
+    the matches not yet started are cancelled and the error is raised.
+    """
 
     def one(match: Match) -> Judgment:
         return judge.judge(match, question_text(generations.prompts[match.prompt_id]),
                            generations.outputs[match.model_a][match.prompt_id],
                            generations.outputs[match.model_b][match.prompt_id])
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        results: Iterable[Judgment] = pool.map(one, matches)
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+    try:
+        futures = {pool.submit(one, m): i for i, m in enumerate(matches)}
+        done = concurrent.futures.as_completed(futures)
         if progress:
             from tqdm import tqdm
 
-            results = tqdm(results, total=len(matches), desc="judging", file=sys.stderr)
-        return list(results)
+            done = tqdm(done, total=len(futures), desc="judging", file=sys.stderr)
+        results: list[Judgment | None] = [None] * len(matches)
+        for future in done:
+            results[futures[future]] = judgment = future.result()
+            if on_result is not None:
+                on_result(judgment)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results  # type: ignore[return-value]
 
 
 def plot_ratings(result: EloResult, path: str | Path, title: str | None = None) -> None:
@@ -334,6 +350,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-workers", type=int, default=4, help="parallel judge requests")
     p.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--judge-retries", type=int, default=5, help="retries on 429/5xx")
+    p.add_argument("--resume", action="store_true",
+                   help="with --judge-url: keep the verdicts already in DIR/judgments.jsonl and "
+                        "judge only the matches it lacks")
     p.add_argument("--permutations", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=float, default=32.0)
@@ -344,13 +363,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (2 for bad input)."""
+    """CLI entry point; returns the exit status (2 for bad input or a failing judge)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.judge_url and not args.judge_model:
         parser.error("--judge-url needs --judge-model")
     if args.judge_url and not args.generations:
         parser.error("--judge-url needs --generations")
+    if args.resume and not args.judge_url:
+        parser.error("--resume goes with --judge-url")
+    out = Path(args.out)
+    saved = out / "judgments.jsonl"
     try:
         if args.judgments:
             judge: Judge = FileJudge(args.judgments)
@@ -360,7 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 api_key=os.environ.get(args.judge_api_key_env) or None,
                                 timeout=args.judge_timeout, max_retries=args.judge_retries)
             judge_info = judge.describe()
-        if args.generations:
+        if not args.generations:
+            judgments = judge.judgments()
+        else:
             gens = load_generations(args.generations)
             matches = make_matches(gens.models, gens.prompts, seed=args.seed)
             if isinstance(judge, FileJudge):
@@ -371,21 +396,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{args.judgments} has no verdict for {len(missing)} of {len(matches)} "
                         f"matches, e.g. prompt {mt.prompt_id!r}: {mt.model_a!r} vs "
                         f"{mt.model_b!r} (leave out --generations to score only its verdicts)")
-            judgments = judge_matches(judge, matches, gens, workers=args.judge_workers,
-                                      progress=not isinstance(judge, FileJudge))
-        else:
-            judgments = judge.judgments()
+                judgments = judge_matches(judge, matches, gens)
+            else:
+                judgments = _judge_and_save(judge, matches, gens, saved, args)
         result = elo_ratings(judgments, k=args.k, initial=args.initial,
                              permutations=args.permutations, seed=args.seed)
     except (ValueError, JudgeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "judgments.jsonl").open("w", encoding="utf-8") as f:
-        for j in judgments:
-            f.write(json.dumps(j.to_json(), ensure_ascii=False) + "\n")
+    if isinstance(judge, FileJudge) and not (saved.exists() and saved.samefile(args.judgments)):
+        with saved.open("w", encoding="utf-8") as f:
+            for j in judgments:
+                f.write(json.dumps(j.to_json(), ensure_ascii=False) + "\n")
     report = result.to_json() | {"judge": judge_info,
                                  "generations": [str(p) for p in args.generations or []]}
     (out / "elo.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -396,6 +420,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{result.num_matches} matches, {result.permutations:,} orders, seed {result.seed}; "
           f"wrote {out}/elo.json, elo.txt, elo.png, judgments.jsonl")
     return 0
+
+
+def _judge_and_save(judge: Judge, matches: list[Match], gens: Generations, saved: Path,
+                    args: argparse.Namespace) -> list[Judgment]:
+    """Judges the matches, appending each judgment to ``saved`` as it comes (a failed run can be
+    continued with --resume, which reuses the verdicts already there)."""
+    reused: list[Judgment] = []
+    if not args.resume and saved.exists() and saved.stat().st_size:
+        raise ValueError(f"{saved} already holds verdicts: pass --resume to keep them and judge "
+                         "only the missing matches, or choose another --out")
+    if args.resume and saved.exists() and saved.stat().st_size:
+        previous = FileJudge(saved)
+        reused = [previous.judge(m) for m in matches if previous.has(m)]
+        matches = [m for m in matches if not previous.has(m)]
+        print(f"resuming: {len(reused)} verdicts from {saved}, {len(matches)} matches to judge",
+              file=sys.stderr)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    with saved.open("a" if args.resume else "w", encoding="utf-8") as f:
+
+        def save(j: Judgment) -> None:
+            f.write(json.dumps(j.to_json(), ensure_ascii=False) + "\n")
+            f.flush()
+
+        try:
+            new = judge_matches(judge, matches, gens, workers=args.judge_workers, progress=True,
+                                on_result=save)
+        except JudgeError as e:
+            raise JudgeError(f"{e}\n(the verdicts so far are in {saved}: rerun the same "
+                             "command with --resume to judge only the rest)") from None
+    return reused + new
 
 
 if __name__ == "__main__":
