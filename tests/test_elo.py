@@ -176,6 +176,35 @@ def test_load_generations_schema_variants(tmp_path, oa_records):
     assert gens.outputs["ref"][pid] == recs[0]["output"]
     assert gens.outputs["y"][pid] == "y" + recs[0]["output"][:50]
 
+    # Without ids, a model's second answer to the same prompt text is a second prompt.
+    for name in ("p", "q"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"prompt": "### Human: Hola ### Assistant:", "output": f"{name}{i}"}) + "\n"
+            for i in range(2)))
+    gens = load_generations([tmp_path / "p.jsonl", tmp_path / "q.jsonl"])
+    pid = elo.prompt_id("### Human: Hola ### Assistant:")
+    assert gens.outputs == {"p": {pid: "p0", pid + "#2": "p1"}, "q": {pid: "q0", pid + "#2": "q1"}}
+
+
+def test_load_generations_full_real_prompt_file(shared, tmp_path):
+    """The 953 real OASST1 prompts load as a model (their reference replies), lined up by
+    question_id with another model that answered them in another order; the judge sees the
+    question without the system preamble and Guanaco tags."""
+    ref = shared / "data/oasst/qlora_oa_questions.jsonl"
+    records = [json.loads(line) for line in ref.read_text(encoding="utf-8").splitlines()]
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"model": "tiny", "id": r["question_id"],
+                                       "prompt": r["prompt"], "output": f"answer {i}"}) + "\n"
+                           for i, r in reversed(list(enumerate(records)))))
+    gens = load_generations([ref, gen])
+    assert gens.models == ["qlora_oa_questions", "tiny"]
+    assert len(gens.prompts) == len(records) == 953
+    first = records[0]
+    assert gens.outputs["qlora_oa_questions"][first["question_id"]] == first["output"]
+    question = question_text(gens.prompts[first["question_id"]])
+    assert question == first["input"].removeprefix("### Human:").removesuffix(
+        "### Assistant:").strip()
+
 
 @pytest.mark.parametrize("case, message", [
     ("bad_json", r"medium\.jsonl:2: not valid JSON"),
@@ -309,6 +338,9 @@ def test_verdict_helpers():
     assert combine_winners(["a", "tie"]) == "tie"
     assert combine_winners(["b", "b", "a"]) == "b"
     assert question_text("### Human: Hi there? ### Assistant:") == "Hi there?"
+    assert question_text("A chat. ### Human: Hi ### Assistant: Hello ### Human: Bye "
+                         "### Assistant:") == "### Human: Hi ### Assistant: Hello ### Human: Bye"
+    assert question_text("Plain question?") == "Plain question?"
 
 
 def test_file_judge_labels_orientation_and_errors(tmp_path):

@@ -10,9 +10,11 @@ Generation files are JSONL, one record per model and prompt::
 
     {"id": "oa-17", "model": "guanaco-7b", "prompt": "### Human: ... ### Assistant:", "output": "..."}
 
-``prompt`` may be called ``input`` and ``output`` ``completion``. ``model`` defaults to the file
-name without ``.jsonl``; ``id`` defaults to a hash of the prompt text, so files without ids still
-line up by prompt. A file may hold several models and a model may span files; every model must
+``prompt`` may be called ``input`` (``prompt`` wins when both are there) and ``output``
+``completion``. ``model`` defaults to the file name without ``.jsonl``; ``id`` may be called
+``question_id`` (as in the shared OASST1 prompt file) and defaults to a hash of the prompt text (``<hash>#2`` for a model's
+second answer to the same text: the OASST1 validation prompts repeat one), so files without ids
+still line up by prompt. A file may hold several models and a model may span files; every model must
 answer the same prompts.
 
 CLI::
@@ -103,6 +105,7 @@ def load_generations(paths: Sequence[str | Path]) -> Generations:
     outputs: dict[str, dict[str, str]] = {}
     where_of: dict[tuple[str, str], str] = {}
     files_of: dict[str, set[str]] = {}
+    seen: dict[tuple[str, str], int] = {}
     for path in map(Path, paths):
         if not path.is_file():
             raise ValueError(f"generations file not found: {path}")
@@ -124,7 +127,14 @@ def load_generations(paths: Sequence[str | Path]) -> Generations:
                 model = rec.get("model", default_model)
                 if not isinstance(model, str) or not model:
                     raise ValueError(f"{where}: 'model' must be a non-empty string, got {model!r}")
-                pid = str(rec["id"]) if rec.get("id") is not None else prompt_id(prompt)
+                given = rec.get("id", rec.get("question_id"))
+                if given is not None:
+                    pid = str(given)
+                else:  # the n-th answer of a model to the same prompt text gets "<hash>#n"
+                    pid = prompt_id(prompt)
+                    seen[model, pid] = n_seen = seen.get((model, pid), 0) + 1
+                    if n_seen > 1:
+                        pid = f"{pid}#{n_seen}"
                 if pid in prompts and prompts[pid] != prompt:
                     raise ValueError(f"{where}: id {pid!r} has a different prompt than at "
                                      f"{prompt_where[pid]}")
@@ -151,7 +161,9 @@ def load_generations(paths: Sequence[str | Path]) -> Generations:
             raise ValueError(
                 f"model {model!r} (from {', '.join(sorted(files_of[model]))}) has no answer for "
                 f"{len(missing)} prompt(s) that other models answered, e.g. id {pid!r} "
-                f"({prompts[pid][:60]!r}, answered by {others[0]!r} at {where_of[others[0], pid]})")
+                f"({prompts[pid][:60]!r}, answered by {others[0]!r} at {where_of[others[0], pid]}); "
+                "prompts match by 'id' / 'question_id', else by a hash of the prompt text, so "
+                "give every file the same kind of id")
     return Generations(prompts=prompts, outputs=outputs)
 
 

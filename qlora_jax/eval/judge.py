@@ -205,10 +205,18 @@ _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def question_text(prompt: str) -> str:
-    """The user question of a Guanaco-format prompt ("### Human: ... ### Assistant:")."""
+    """The user's turn(s) of a Guanaco-format prompt, as shown to the judge.
+
+    Drops a system preamble before the first "### Human:" and the trailing "### Assistant:";
+    a single turn also loses its "### Human:" tag. Other prompts are returned stripped.
+    """
     q = prompt.strip()
-    if q.startswith("### Human:") and q.endswith("### Assistant:"):
-        q = q[len("### Human:"):-len("### Assistant:")].strip()
+    start = q.find("### Human:")
+    if start < 0 or not q.endswith("### Assistant:"):
+        return q
+    q = q[start:-len("### Assistant:")].strip()
+    if q.count("### Human:") == 1 and "### Assistant:" not in q:
+        q = q[len("### Human:"):].strip()
     return q
 
 
