@@ -188,13 +188,13 @@ def test_load_generations_schema_variants(tmp_path, oa_records):
 
 def test_load_generations_full_real_prompt_file(shared, tmp_path):
     """The 953 real OASST1 prompts load as a model (their reference replies), lined up by
-    question_id with another model that answered them in another order; the judge sees the
-    question without the system preamble and Guanaco tags."""
+    question_id with another model that answered them in another order and without the file's
+    system preamble; the judge sees the question without the preamble and Guanaco tags."""
     ref = shared / "data/oasst/qlora_oa_questions.jsonl"
     records = [json.loads(line) for line in ref.read_text(encoding="utf-8").splitlines()]
     gen = tmp_path / "gen.jsonl"
     gen.write_text("".join(json.dumps({"model": "tiny", "id": r["question_id"],
-                                       "prompt": r["prompt"], "output": f"answer {i}"}) + "\n"
+                                       "prompt": r["input"], "output": f"answer {i}"}) + "\n"
                            for i, r in reversed(list(enumerate(records)))))
     gens = load_generations([ref, gen])
     assert gens.models == ["qlora_oa_questions", "tiny"]

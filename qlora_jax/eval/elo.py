@@ -10,7 +10,10 @@ Generation files are JSONL, one record per model and prompt::
 
     {"id": "oa-17", "model": "guanaco-7b", "prompt": "### Human: ... ### Assistant:", "output": "..."}
 
-``prompt`` may be called ``input`` (``prompt`` wins when both are there) and ``output``
+``prompt`` is the prompt as in the source data (Guanaco "### Human: ... ### Assistant:", before
+any chat template); records with the same id must ask the same question (a system preamble
+before the first "### Human:" may differ). It may be called ``input`` (``prompt`` wins when
+both are there) and ``output``
 ``completion``. ``model`` defaults to the file name without ``.jsonl``; ``id`` may be called
 ``question_id`` (as in the shared OASST1 prompt file) and defaults to a hash of the prompt text (``<hash>#2`` for a model's
 second answer to the same text: the OASST1 validation prompts repeat one), so files without ids
@@ -135,7 +138,8 @@ def load_generations(paths: Sequence[str | Path]) -> Generations:
                     seen[model, pid] = n_seen = seen.get((model, pid), 0) + 1
                     if n_seen > 1:
                         pid = f"{pid}#{n_seen}"
-                if pid in prompts and prompts[pid] != prompt:
+                # Same question, framed differently (a system preamble), is the same prompt.
+                if pid in prompts and question_text(prompts[pid]) != question_text(prompt):
                     raise ValueError(f"{where}: id {pid!r} has a different prompt than at "
                                      f"{prompt_where[pid]}")
                 prompts.setdefault(pid, prompt)
@@ -259,21 +263,23 @@ def elo_ratings(judgments: Iterable[Judgment], k: float = 32.0, initial: float =
 
     ratings = np.full((permutations, m), float(initial))
     rng = np.random.default_rng(seed)
-    chunk = max(1, min(permutations, 2_000_000 // max(n, 1)))
+    # Orders are simulated in chunks of c orders; the (n, c) table of match indices is capped at
+    # 2^24 entries (64 MiB) so large tournaments fit in memory while each step stays wide.
+    chunk = max(1, min(permutations, (1 << 24) // max(n, 1)))
     scale = np.log(10.0) / 400.0
     for start in range(0, permutations if n else 0, chunk):
         c = min(chunk, permutations - start)
-        order = rng.permuted(np.tile(np.arange(n), (c, 1)), axis=1).T  # (n, c): match per step
-        offset = np.arange(c)[None, :] * m
-        ia = np.ascontiguousarray(first[order] + offset)  # (n, c) flat indices into r
-        ib = np.ascontiguousarray(second[order] + offset)
-        s = np.ascontiguousarray(score[order])
+        order = rng.permuted(np.tile(np.arange(n, dtype=np.int32), (c, 1)), axis=1)
+        order = np.ascontiguousarray(order.T)  # (n, c): the match each order plays at step t
+        offset = np.arange(c) * m
         r = ratings[start:start + c].reshape(-1)  # (c * m,) view: one row of ratings per order
         for t in range(n):
-            ra, rb = r[ia[t]], r[ib[t]]
-            delta = k * (s[t] - 1.0 / (1.0 + np.exp((rb - ra) * scale)))
-            r[ia[t]] = ra + delta
-            r[ib[t]] = rb - delta
+            o = order[t]
+            ia, ib = first[o] + offset, second[o] + offset
+            ra, rb = r[ia], r[ib]
+            delta = k * (score[o] - 1.0 / (1.0 + np.exp((rb - ra) * scale)))
+            r[ia] = ra + delta
+            r[ib] = rb - delta
     mean = ratings.mean(axis=0)
     low, high = np.percentile(ratings, [2.5, 97.5], axis=0)
 
