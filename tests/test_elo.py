@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qlora_jax.eval import elo
 from qlora_jax.eval.elo import (
@@ -291,6 +293,23 @@ def test_result_independent_of_input_order_given_seed():
         np.testing.assert_array_equal(getattr(r1, field), getattr(r2, field))
     r3 = elo_ratings(judgments, permutations=500, seed=12)
     assert r3.models == r1.models and not np.array_equal(r3.mean, r1.mean)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("wxyz"), st.sampled_from("wxyz"),
+                          st.sampled_from(["a", "b", "tie"])).filter(lambda t: t[0] != t[1]),
+                min_size=1, max_size=30), st.randoms(use_true_random=False))
+def test_elo_invariants_on_random_tournaments(raw, rnd):
+    """For any matches: ratings sum to models x initial in every order (each update is
+    zero-sum), the mean lies inside its 95% interval, and reordering the input changes nothing."""
+    judgments = [Judgment(f"p{i}", a, b, w) for i, (a, b, w) in enumerate(raw)]
+    res = elo_ratings(judgments, permutations=64, seed=5)
+    np.testing.assert_allclose(res.mean.sum(), 1000.0 * len(res.models), rtol=1e-12)
+    assert np.all(res.low <= res.mean + 1e-9) and np.all(res.mean <= res.high + 1e-9)
+    rnd.shuffle(judgments)
+    again = elo_ratings(judgments, permutations=64, seed=5)
+    assert again.models == res.models
+    np.testing.assert_array_equal(again.mean, res.mean)
 
 
 def test_ties():
