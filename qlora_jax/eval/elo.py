@@ -8,17 +8,17 @@ the 2.5/97.5 percentiles over orders (the 95% interval of the ordering, as in th
 
 Generation files are JSONL, one record per model and prompt::
 
-    {"id": "oa-17", "model": "guanaco-7b", "prompt": "### Human: ... ### Assistant:", "output": "..."}
+    {"id": "q17", "model": "guanaco-7b", "prompt": "### Human: Hi ### Assistant:", "output": "..."}
 
-``prompt`` is the prompt as in the source data (Guanaco "### Human: ... ### Assistant:", before
-any chat template); records with the same id must ask the same question (a system preamble
-before the first "### Human:" may differ). It may be called ``input`` (``prompt`` wins when
-both are there) and ``output``
-``completion``. ``model`` defaults to the file name without ``.jsonl``; ``id`` may be called
-``question_id`` (as in the shared OASST1 prompt file) and defaults to a hash of the prompt text (``<hash>#2`` for a model's
-second answer to the same text: the OASST1 validation prompts repeat one), so files without ids
-still line up by prompt. A file may hold several models and a model may span files; every model must
-answer the same prompts.
+- ``prompt`` (or ``input``; ``prompt`` wins when both are there): the prompt as in the source
+  data (Guanaco "### Human: ... ### Assistant:", before any chat template). Records with the
+  same id must ask the same question; a system preamble before the first "### Human:" may differ.
+- ``output`` (or ``completion``): the model's answer.
+- ``model``: defaults to the file name without ``.jsonl``. A file may hold several models and a
+  model may span files; every model must answer the same prompts.
+- ``id`` (or ``question_id``, as in the shared OASST1 prompt file): defaults to a hash of the
+  prompt text (``<hash>#2`` for a model's second answer to the same text: the OASST1 validation
+  prompts repeat one), so files without ids still line up by prompt.
 
 CLI::
 
@@ -165,7 +165,8 @@ def load_generations(paths: Sequence[str | Path]) -> Generations:
             raise ValueError(
                 f"model {model!r} (from {', '.join(sorted(files_of[model]))}) has no answer for "
                 f"{len(missing)} prompt(s) that other models answered, e.g. id {pid!r} "
-                f"({prompts[pid][:60]!r}, answered by {others[0]!r} at {where_of[others[0], pid]}); "
+                f"({prompts[pid][:60]!r}, answered by {others[0]!r} at "
+                f"{where_of[others[0], pid]}); "
                 "prompts match by 'id' / 'question_id', else by a hash of the prompt text, so "
                 "give every file the same kind of id")
     return Generations(prompts=prompts, outputs=outputs)
