@@ -86,8 +86,8 @@ def bradley_terry_judgments(strengths: dict[str, float], prompts: int, seed: int
 class FakeChatServer:
     """OpenAI-compatible chat endpoint on 127.0.0.1 (ephemeral port) in a thread.
 
-    ``respond(n, body) -> (status, text_or_bytes)`` makes each reply (n counts requests from 0);
-    text is wrapped as a chat completion. The request loop stops by itself after
+    ``respond(n, body) -> (status, text_or_bytes[, headers])`` makes each reply (n counts
+    requests from 0); text is wrapped as a chat completion. The request loop stops by itself after
     ``max_requests`` requests or ``deadline_s`` seconds, or when the context exits.
     """
 
@@ -103,7 +103,7 @@ class FakeChatServer:
                     n = len(server.requests)
                     server.requests.append({"path": self.path, "headers": dict(self.headers),
                                             "body": body})
-                status, reply = server.respond(n, body)
+                status, reply, *headers = server.respond(n, body)
                 if isinstance(reply, str):
                     reply = json.dumps({"id": f"c{n}", "object": "chat.completion", "choices": [
                         {"index": 0, "message": {"role": "assistant", "content": reply},
@@ -111,6 +111,8 @@ class FakeChatServer:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(reply)))
+                for key, value in (headers[0] if headers else {}).items():
+                    self.send_header(key, value)
                 self.end_headers()
                 self.wfile.write(reply)
 
@@ -418,17 +420,30 @@ def test_openai_judge_both_orders_cancel_position_bias():
         assert judge.judge(match, "Why?", "a much longer answer", "short").winner == "a"
         assert judge.judge(match, "Why?", "same", "same").winner == "tie"
     assert "Authorization" not in server.requests[0]["headers"]
+    with FakeChatServer(always_a) as server:
+        OpenAIJudge(server.url, "o1", temperature=None, max_tokens=None).verdict("q", "a", "b")
+    assert set(server.requests[0]["body"]) == {"model", "messages"}
 
 
 def test_openai_judge_retries_and_errors():
-    """A 503 is retried (once here) and then succeeds; 401 fails at once; a persistent 503 fails
-    after max_retries; a non-JSON body is a JudgeError; a reply with no verdict counts as a tie."""
+    """A 503 is retried (once here) and then succeeds; a 429 is retried after its Retry-After;
+    401 fails at once; a persistent 503 fails after max_retries; a non-JSON body is a
+    JudgeError; a reply with no verdict counts as a tie."""
     def flaky(n, body):
         return (503, b'{"error": "overloaded"}') if n == 0 else prefers_longer(n, body)
 
     with FakeChatServer(flaky) as server:
         j = OpenAIJudge(server.url, "j", backoff=0.01).judge(Match("p", "a", "b"), "q", "xx", "x")
     assert j.winner == "a" and len(server.requests) == 3
+
+    # A 429's Retry-After beats the (here huge) exponential backoff.
+    def rate_limited(n, body):
+        return (429, b"slow down", {"Retry-After": "0"}) if n == 0 else always_a(n, body)
+
+    with FakeChatServer(rate_limited) as server:
+        start = time.monotonic()
+        assert OpenAIJudge(server.url, "j", backoff=30).verdict("q", "a", "b") == "a"
+    assert len(server.requests) == 2 and time.monotonic() - start < 10
 
     with FakeChatServer(lambda n, body: (401, b'{"error": "bad key"}')) as server:
         with pytest.raises(JudgeError, match=r"answered HTTP 401: .*bad key"):

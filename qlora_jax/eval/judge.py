@@ -237,7 +237,8 @@ class OpenAIJudge:
       timeout: seconds per HTTP request.
       max_retries: retries after the first attempt on HTTP 408/409/429/5xx and connection errors,
         with exponential backoff from ``backoff`` seconds (a numeric ``Retry-After`` wins).
-      temperature, max_tokens: sampling settings of the judge.
+      temperature, max_tokens: sampling settings of the judge (None leaves them out, for
+        endpoints that reject them).
 
     A reply without a [[A]]/[[B]]/[[C]] verdict counts as a tie for that order and is recorded
     as "?" in the judgment's ``detail``; HTTP and format errors raise `JudgeError`.
@@ -245,7 +246,7 @@ class OpenAIJudge:
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
                  timeout: float = 120.0, max_retries: int = 5, backoff: float = 1.0,
-                 temperature: float = 0.0, max_tokens: int = 1024):
+                 temperature: float | None = 0.0, max_tokens: int | None = 1024):
         url = base_url.rstrip("/")
         if not url.endswith("/chat/completions"):
             url += "/chat/completions"
@@ -285,9 +286,12 @@ class OpenAIJudge:
 
     def complete(self, messages: list[dict[str, str]]) -> str:
         """POSTs one chat completion (with retries) and returns the reply text."""
-        body = json.dumps({"model": self.model, "messages": messages,
-                           "temperature": self.temperature,
-                           "max_tokens": self.max_tokens}).encode()
+        request_body: dict[str, Any] = {"model": self.model, "messages": messages}
+        if self.temperature is not None:
+            request_body["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            request_body["max_tokens"] = self.max_tokens
+        body = json.dumps(request_body).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
