@@ -332,13 +332,14 @@ def judge_matches(judge: Judge, matches: Sequence[Match], generations: Generatio
 
 def plot_ratings(result: EloResult, path: str | Path, title: str | None = None) -> None:
     """Saves a PNG: each model's mean Elo with its 95% interval as error bars, best on top."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # An Agg canvas of its own: no pyplot, so the caller's backend and figures are untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     y = np.arange(len(result.models))[::-1]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(result.models)))
+    fig = Figure(figsize=(7, 1.2 + 0.45 * len(result.models)))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.errorbar(result.mean, y, xerr=[result.mean - result.low, result.high - result.mean],
                 fmt="o", capsize=4)
     ax.axvline(result.initial, color="0.7", lw=1, ls="--")
@@ -349,7 +350,6 @@ def plot_ratings(result: EloResult, path: str | Path, title: str | None = None) 
     ax.set_title(title or f"Elo tournament, {result.num_matches} matches")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _parser() -> argparse.ArgumentParser:
