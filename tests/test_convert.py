@@ -199,11 +199,11 @@ def test_bnb_4bit_import_keeps_bitsandbytes_codes(stories, tmp_path, quant_type,
 
 @pytest.fixture(scope="module")
 def smollm2_gguf():
-    from qlora_jax.quant_report import default_gguf
+    from qlora_jax.convert import default_gguf
 
     try:
         return default_gguf()
-    except SystemExit as e:
+    except FileNotFoundError as e:
         pytest.skip(str(e))
 
 
