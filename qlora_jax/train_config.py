@@ -154,7 +154,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         sys.path.remove(str(path.resolve().parent))
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} defines no get_config()")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except (ConfigError, ValueError, OSError) as e:  # e.g. a model file the config points at is missing
+        raise ConfigError(f"get_config() in {path}: {e}") from e
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, not TrainConfig")
     return apply_overrides(config, overrides)

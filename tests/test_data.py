@@ -361,3 +361,19 @@ def test_hub_ids_and_arguments_of_the_original(monkeypatch):
         ("yizhongw/self_instruct", {"split": "test", "name": "self_instruct"}),
         ("Anthropic/hh-rlhf", {"split": "train"}),
     ]
+
+
+def test_python_docs_are_built_from_the_reference_shipped_with_python():
+    """The embedded default's data: every titled section of pydoc_data.topics with real text,
+    as Guanaco-style examples; no file, no download."""
+    from pydoc_data.topics import topics
+
+    from qlora_jax.data import load_records, python_docs_records
+
+    records = python_docs_records()
+    assert len(records) > 150 and {r["topic"] for r in records} <= set(topics)
+    assert all(len(r["text"]) >= 80 and r["text"] in topics[r["topic"]] for r in records)
+    examples = load_records("python-docs")
+    assert len(examples) == len(records)
+    assert examples[0]["input"].startswith("### Human: Explain ") and examples[0]["input"].endswith("### Assistant:")
+    assert any(e["input"] == '### Human: Explain the "assert" statement in Python. ### Assistant:' for e in examples)

