@@ -39,6 +39,7 @@ from benchmarks._common import child_main, fmt, gib, meta, parse_batches, print_
 
 SIZES = ("tiny", "7b", "13b", "33b", "65b")
 WEIGHTS = ("nf4", "bf16")
+MIN_CONFIG_S = 30.0
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INIT_STD = 0.02
 MISSING_BNB = ("bitsandbytes is not installed in this Python ({python}); install the carried wheel with "
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-dropout", type=float, default=0.05)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
-    ap.add_argument("--budget-s", type=float, help="skip configurations that would start after this many seconds")
+    ap.add_argument("--budget-s", type=float, help="hard deadline (s) for all configurations: each gets at most what is left, none starts with < 30 s")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_out", help=argparse.SUPPRESS)
@@ -254,13 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = []
     for i, c in enumerate(configs):
-        elapsed = time.perf_counter() - start
-        if args.budget_s is not None and elapsed > args.budget_s:
-            print(f"[{c['name']}] skipped: {elapsed:.0f}s of the {args.budget_s:.0f}s budget used", flush=True)
-            results.append({**c, "status": "skipped"})
-            continue
-        print(f"== {i + 1}/{len(configs)} {c['name']} ==", flush=True)
-        r = run_child(Path(__file__).resolve(), c, timeout=args.timeout)
+        timeout = args.timeout
+        if args.budget_s is not None:  # a hard deadline for the whole invocation
+            remaining = args.budget_s - (time.perf_counter() - start)
+            if remaining < MIN_CONFIG_S:
+                print(f"[{c['name']}] skipped: {remaining:.0f}s of the {args.budget_s:.0f}s budget left", flush=True)
+                results.append({**c, "status": "skipped"})
+                continue
+            timeout = min(timeout, remaining)
+        print(f"== {i + 1}/{len(configs)} {c['name']} (timeout {timeout:.0f}s) ==", flush=True)
+        r = run_child(Path(__file__).resolve(), c, timeout=timeout)
         if r["status"] != "ok":
             print(f"[{c['name']}] {r['status']}: {r.get('error', '')[-500:]}", flush=True)
         results.append(r)
