@@ -91,6 +91,7 @@ def compare(rows: dict) -> list[dict[str, Any]]:
             "bnb_peak_alloc_bytes": bnb.get("peak_bytes") if bnb else None, "bnb_device_used_bytes": bnb_used,
             "targets": tg, "peak_ok": peak_ok,
             "ours_status": ours.get("status") if ours else None, "bnb_status": bnb.get("status") if bnb else None,
+            "ours_pool_gib": ours.get("mem_limit_gb") if ours else None,
         })
     return out
 
@@ -107,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     table = print_table(
         "train step: ours (JAX, NF4) vs bitsandbytes + PEFT and PyTorch bf16 LoRA (tokens/s; x = speed-up)",
         table_rows,
-        [("shape", lambda r: f"{r['size']} {r['batch']}x{r['seq']}"),
+        [("shape", lambda r: f"{r['size']} {r['batch']}x{r['seq']}"
+          + (f" ({r['ours_pool_gib']:g} GiB pool)" if r["ours_pool_gib"] else "")),
+         ("ours", lambda r: r["ours_status"] or "-"),
          ("ours NF4 tok/s", lambda r: fmt(r["ours_nf4_tok_s"], ",.0f")),
          ("bnb+PEFT tok/s", lambda r: fmt(r["bnb_tok_s"], ",.0f")),
          ("x vs bnb", lambda r: fmt(r["x_vs_bnb"], ".2f") + _check(r["x_vs_bnb"], r["targets"]["vs_bnb"])),
