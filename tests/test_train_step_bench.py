@@ -104,13 +104,18 @@ def test_train_step_benchmark_end_to_end(bench_json):
 
 
 def test_failed_configuration_is_a_row_not_a_crash(tmp_path):
-    """A configuration that fails (here: LoRA rank 0 is rejected) is reported in the table, exit code 1."""
+    """A configuration that fails (here: LoRA rank 0 is rejected) is reported in the table, exit code 1;
+    a failed paged configuration is retried once with the optimizer state on the device."""
     out = tmp_path / "bad.json"
     proc = _run("benchmarks/train_step.py", "--size", "tiny", "--batch", "1x16", "--lora-r", "0",
                 "--steps", "1", "--warmup", "0", "--json", str(out))
     assert proc.returncode == 1
-    (r,) = json.loads(out.read_text())["results"]
-    assert r["status"] == "error" and "lora.r=0" in r["error"]
+    first, retry = json.loads(out.read_text())["results"]
+    assert first["status"] == "error" and "lora.r=0" in first["error"] and first["paged"]
+    assert retry["name"] == first["name"] + "-unpaged" and not retry["paged"] and retry["status"] == "error"
+    proc = _run("benchmarks/train_step.py", "--size", "tiny", "--batch", "1x16", "--lora-r", "0",
+                "--no-fallback-unpaged", "--steps", "1", "--warmup", "0", "--json", str(out))
+    assert len(json.loads(out.read_text())["results"]) == 1
 
 
 def test_torch_baseline_and_comparison(bench_json, tmp_path):
