@@ -8,6 +8,7 @@
 #
 # SIZE/BATCHES (7b, 4x512,1x2048), BIG/BIG_BATCHES (65b, 1x512,1x2048), DEVICE (cuda) and
 # CARD_MEM_GB (default: nvidia-smi) change the shapes; SIZE=tiny BIG=tiny DEVICE=cpu is a CPU dry run.
+# SKIP_SMALL=1 runs only the big-model part (e.g. 65B in a second session).
 #
 # Run from the repository root. bitsandbytes must be installed for the NF4 baseline
 # (pip install --no-deps .wheels/bitsandbytes-0.50.2-*.whl); without it those rows say so.
@@ -32,26 +33,27 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/gpu.txt"
 $PY -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
 
-step "ours, NF4, $SIZE"
-$PY benchmarks/train_step.py --size "$SIZE" --batch "$BATCHES" --weights nf4 --steps 10 --warmup 2 \
-  --timeout 120 --budget-s "$(budget 160 300)" --json "$OUT/jax_nf4_${SIZE}.json" 2>&1 | tee "$OUT/jax_nf4_${SIZE}.log"
+if [ -z "${SKIP_SMALL:-}" ]; then
+  step "ours, NF4, $SIZE"
+  $PY benchmarks/train_step.py --size "$SIZE" --batch "$BATCHES" --weights nf4 --steps 10 --warmup 2 \
+    --timeout 130 --budget-s "$(budget 200 260)" --json "$OUT/jax_nf4_${SIZE}.json" 2>&1 | tee "$OUT/jax_nf4_${SIZE}.log"
 
-step "bitsandbytes + PEFT, $SIZE"
-$PY benchmarks/baselines/bnb_peft.py --device "$DEVICE" --size "$SIZE" --batch "$BATCHES" --weights nf4 --steps 10 --warmup 2 \
-  --timeout 90 --budget-s "$(budget 100 200)" --json "$OUT/bnb_${SIZE}.json" 2>&1 | tee "$OUT/bnb_${SIZE}.log"
+  step "bitsandbytes + PEFT, $SIZE"
+  $PY benchmarks/baselines/bnb_peft.py --device "$DEVICE" --size "$SIZE" --batch "$BATCHES" --weights nf4 --steps 10 --warmup 2 \
+    --timeout 75 --budget-s "$(budget 90 150)" --json "$OUT/bnb_${SIZE}.json" 2>&1 | tee "$OUT/bnb_${SIZE}.log"
 
-step "PyTorch bf16 LoRA, $SIZE"
-$PY benchmarks/baselines/bnb_peft.py --device "$DEVICE" --size "$SIZE" --batch "$BATCHES" --weights bf16 --steps 10 --warmup 2 \
-  --timeout 80 --budget-s "$(budget 80 130)" --json "$OUT/torch_bf16_${SIZE}.json" 2>&1 | tee "$OUT/torch_bf16_${SIZE}.log"
+  step "PyTorch bf16 LoRA, $SIZE"
+  $PY benchmarks/baselines/bnb_peft.py --device "$DEVICE" --size "$SIZE" --batch "$BATCHES" --weights bf16 --steps 10 --warmup 2 \
+    --timeout 60 --budget-s "$(budget 70 100)" --json "$OUT/torch_bf16_${SIZE}.json" 2>&1 | tee "$OUT/torch_bf16_${SIZE}.log"
 
-step "ours, bf16 LoRA, $SIZE"
-$PY benchmarks/train_step.py --size "$SIZE" --batch "$BATCHES" --weights bf16 --steps 10 --warmup 2 \
-  --timeout 110 --budget-s "$(budget 140 15)" --json "$OUT/jax_bf16_${SIZE}.json" 2>&1 | tee "$OUT/jax_bf16_${SIZE}.log"
+  step "ours, bf16 LoRA, $SIZE"
+  $PY benchmarks/train_step.py --size "$SIZE" --batch "$BATCHES" --weights bf16 --steps 10 --warmup 2 \
+    --timeout 110 --budget-s "$(budget 140 15)" --json "$OUT/jax_bf16_${SIZE}.json" 2>&1 | tee "$OUT/jax_bf16_${SIZE}.log"
 
-step "ratios, $SIZE"
-$PY benchmarks/compare_train_step.py "$OUT"/jax_nf4_${SIZE}.json "$OUT"/jax_bf16_${SIZE}.json "$OUT"/bnb_${SIZE}.json \
-  "$OUT"/torch_bf16_${SIZE}.json --json "$OUT/compare_${SIZE}.json" 2>&1 | tee "$OUT/compare_${SIZE}.txt"
-
+  step "ratios, $SIZE"
+  $PY benchmarks/compare_train_step.py "$OUT"/jax_nf4_${SIZE}.json "$OUT"/jax_bf16_${SIZE}.json "$OUT"/bnb_${SIZE}.json \
+    "$OUT"/torch_bf16_${SIZE}.json --json "$OUT/compare_${SIZE}.json" 2>&1 | tee "$OUT/compare_${SIZE}.txt"
+fi
 if [ "$(left)" -gt 150 ]; then
   step "ours, NF4, $BIG in a 48 GiB pool"
   $PY benchmarks/train_step.py --size "$BIG" --batch "$BIG_BATCHES" --weights nf4 --mem-limit-gb 48 $CARD --steps 10 \

@@ -65,7 +65,7 @@ def train_config(c: dict[str, Any]):
         data=DataConfig(dataset="random", source_max_len=1, target_max_len=c["seq"] - 1, batch_size=c["batch"],
                         eval_batch_size=c["batch"]),
         optim=OptimSection(learning_rate=2e-4, schedule="constant", warmup_ratio=0.0, max_grad_norm=0.3,
-                           paged=c["paged"]),
+                           paged=c["paged"], page_size=c.get("page_size", 0)),
         train=TrainSection(steps=max(1, c["warmup"] + c["steps"]), grad_accum=1, seed=0),
     )
 
@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lora-dropout", type=float, default=0.05)
     ap.add_argument("--unpaged", action="store_true", help="plain AdamW with the state on the device")
+    ap.add_argument("--page-size", type=int, default=0,
+                    help="optim.page_size: elements of one moment per page (0: one page per LoRA leaf, train.py's default)")
     ap.add_argument("--no-fallback-unpaged", dest="fallback_unpaged", action="store_false",
                     help="do not retry a failed (non-OOM) paged configuration with the state on the device")
     ap.add_argument("--mem-limit-gb", type=float, help="cap the device pool at this many GiB (preallocated)")
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             configs.append(dict(
                 name=f"jax-{w}-{args.size}-{b}x{t}", impl="jax", size=args.size, weights=w, batch=b, seq=t,
                 steps=args.steps, warmup=args.warmup, remat=args.remat, lora_r=args.lora_r,
-                lora_dropout=args.lora_dropout, paged=not args.unpaged, mem_limit_gb=args.mem_limit_gb,
+                lora_dropout=args.lora_dropout, paged=not args.unpaged, page_size=args.page_size,
+                mem_limit_gb=args.mem_limit_gb,
                 profile=args.profile,
             ))
     start = time.perf_counter()

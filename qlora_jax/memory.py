@@ -150,8 +150,11 @@ def plan(p: PlanInputs) -> dict[str, int]:
     n_lora = lora_params(cfg, p.lora_r, p.lora_targets)
     out["lora_params_grads_updates"] = 3 * 4 * n_lora
     if p.paged:
-        page = p.page_size if p.page_size > 0 else largest_lora_leaf(cfg, p.lora_r, p.lora_targets)
-        out["optimizer_on_device"] = PAGES_IN_FLIGHT * 2 * 4 * min(page, n_lora)
+        leaf = largest_lora_leaf(cfg, p.lora_r, p.lora_targets)
+        # page_size 0: one page per leaf. Else paged_adam packs leaves up to page_size elements and cuts
+        # bigger leaves into whole layers (rows of the stacked leaf); a row never splits.
+        page = leaf if p.page_size <= 0 else min(n_lora, max(p.page_size, leaf // L))
+        out["optimizer_on_device"] = PAGES_IN_FLIGHT * 2 * 4 * page
         host = 2 * 4 * n_lora
     else:
         out["optimizer_on_device"] = 2 * 4 * n_lora

@@ -61,6 +61,8 @@ def test_plan_arithmetic_by_hand(size, layers, d, f, lin_params, lora_n):
     assert p["saved_activations"] == layers * 512 * d * 2  # remat full: bf16 layer inputs
     assert p["logits_and_loss"] == 3 * 512 * 32000 * 4
     assert p["total"] == sum(v for k, v in p.items() if k not in ("total", "host_optimizer"))
+    one_layer = plan(PlanInputs(cfg=cfg, batch=1, seq=512, page_size=1000))  # pages of one layer's rows
+    assert one_layer["optimizer_on_device"] == 2 * 2 * 4 * 64 * f
     unpaged = plan(PlanInputs(cfg=cfg, batch=1, seq=512, paged=False))
     assert unpaged["optimizer_on_device"] == 2 * 4 * lora_n and unpaged["host_optimizer"] == 0
     bf16 = plan(PlanInputs(cfg=cfg, batch=1, seq=512, quantize=False))
@@ -148,3 +150,26 @@ def test_cli_fit_and_no_fit(capsys):
     assert "--preset" in capsys.readouterr().err
     assert main(["--config", cfg, "--set", "model.path=nowhere/model", "--preset", "7b", "--seq", "2048"]) == 0
     assert "micro-batch 1 x 2048" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("page_size", [0, 1000, 10**9])
+def test_optimizer_pages_match_paged_adam_layout(page_size):
+    """The planner's on-device page size is the largest page paged_adam's own layout makes."""
+    from qlora_jax.paged_adam import page_plan
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    lora = LoRAConfig(r=8)
+    abstract = nnx.eval_shape(lambda: Llama(cfg, lora=lora, quant=QuantConfig(), rngs=nnx.Rngs(0)))
+    params = nnx.state(abstract, nnx.LoRAParam)
+    leaves = jax.tree.leaves(params)
+    pages = page_plan(params, page_size or None)
+
+    def elements(chunk) -> int:
+        shape = leaves[chunk.leaf].shape
+        rows = shape[0] if chunk.start is None else chunk.stop - chunk.start
+        return rows * int(np.prod(shape[1:]))
+
+    sizes = [sum(elements(c) for c in page) for page in pages]
+    p = plan(PlanInputs(cfg=cfg, batch=1, seq=16, lora_r=8, page_size=page_size))
+    assert p["optimizer_on_device"] == 2 * 2 * 4 * max(sizes)
