@@ -1,8 +1,8 @@
 """Train-step benchmark: QLoRA's full training step at LLaMA sizes on one device.
 
     PYTHONPATH=. python3 benchmarks/train_step.py --size 7b --batch 4x512,1x2048 [--weights nf4,bf16]
-        [--steps 10] [--warmup 2] [--remat full] [--mem-limit-gb 48 [--card-mem-gb 141]]
-        [--profile DIR] [--timeout 300] [--budget-s 480] [--json out.json]
+        [--steps 10] [--warmup 2] [--remat full] [--unpaged | --page-size N] [--mem-limit-gb 48 [--card-mem-gb 141]]
+        [--profile DIR] [--timeout 300] [--budget-s 480] [--no-fallback-unpaged] [--json out.json]
 
 The model is a LLaMA of the named shape (``tiny`` for CPU tests, ``7b``, ``13b``, ``33b``, ``65b``:
 the original LLaMA dimensions, vocab 32000) with random frozen weights built on the device layer
@@ -20,6 +20,8 @@ compile time (lower + compile of the step), peak device memory, XLA's compile-ti
 (arguments + outputs + temporaries - aliased), and the memory planner's prediction
 (:mod:`qlora_jax.memory`). ``--mem-limit-gb`` caps the process's device pool (GiB) by setting
 ``XLA_PYTHON_CLIENT_MEM_FRACTION`` = limit / card memory with preallocation on, before JAX starts.
+A paged configuration that fails other than by OOM is retried once with the optimizer state on the
+device (row ``...-unpaged``), since paged AdamW's host offload is the least-tested piece on GPU.
 """
 
 from __future__ import annotations
