@@ -211,6 +211,20 @@ def _device_memory_gib() -> float | None:
     return None if peak is None else peak / 2**30
 
 
+def print_memory_plan(cfg: TrainConfig, model: nnx.Module) -> None:
+    """Print :mod:`qlora_jax.memory`'s predicted peak device memory of this run (never raises)."""
+    try:
+        from qlora_jax.memory import format_plan, inputs_from_train_config, plan
+
+        q = model.quant
+        p = dataclasses.replace(inputs_from_train_config(cfg, model.cfg), quantize=q.quantize, blocksize=q.blocksize,
+                                double_quant=q.double_quant, param_dtype=q.param_dtype, compute_dtype=q.compute_dtype)
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        print(format_plan(p, plan(p), gpu_mem=limit), flush=True)
+    except Exception as e:  # a planning problem must not stop training
+        print(f"memory plan unavailable: {type(e).__name__}: {e}", flush=True)
+
+
 def _plot(metrics: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -253,6 +267,7 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
     tokenizer = load_tokenizer(model_dir)
     data = make_data(cfg.data, tokenizer)
     model = build_model(cfg, model_dir)
+    print_memory_plan(cfg, model)
     model.train()
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
     model.eval()

@@ -1,0 +1,132 @@
+"""Ratio table of the train-step benchmarks: ours (``benchmarks/train_step.py``) against
+bitsandbytes + PEFT and PyTorch bf16 LoRA (``benchmarks/baselines/bnb_peft.py``), and QLoRA
+against our own bf16 LoRA, with issue #9's targets checked.
+
+    PYTHONPATH=. python3 benchmarks/compare_train_step.py OURS.json [MORE.json ...] TORCH.json [--json out.json]
+
+Any number of JSON files from either script; rows are matched by (size, B, T, weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import GiB, fmt, gib, meta, print_table, write_json  # noqa: E402
+
+TARGET_PEAK_65B_2048 = 42 * GiB
+
+
+def targets(size: str, batch: int, seq: int) -> dict[str, float | None]:
+    """Issue #9's targets for a shape: min speed-up vs bnb, vs torch bf16, and a peak cap (bytes)."""
+    if size == "7b":
+        return {"vs_bnb": 3.5, "vs_torch_bf16": 2.3, "peak_cap": None}
+    if size == "65b" and batch == 1 and seq == 512:
+        return {"vs_bnb": 3.0, "vs_torch_bf16": None, "peak_cap": None}
+    if size == "65b" and batch == 1 and seq == 2048:
+        return {"vs_bnb": 2.0, "vs_torch_bf16": None, "peak_cap": TARGET_PEAK_65B_2048}
+    return {"vs_bnb": None, "vs_torch_bf16": None, "peak_cap": None}
+
+
+def load(paths: list[str]) -> dict[tuple[str, str, int, int, str], dict[str, Any]]:
+    """``(impl, size, B, T, weights) -> result`` of every ok row (a later file wins)."""
+    rows: dict = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:  # a run that died before writing: compare the rest
+            print(f"warning: skipping {path}: {e}", file=sys.stderr)
+            continue
+        for r in data.get("results", []):
+            impl = "jax" if r.get("impl") == "jax" else r.get("impl", "?")
+            rows[(impl, r["size"], r["batch"], r["seq"], r["weights"])] = r
+    return rows
+
+
+def _tps(r: dict | None) -> float | None:
+    return r.get("tokens_per_s") if r and r.get("status") == "ok" else None
+
+
+def _x(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _check(value: float | None, want: float | None) -> str:
+    if want is None:
+        return ""
+    if value is None:
+        return " (n/a)"
+    return " ok" if value >= want else f" MISS (<{want}x)"
+
+
+def compare(rows: dict) -> list[dict[str, Any]]:
+    shapes = sorted({(k[1], k[2], k[3]) for k in rows if k[0] == "jax"},
+                    key=lambda s: (["tiny", "7b", "13b", "33b", "65b"].index(s[0]) if s[0] in
+                                   ("tiny", "7b", "13b", "33b", "65b") else 9, s[2], s[1]))
+    out = []
+    for size, b, t in shapes:
+        ours = rows.get(("jax", size, b, t, "nf4"))
+        ours16 = rows.get(("jax", size, b, t, "bf16"))
+        bnb = rows.get(("bnb-peft", size, b, t, "nf4"))
+        tb16 = rows.get(("torch-bf16-peft", size, b, t, "bf16"))
+        tg = targets(size, b, t)
+        peak = ours.get("peak_bytes") if ours else None
+        bnb_used = bnb.get("device_used_bytes") if bnb else None
+        peak_ok = None
+        if peak is not None:
+            caps = [c for c in (tg["peak_cap"], bnb_used if size == "7b" else None) if c is not None]
+            peak_ok = all(peak <= c for c in caps) if caps else None
+        out.append({
+            "size": size, "batch": b, "seq": t,
+            "ours_nf4_tok_s": _tps(ours), "ours_bf16_tok_s": _tps(ours16),
+            "bnb_tok_s": _tps(bnb), "torch_bf16_tok_s": _tps(tb16),
+            "x_vs_bnb": _x(_tps(ours), _tps(bnb)), "x_vs_torch_bf16": _x(_tps(ours), _tps(tb16)),
+            "qlora_vs_our_bf16": _x(_tps(ours), _tps(ours16)),
+            "ours_peak_bytes": peak, "ours_planned_bytes": ours.get("planned_bytes") if ours else None,
+            "bnb_peak_alloc_bytes": bnb.get("peak_bytes") if bnb else None, "bnb_device_used_bytes": bnb_used,
+            "targets": tg, "peak_ok": peak_ok,
+            "ours_status": ours.get("status") if ours else None, "bnb_status": bnb.get("status") if bnb else None,
+            "ours_pool_gib": ours.get("mem_limit_gb") if ours else None,
+        })
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+", help="JSON files of train_step.py and bnb_peft.py")
+    ap.add_argument("--json", help="write the comparison here")
+    args = ap.parse_args(argv)
+    table_rows = compare(load(args.files))
+    if not table_rows:
+        raise SystemExit("error: no rows of benchmarks/train_step.py in the given files")
+    table = print_table(
+        "train step: ours (JAX, NF4) vs bitsandbytes + PEFT and PyTorch bf16 LoRA (tokens/s; x = speed-up)",
+        table_rows,
+        [("shape", lambda r: f"{r['size']} {r['batch']}x{r['seq']}"
+          + (f" ({r['ours_pool_gib']:g} GiB pool)" if r["ours_pool_gib"] else "")),
+         ("ours", lambda r: r["ours_status"] or "-"),
+         ("ours NF4 tok/s", lambda r: fmt(r["ours_nf4_tok_s"], ",.0f")),
+         ("bnb+PEFT tok/s", lambda r: fmt(r["bnb_tok_s"], ",.0f")),
+         ("x vs bnb", lambda r: fmt(r["x_vs_bnb"], ".2f") + _check(r["x_vs_bnb"], r["targets"]["vs_bnb"])),
+         ("torch bf16 tok/s", lambda r: fmt(r["torch_bf16_tok_s"], ",.0f")),
+         ("x vs torch bf16", lambda r: fmt(r["x_vs_torch_bf16"], ".2f")
+          + _check(r["x_vs_torch_bf16"], r["targets"]["vs_torch_bf16"])),
+         ("ours bf16 tok/s", lambda r: fmt(r["ours_bf16_tok_s"], ",.0f")),
+         ("QLoRA / our bf16", lambda r: fmt(r["qlora_vs_our_bf16"], ".2f")),
+         ("ours peak GiB", lambda r: gib(r["ours_peak_bytes"])
+          + ("" if r["peak_ok"] is None else (" ok" if r["peak_ok"] else " MISS"))),
+         ("plan GiB", lambda r: gib(r["ours_planned_bytes"])),
+         ("bnb peak alloc / device GiB", lambda r: f"{gib(r['bnb_peak_alloc_bytes'])} / {gib(r['bnb_device_used_bytes'])}")],
+    )
+    write_json(args.json, {"meta": meta(argv), "benchmark": "train_step_compare", "rows": table_rows, "table": table})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

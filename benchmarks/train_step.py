@@ -1,0 +1,280 @@
+"""Train-step benchmark: QLoRA's full training step at LLaMA sizes on one device.
+
+    PYTHONPATH=. python3 benchmarks/train_step.py --size 7b --batch 4x512,1x2048 [--weights nf4,bf16]
+        [--steps 10] [--warmup 2] [--remat full] [--unpaged | --page-size N] [--mem-limit-gb 48 [--card-mem-gb 141]]
+        [--profile DIR] [--timeout 300] [--budget-s 480] [--no-fallback-unpaged] [--json out.json]
+
+The model is a LLaMA of the named shape (``tiny`` for CPU tests, ``7b``, ``13b``, ``33b``, ``65b``:
+the original LLaMA dimensions, vocab 32000) with random frozen weights built on the device layer
+by layer (:func:`qlora_jax.models.random_init.build_random_model`: NF4 + double quantization,
+or bf16 weights for ``--weights bf16``), LoRA r=64 / alpha 16 / dropout 0.05 on all seven
+projections, and the training step of ``train.py`` itself: ``make_train_step`` +
+``make_optimizer`` (paged AdamW) of :mod:`qlora_jax.trainer` on a ``TrainConfig``, grad_accum 1,
+gradient checkpointing (``--remat``, default ``full``). Batches are random token ids, labels =
+ids, a full attention mask (what ``train.py`` feeds, minus padding).
+
+Each configuration (weights x batch) runs in its own process, so its peak device memory
+(``peak_bytes_in_use`` of the runtime's allocator) is its own and an OOM costs one row. Reported:
+median step time over ``--steps`` timed steps after ``--warmup`` (each step waited on), tokens/s,
+compile time (lower + compile of the step), peak device memory, XLA's compile-time estimate
+(arguments + outputs + temporaries - aliased), and the memory planner's prediction
+(:mod:`qlora_jax.memory`). ``--mem-limit-gb`` caps the process's device pool (GiB) by setting
+``XLA_PYTHON_CLIENT_MEM_FRACTION`` = limit / card memory with preallocation on, before JAX starts.
+A paged configuration that fails other than by OOM is retried once with the optimizer state on the
+device (row ``...-unpaged``), since paged AdamW's host offload is the least-tested piece on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import (  # noqa: E402
+    GiB, child_main, fmt, gib, gpu_total_bytes, meta, parse_batches, print_table, run_child, write_json,
+)
+
+SIZES = ("tiny", "7b", "13b", "33b", "65b")
+WEIGHTS = ("nf4", "bf16")
+MIN_CONFIG_S = 30.0
+
+
+def model_config(size: str):
+    """The :class:`LlamaConfig` of a size name (``tiny``: 2 layers, d=64, vocab 512)."""
+    from qlora_jax.models.llama import LlamaConfig
+
+    if size == "tiny":
+        return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, head_dim=16)
+    return LlamaConfig.preset(size)
+
+
+def train_config(c: dict[str, Any]):
+    """The ``TrainConfig`` of one benchmark configuration (what ``train.py`` would run)."""
+    from qlora_jax.data import DataConfig
+    from qlora_jax.train_config import LoRASection, ModelSection, OptimSection, TrainConfig, TrainSection
+
+    return TrainConfig(
+        model=ModelSection(path=f"random:{c['size']}", quantize=c["weights"] == "nf4", quant_type="nf4",
+                           blocksize=64, double_quant=True, compute_dtype="bfloat16", remat=c["remat"]),
+        lora=LoRASection(r=c["lora_r"], alpha=16.0, dropout=c["lora_dropout"]),
+        data=DataConfig(dataset="random", source_max_len=1, target_max_len=c["seq"] - 1, batch_size=c["batch"],
+                        eval_batch_size=c["batch"]),
+        optim=OptimSection(learning_rate=2e-4, schedule="constant", warmup_ratio=0.0, max_grad_norm=0.3,
+                           paged=c["paged"], page_size=c.get("page_size", 0)),
+        train=TrainSection(steps=max(1, c["warmup"] + c["steps"]), grad_accum=1, seed=0),
+    )
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_one(c: dict[str, Any]) -> dict[str, Any]:
+    """One configuration, in this (child) process."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from qlora_jax.memory import PlanInputs, format_plan, plan
+    from qlora_jax.models.llama import LoRAConfig, QuantConfig
+    from qlora_jax.models.random_init import build_random_model
+    from qlora_jax.trainer import make_optimizer, make_train_step
+
+    dev = jax.devices()[0]
+    _log(f"[{c['name']}] device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+         f"XLA_PYTHON_CLIENT_MEM_FRACTION={os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', '-')}")
+    cfg = model_config(c["size"])
+    tc = train_config(c)
+    B, T = c["batch"], c["seq"]
+    quant = QuantConfig(quantize=tc.model.quantize, quant_type="nf4", blocksize=64, double_quant=True,
+                        param_dtype="bfloat16", compute_dtype=tc.model.compute_dtype)
+    lora = LoRAConfig(r=tc.lora.r, alpha=tc.lora.alpha, dropout=tc.lora.dropout, targets=tuple(tc.lora.targets))
+    p = PlanInputs(cfg=cfg, batch=B, seq=T, quantize=quant.quantize, blocksize=64, double_quant=True,
+                   param_dtype="bfloat16", compute_dtype=quant.compute_dtype, lora_r=lora.r, lora_targets=lora.targets,
+                   lora_dropout=lora.dropout, remat=tc.model.remat, paged=tc.optim.paged, page_size=tc.optim.page_size)
+    planned = plan(p)
+    result: dict[str, Any] = {**c, "status": "error", "planned_bytes": planned["total"], "plan": planned,
+                              "device": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__}
+
+    t0 = time.perf_counter()
+    model = build_random_model(cfg, lora=lora, quant=quant, remat=tc.model.remat, seed=0)
+    jax.block_until_ready(nnx.state(model))
+    result["build_s"] = time.perf_counter() - t0
+    _log(f"[{c['name']}] built random {c['weights']} model in {result['build_s']:.1f}s")
+    model.train()  # LoRA dropout on, as in train.py
+    graphdef, lora_state, rest = nnx.split(model, nnx.LoRAParam, ...)
+    del model
+    tx = make_optimizer(tc)
+    opt_state = tx.init(lora_state)
+    step_fn = make_train_step(graphdef, tx, tc)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, size=(B, T), dtype=np.int32)
+    batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids), "attention_mask": jnp.ones((B, T), jnp.int32)}
+    key = jax.random.key(tc.train.seed)
+
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(lora_state, opt_state, rest, batch, 0, key)
+    result["lower_s"] = time.perf_counter() - t0
+    compiled = lowered.compile()
+    result["compile_s"] = time.perf_counter() - t0
+    _log(f"[{c['name']}] compiled in {result['compile_s']:.1f}s (lowering {result['lower_s']:.1f}s)")
+    try:
+        ma = compiled.memory_analysis()
+        est = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+        result["xla_estimate_bytes"] = int(est)
+        result["xla_temp_bytes"] = int(ma.temp_size_in_bytes)
+    except Exception as e:  # not every backend reports it
+        _log(f"[{c['name']}] no compile-time memory analysis: {e}")
+
+    times, losses = [], []
+    total = c["warmup"] + c["steps"]
+    for i in range(total):
+        t0 = time.perf_counter()
+        lora_state, opt_state, m = compiled(lora_state, opt_state, rest, batch, i, key)
+        jax.block_until_ready((lora_state, opt_state, m))  # the whole step, optimizer update included
+        loss = float(m["loss"])
+        dt = time.perf_counter() - t0
+        losses.append(loss)
+        if i >= c["warmup"]:
+            times.append(dt)
+        _log(f"[{c['name']}] step {i + 1}/{total}{' (warm-up)' if i < c['warmup'] else ''}: {dt:.4f}s loss {loss:.4f}")
+    if not all(np.isfinite(losses)):
+        raise RuntimeError(f"non-finite loss: {losses}")
+
+    if c.get("profile"):
+        out = Path(c["profile"]) / c["name"]
+        out.mkdir(parents=True, exist_ok=True)
+        with jax.profiler.trace(str(out)):
+            for i in range(3):
+                lora_state, opt_state, m = compiled(lora_state, opt_state, rest, batch, total + i, key)
+                jax.block_until_ready(m["loss"])
+        result["profile_dir"] = str(out)
+        _log(f"[{c['name']}] profiler trace in {out}")
+
+    stats = dev.memory_stats() or {}
+    med = statistics.median(times)
+    result.update(
+        status="ok", step_s=med, mean_step_s=statistics.fmean(times), min_step_s=min(times), step_times=times,
+        tokens_per_s=B * T / med, loss_first=losses[0], loss_last=losses[-1],
+        peak_bytes=stats.get("peak_bytes_in_use"), bytes_limit=stats.get("bytes_limit"),
+        bytes_in_use=stats.get("bytes_in_use"),
+    )
+    _log(format_plan(p, planned, measured=result["peak_bytes"]))
+    _log(f"[{c['name']}] median {med:.4f}s/step, {result['tokens_per_s']:.0f} tok/s, "
+         f"peak {gib(result['peak_bytes'])} GiB (limit {gib(result['bytes_limit'])} GiB)")
+    return result
+
+
+def _ratio(a: Any, b: Any) -> str:
+    return "-" if a is None or b is None or b == 0 else f"{100 * (a / b - 1):+.0f}%"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=SIZES, default="7b")
+    ap.add_argument("--batch", default="4x512", help="comma-separated BxT, e.g. 4x512,1x2048")
+    ap.add_argument("--weights", default="nf4", help="comma-separated: nf4 (QLoRA) and/or bf16 (16-bit LoRA)")
+    ap.add_argument("--bf16", action="store_true", help="shorthand for --weights bf16")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    ap.add_argument("--remat", default="full", choices=("none", "full", "save_dots", "offload"))
+    ap.add_argument("--lora-r", type=int, default=64)
+    ap.add_argument("--lora-dropout", type=float, default=0.05)
+    ap.add_argument("--unpaged", action="store_true", help="plain AdamW with the state on the device")
+    ap.add_argument("--page-size", type=int, default=0,
+                    help="optim.page_size: elements of one moment per page (0: one page per LoRA leaf, train.py's default)")
+    ap.add_argument("--no-fallback-unpaged", dest="fallback_unpaged", action="store_false",
+                    help="do not retry a failed (non-OOM) paged configuration with the state on the device")
+    ap.add_argument("--mem-limit-gb", type=float, help="cap the device pool at this many GiB (preallocated)")
+    ap.add_argument("--card-mem-gb", type=float, help="card memory in GiB (default: nvidia-smi)")
+    ap.add_argument("--profile", help="write a jax profiler trace of 3 extra steps per configuration here")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
+    ap.add_argument("--budget-s", type=float, help="hard deadline (s) for all configurations: each gets at most what is left, none starts with < 30 s")
+    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    ap.add_argument("--_out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._child:
+        return child_main(run_one, args._child, args._out)
+
+    weights = ["bf16"] if args.bf16 else [w.strip() for w in args.weights.split(",") if w.strip()]
+    bad = set(weights) - set(WEIGHTS)
+    if bad or not weights:
+        raise SystemExit(f"error: --weights {args.weights!r}: choose from {WEIGHTS}")
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("error: --steps must be >= 1 and --warmup >= 0")
+    env: dict[str, str] = {}
+    if args.mem_limit_gb:
+        total = args.card_mem_gb * GiB if args.card_mem_gb else gpu_total_bytes()
+        if not total:
+            raise SystemExit("error: --mem-limit-gb needs the card's memory: nvidia-smi failed, pass --card-mem-gb")
+        frac = args.mem_limit_gb * GiB / total
+        if not 0 < frac <= 1:
+            raise SystemExit(f"error: --mem-limit-gb {args.mem_limit_gb} is more than the card's {total / GiB:.1f} GiB")
+        env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}", "XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
+        print(f"device pool capped at {args.mem_limit_gb} GiB: XLA_PYTHON_CLIENT_MEM_FRACTION={frac:.4f} "
+              f"of {total / GiB:.1f} GiB", flush=True)
+
+    configs = []
+    for w in weights:
+        for b, t in parse_batches(args.batch):
+            configs.append(dict(
+                name=f"jax-{w}-{args.size}-{b}x{t}", impl="jax", size=args.size, weights=w, batch=b, seq=t,
+                steps=args.steps, warmup=args.warmup, remat=args.remat, lora_r=args.lora_r,
+                lora_dropout=args.lora_dropout, paged=not args.unpaged, page_size=args.page_size,
+                mem_limit_gb=args.mem_limit_gb,
+                profile=args.profile,
+            ))
+    start = time.perf_counter()
+    results = []
+    for i, c in enumerate(configs):
+        timeout = args.timeout
+        if args.budget_s is not None:  # a hard deadline for the whole invocation
+            remaining = args.budget_s - (time.perf_counter() - start)
+            if remaining < MIN_CONFIG_S:
+                print(f"[{c['name']}] skipped: {remaining:.0f}s of the {args.budget_s:.0f}s budget left", flush=True)
+                results.append({**c, "status": "skipped"})
+                continue
+            timeout = min(timeout, remaining)
+        print(f"== {i + 1}/{len(configs)} {c['name']} (timeout {timeout:.0f}s) ==", flush=True)
+        t_child = time.perf_counter()
+        r = run_child(Path(__file__).resolve(), c, timeout=timeout, env=env)
+        if r["status"] != "ok":
+            print(f"[{c['name']}] {r['status']}: {r.get('error', '')[-500:]}", flush=True)
+        results.append(r)
+        if r["status"] in ("error", "crashed") and c["paged"] and args.fallback_unpaged:
+            # Host offload is the newest part of the stack: one failure there must not cost the run's
+            # numbers. Same configuration with the optimizer state on the device, reported as its own row.
+            retry = timeout - (time.perf_counter() - t_child)
+            if args.budget_s is not None:
+                retry = min(retry, args.budget_s - (time.perf_counter() - start))
+            if retry >= MIN_CONFIG_S:
+                c2 = {**c, "name": c["name"] + "-unpaged", "paged": False}
+                print(f"== {c2['name']}: retrying without paging (timeout {retry:.0f}s) ==", flush=True)
+                results.append(run_child(Path(__file__).resolve(), c2, timeout=retry, env=env))
+
+    table = print_table(
+        f"train step, {args.size}, remat={args.remat}, {'unpaged' if args.unpaged else 'paged'} AdamW"
+        + (f", device pool {args.mem_limit_gb} GiB" if args.mem_limit_gb else ""),
+        results,
+        [("config", lambda r: r["name"]), ("status", lambda r: r["status"]),
+         ("s/step", lambda r: fmt(r.get("step_s"), ".4f")), ("tok/s", lambda r: fmt(r.get("tokens_per_s"), ",.0f")),
+         ("compile s", lambda r: fmt(r.get("compile_s"), ".1f")), ("peak GiB", lambda r: gib(r.get("peak_bytes"))),
+         ("XLA est. GiB", lambda r: gib(r.get("xla_estimate_bytes"))), ("plan GiB", lambda r: gib(r.get("planned_bytes"))),
+         ("plan vs peak", lambda r: _ratio(r.get("planned_bytes"), r.get("peak_bytes")))],
+    )
+    write_json(args.json, {"meta": meta(argv), "benchmark": "train_step", "results": results, "table": table})
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

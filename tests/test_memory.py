@@ -1,0 +1,175 @@
+"""The memory planner: its byte counts against hand-computed sizes for LLaMA-7B and -65B, against the
+stored size of real quantized tensors, against XLA's buffer assignment of the real jitted training
+step (CPU compile from abstract inputs, 7B shape), against the runtime's peak where the backend
+reports one, and its CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qlora_jax.memory import (
+    PlanInputs, linear_params, lora_params, main, parse_size, plan, preset_from_name, quantized_tensor_bytes,
+    resolve_architecture,
+)
+from qlora_jax.models.llama import Llama, LlamaConfig, LoRAConfig, QuantConfig
+from qlora_jax.nf4 import quantize
+
+REPO = Path(__file__).resolve().parents[1]
+GiB = 2**30
+
+
+@pytest.mark.parametrize("shape", [(64, 172), (256, 1024), (3, 7)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_tensor_bytes_match_quantized_storage(shape, double_quant):
+    qt = quantize(jnp.ones(shape, jnp.float32), blocksize=64, double_quant=double_quant)
+    assert quantized_tensor_bytes(int(np.prod(shape)), 64, double_quant) == qt.nbytes
+
+
+def _nf4_dq_bytes_by_hand(n: int) -> int:
+    # codes n/2 + uint8 absmax codes n/64 + fp32 nested scale per 256 blocks + fp32 offset + 256-entry fp32 map
+    return n // 2 + n // 64 + 4 * -(-(n // 64) // 256) + 4 + 1024
+
+
+@pytest.mark.parametrize(
+    "size, layers, d, f, lin_params, lora_n",
+    [
+        # 32 * (4 * 4096^2 + 3 * 4096 * 11008); LoRA r=64: 32 * 64 * (4 * 8192 + 3 * 15104)
+        ("7b", 32, 4096, 11008, 6_476_005_376, 159_907_840),
+        # 80 * (4 * 8192^2 + 3 * 8192 * 22016); LoRA r=64: 80 * 64 * (4 * 16384 + 3 * 30208)
+        ("65b", 80, 8192, 22016, 64_760_053_760, 799_539_200),
+    ],
+)
+def test_plan_arithmetic_by_hand(size, layers, d, f, lin_params, lora_n):
+    cfg = LlamaConfig.preset(size)
+    assert linear_params(cfg) == lin_params
+    assert lora_params(cfg, 64, LoRAConfig().targets) == lora_n
+    p = plan(PlanInputs(cfg=cfg, batch=1, seq=512))
+    by_hand = layers * (4 * _nf4_dq_bytes_by_hand(d * d) + 3 * _nf4_dq_bytes_by_hand(d * f))
+    assert p["frozen_linear_weights"] == by_hand
+    assert 8 * by_hand / lin_params == pytest.approx(4.127, abs=5e-4)  # QLoRA's 4.127 bits per parameter
+    assert p["embeddings_head_norms"] == 2 * (2 * 32000 * d + (2 * layers + 1) * d)
+    assert p["lora_params_grads_updates"] == 3 * 4 * lora_n
+    assert p["host_optimizer"] == 2 * 4 * lora_n  # paged: both Adam moments on the host
+    largest_leaf = layers * 64 * f  # [L, F, r] / [L, r, F]
+    assert p["optimizer_on_device"] == 2 * 2 * 4 * largest_leaf  # two pages of both moments
+    assert p["saved_activations"] == layers * 512 * d * 2  # remat full: bf16 layer inputs
+    assert p["logits_and_loss"] == 3 * 512 * 32000 * 4
+    assert p["total"] == sum(v for k, v in p.items() if k not in ("total", "host_optimizer"))
+    one_layer = plan(PlanInputs(cfg=cfg, batch=1, seq=512, page_size=1000))  # pages of one layer's rows
+    assert one_layer["optimizer_on_device"] == 2 * 2 * 4 * 64 * f
+    unpaged = plan(PlanInputs(cfg=cfg, batch=1, seq=512, paged=False))
+    assert unpaged["optimizer_on_device"] == 2 * 4 * lora_n and unpaged["host_optimizer"] == 0
+    bf16 = plan(PlanInputs(cfg=cfg, batch=1, seq=512, quantize=False))
+    assert bf16["frozen_linear_weights"] == 2 * lin_params and bf16["dequantized_weight"] == 0
+
+
+def test_plan_grows_with_tokens_and_remat_none():
+    cfg = LlamaConfig.preset("7b")
+    small, big = plan(PlanInputs(cfg=cfg, batch=1, seq=512)), plan(PlanInputs(cfg=cfg, batch=4, seq=512))
+    assert big["saved_activations"] == 4 * small["saved_activations"]
+    assert plan(PlanInputs(cfg=cfg, batch=1, seq=512, remat="none"))["saved_activations"] > 10 * small["saved_activations"]
+
+
+def _xla_step_bytes(cfg: LlamaConfig, batch: int, seq: int) -> int:
+    """XLA's buffer assignment (arguments + outputs + temporaries - aliased) of train.py's step."""
+    from benchmarks.train_step import train_config
+    from qlora_jax.trainer import make_optimizer, make_train_step
+
+    c = dict(size="7b", weights="nf4", batch=batch, seq=seq, steps=1, warmup=0, remat="full", lora_r=64,
+             lora_dropout=0.05, paged=True)
+    tc = train_config(c)
+    lora = LoRAConfig(r=64, alpha=16.0, dropout=0.05)
+    abstract = nnx.eval_shape(lambda: Llama(cfg, lora=lora, quant=QuantConfig(), remat="full", rngs=nnx.Rngs(0)))
+    abstract.train()
+    graphdef, lora_state, rest = nnx.split(abstract, nnx.LoRAParam, ...)
+    tx = make_optimizer(tc)
+    opt_state = jax.eval_shape(tx.init, lora_state)
+    step = make_train_step(graphdef, tx, tc)
+    b = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32) for k in ("input_ids", "labels", "attention_mask")}
+    ma = step.lower(lora_state, opt_state, rest, b, 0, jax.random.key(0)).compile().memory_analysis()
+    return ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+
+
+def test_plan_matches_xla_buffer_assignment_at_7b():
+    """The real step at the 7B benchmark shape (4 x 512), compiled for CPU from abstract inputs (nothing
+    allocated). The CPU has one memory space, so the paged Adam state counts as device memory there."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("calibration test for the CPU backend")
+    cfg = LlamaConfig.preset("7b")
+    xla = _xla_step_bytes(cfg, 4, 512)
+    p = plan(PlanInputs(cfg=cfg, batch=4, seq=512))
+    cpu_equivalent = p["total"] - p["workspace"] - p["optimizer_on_device"] + p["host_optimizer"]
+    assert cpu_equivalent == pytest.approx(xla, rel=0.10), (cpu_equivalent / GiB, xla / GiB)
+
+
+def test_plan_vs_runtime_peak():
+    """Planner vs the runtime's own peak, where the backend reports one (GPU); the CPU reports none."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        pytest.skip(f"{jax.default_backend()} backend reports no peak_bytes_in_use (memory_stats() = {stats}); "
+                    "the GPU benchmark (benchmarks/train_step.py) compares the plan with the measured peak")
+    from benchmarks.train_step import run_one
+
+    r = run_one(dict(name="t", size="tiny", weights="nf4", batch=2, seq=64, steps=1, warmup=0, remat="full",
+                     lora_r=8, lora_dropout=0.05, paged=True))
+    assert r["peak_bytes"] <= r["planned_bytes"]  # tiny: the workspace allowance dominates
+
+
+def test_preset_from_name_and_architecture(tmp_path):
+    assert preset_from_name("huggyllama/llama-65b") == "65b"
+    assert preset_from_name("huggyllama/llama-7b/") == "7b"
+    assert preset_from_name("meta/llama-70b") is None
+    assert preset_from_name("stories260K") is None
+    assert resolve_architecture("whatever", "13b").hidden_size == 5120
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, '
+        '"num_hidden_layers": 2, "num_attention_heads": 4}')
+    assert resolve_architecture(str(tmp_path)).hidden_size == 32
+    with pytest.raises(ValueError, match="--preset"):
+        resolve_architecture("some/model")
+    assert parse_size("48GB") == 48 * GiB and parse_size("80 GiB") == 80 * GiB and parse_size("1024") == 1024
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_cli_fit_and_no_fit(capsys):
+    cfg = str(REPO / "configs" / "guanaco_65b.py")
+    assert main(["--config", cfg, "--gpu-mem", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "80 layers" in out and "frozen linear weights" in out and "fits in 80.0 GiB" in out
+    assert "micro-batch 1 x 528" in out  # batch 16 / grad_accum 16, source 16 + target 512
+    assert main(["--config", cfg, "--gpu-mem", "24GB"]) == 1
+    assert "does NOT fit in 24.0 GiB" in capsys.readouterr().out
+    assert main(["--config", cfg, "--set", "model.path=nowhere/model"]) == 2
+    assert "--preset" in capsys.readouterr().err
+    assert main(["--config", cfg, "--set", "model.path=nowhere/model", "--preset", "7b", "--seq", "2048"]) == 0
+    assert "micro-batch 1 x 2048" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("page_size", [0, 1000, 10**9])
+def test_optimizer_pages_match_paged_adam_layout(page_size):
+    """The planner's on-device page size is the largest page paged_adam's own layout makes."""
+    from qlora_jax.paged_adam import page_plan
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    lora = LoRAConfig(r=8)
+    abstract = nnx.eval_shape(lambda: Llama(cfg, lora=lora, quant=QuantConfig(), rngs=nnx.Rngs(0)))
+    params = nnx.state(abstract, nnx.LoRAParam)
+    leaves = jax.tree.leaves(params)
+    pages = page_plan(params, page_size or None)
+
+    def elements(chunk) -> int:
+        shape = leaves[chunk.leaf].shape
+        rows = shape[0] if chunk.start is None else chunk.stop - chunk.start
+        return rows * int(np.prod(shape[1:]))
+
+    sizes = [sum(elements(c) for c in page) for page in pages]
+    p = plan(PlanInputs(cfg=cfg, batch=1, seq=16, lora_r=8, page_size=page_size))
+    assert p["optimizer_on_device"] == 2 * 2 * 4 * max(sizes)
