@@ -6,6 +6,7 @@ samplers keep only the allowed tokens, and the CLI and chat mode print completio
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -157,3 +158,22 @@ def test_chat_mode_streams_guanaco_turns(gen):
     replies = out.getvalue().splitlines()
     assert len(replies) == 2 and all(r.strip() for r in replies)
     assert "### Human:" not in out.getvalue() and err.getvalue().count("> ") == 3
+
+
+def test_generation_benchmark_smoke_runs_on_cpu(tmp_path):
+    """benchmarks/generate.py --size tiny runs end to end on CPU: a JAX row with timings and the
+    CUDA-only transformers baselines reported as skipped, in the table and the JSON."""
+    out = tmp_path / "gen.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "generate.py"), "--size", "tiny", "--batch", "2", "--prompt-len", "8",
+         "--new-tokens", "4", "--runs", "1", "--variants", "nf4_lora", "--baselines", "bnb4,hf_bf16", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert [(r["impl"], r["variant"], r["batch"]) for r in ok] == [("qlora_jax", "nf4_lora", 2)]
+    assert ok[0]["tokens_per_s"] > 0 and ok[0]["weight_bytes"] > 0
+    assert {r["variant"] for r in rows if r["status"] == "skipped"} == {"bnb4", "hf_bf16"}
+    assert "skipped" in proc.stdout and "qlora_jax" in proc.stdout
