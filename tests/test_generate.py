@@ -133,18 +133,43 @@ def test_samplers_keep_only_allowed_tokens():
         SamplingConfig(top_p=0.0)
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "qlora_jax.generate", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
 def test_cli_prints_the_greedy_completion(model_dir, gen):
     """python -m qlora_jax.generate --temperature 0 prints the same completion as the API, on stdout."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "qlora_jax.generate", "--model", str(model_dir), "--prompt", "Once upon a time",
-         "--max-new-tokens", "20", "--temperature", "0"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+    proc = _cli("--model", str(model_dir), "--prompt", "Once upon a time", "--max-new-tokens", "20", "--temperature", "0")
     assert proc.returncode == 0, proc.stderr
     (want,) = gen.generate(["Once upon a time"], max_new_tokens=20)
     assert proc.stdout == want.text + "\n"
     assert want.text.startswith(", there was")
+
+
+def test_cli_with_adapter_matches_the_api_and_reports_bad_input(model_dir, tmp_path):
+    """--adapter loads a PEFT adapter (unmerged); a batch of prompts prints one completion per prompt
+    equal to the API's; a missing adapter is a one-line error with exit code 2."""
+    from flax import nnx
+
+    from qlora_jax.models.checkpoint import load_model
+    from qlora_jax.models.llama import LoRAConfig
+    from qlora_jax.peft_io import load_adapter, save_adapter
+
+    m = load_model(model_dir, lora=LoRAConfig(r=2, alpha=4, targets=("q_proj", "down_proj")))
+    nnx.update(m, jax.tree.map(lambda x: x + 0.2, nnx.state(m, nnx.LoRAParam)))
+    save_adapter(m, tmp_path / "adapter")
+    proc = _cli("--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", PROMPTS[0],
+                "--prompt", PROMPTS[2], "--max-new-tokens", "12", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    model, tok = load_for_generation(model_dir)
+    want = Generator(load_adapter(model, tmp_path / "adapter"), tok).generate([PROMPTS[0], PROMPTS[2]], max_new_tokens=12)
+    assert proc.stdout == "".join(f"--- {i} ---\n{c.text}\n" for i, c in enumerate(want))
+    plain = Generator(model, tok).generate([PROMPTS[0]], max_new_tokens=12)[0]
+    assert plain.tokens != want[0].tokens  # the adapter changes the output
+    bad = _cli("--model", str(model_dir), "--adapter", str(tmp_path / "nope"), "--prompt", "x")
+    assert bad.returncode == 2 and "no adapter_config.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_chat_mode_streams_guanaco_turns(gen):
@@ -160,6 +185,7 @@ def test_chat_mode_streams_guanaco_turns(gen):
     assert "### Human:" not in out.getvalue() and err.getvalue().count("> ") == 3
 
 
+@pytest.mark.slow
 def test_generation_benchmark_smoke_runs_on_cpu(tmp_path):
     """benchmarks/generate.py --size tiny runs end to end on CPU: a JAX row with timings and the
     CUDA-only transformers baselines reported as skipped, in the table and the JSON."""

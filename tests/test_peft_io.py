@@ -118,6 +118,24 @@ def test_import_of_export_is_identity(converted, tmp_path):
     np.testing.assert_array_equal(np.asarray(back(jnp.asarray(IDS))), np.asarray(src(jnp.asarray(IDS))))
 
 
+def test_legacy_bin_adapter_loads(f32_model, tmp_path):
+    """An adapter as the published Guanaco ones are stored: adapter_model.bin (torch pickle, fp16) and
+    an old PEFT config (enable_lora, merge_weights, no use_rslora/use_dora keys) loads, the weights equal
+    the fp16 rounding of the originals."""
+    want = adapter_tensors(f32_model)
+    (tmp_path / "g").mkdir()
+    torch.save({k: torch.from_numpy(v).half() for k, v in want.items()}, tmp_path / "g" / "adapter_model.bin")
+    (tmp_path / "g" / "adapter_config.json").write_text(json.dumps({
+        "base_model_name_or_path": "huggyllama/llama-7b", "bias": "none", "enable_lora": None, "fan_in_fan_out": False,
+        "inference_mode": True, "lora_alpha": 16.0, "lora_dropout": 0.05, "merge_weights": False,
+        "modules_to_save": None, "peft_type": "LORA", "r": 4,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "task_type": "CAUSAL_LM"}))
+    got = adapter_tensors(load_adapter(f32_model, tmp_path / "g"))
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v.astype(np.float16).astype(np.float32))
+
+
 def _edit_config(directory, **fields):
     path = directory / "adapter_config.json"
     cfg = json.loads(path.read_text())
