@@ -138,7 +138,7 @@ def _record(ds: DecodeState, tok: jax.Array, eos: tuple[int, ...], uses_seen: bo
 def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax.Array, key: jax.Array, *,
              sampling: SamplingConfig, eos: tuple[int, ...], cache_len: int, max_new: int) -> DecodeState:
     """Run the left-padded prompts ``ids, mask [B, P]`` through the model; sample token 0."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state, copy=True)
     B, P = ids.shape
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     cache = KVCache.init(model.cfg, B, cache_len, jnp.dtype(model.quant.compute_dtype))
@@ -159,13 +159,15 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: jax.Array, *,
             sampling: SamplingConfig, eos: tuple[int, ...]) -> DecodeState:
     """Generate tokens ``ds.step .. stop_at - 1`` (fewer if every row finishes) in one ``while_loop``."""
-    model = nnx.merge(graphdef, state)
     uses_seen = sampling.repetition_penalty != 1.0
 
     def cond(ds: DecodeState) -> jax.Array:
         return (ds.step < stop_at) & ~jnp.all(ds.done)
 
     def body(ds: DecodeState) -> DecodeState:
+        # A fresh copy inside the body: the call writes module state (the RNG counters of LoRA
+        # dropout, an adapter trained with lora_dropout > 0), which must stay in this trace.
+        model = nnx.merge(graphdef, state, copy=True)
         pos = ds.positions + 1
         logits, cache = model(ds.last[:, None], positions=pos[:, None], attention_mask=jnp.ones_like(ds.last)[:, None],
                               cache=ds.cache, deterministic=True)

@@ -149,15 +149,16 @@ def test_cli_prints_the_greedy_completion(model_dir, gen):
 
 
 def test_cli_with_adapter_matches_the_api_and_reports_bad_input(model_dir, tmp_path):
-    """--adapter loads a PEFT adapter (unmerged); a batch of prompts prints one completion per prompt
-    equal to the API's; a missing adapter is a one-line error with exit code 2."""
+    """--adapter loads a PEFT adapter (unmerged, trained with lora_dropout: off when generating); a batch
+    of prompts prints one completion per prompt equal to the API's; a missing adapter is a one-line
+    error with exit code 2."""
     from flax import nnx
 
     from qlora_jax.models.checkpoint import load_model
     from qlora_jax.models.llama import LoRAConfig
-    from qlora_jax.peft_io import load_adapter, save_adapter
+    from qlora_jax.peft_io import load_adapter, merge_adapter, save_adapter
 
-    m = load_model(model_dir, lora=LoRAConfig(r=2, alpha=4, targets=("q_proj", "down_proj")))
+    m = load_model(model_dir, lora=LoRAConfig(r=2, alpha=4, dropout=0.1, targets=("q_proj", "down_proj")))
     nnx.update(m, jax.tree.map(lambda x: x + 0.2, nnx.state(m, nnx.LoRAParam)))
     save_adapter(m, tmp_path / "adapter")
     proc = _cli("--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", PROMPTS[0],
@@ -168,6 +169,8 @@ def test_cli_with_adapter_matches_the_api_and_reports_bad_input(model_dir, tmp_p
     assert proc.stdout == "".join(f"--- {i} ---\n{c.text}\n" for i, c in enumerate(want))
     plain = Generator(model, tok).generate([PROMPTS[0]], max_new_tokens=12)[0]
     assert plain.tokens != want[0].tokens  # the adapter changes the output
+    merged = Generator(merge_adapter(load_adapter(model, tmp_path / "adapter")), tok).generate([PROMPTS[0]], max_new_tokens=12)[0]
+    assert merged.tokens == want[0].tokens  # merged (fp32) generates what base + adapter generates
     bad = _cli("--model", str(model_dir), "--adapter", str(tmp_path / "nope"), "--prompt", "x")
     assert bad.returncode == 2 and "no adapter_config.json" in bad.stderr and "Traceback" not in bad.stderr
 
