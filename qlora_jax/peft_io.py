@@ -190,7 +190,9 @@ def load_adapter(model: Llama, directory: str | Path) -> Llama:
 
     The adapter replaces the model's own LoRA parameters: the returned model is rebuilt with the
     adapter's rank, alpha, dropout, targets and scaling (``lora_alpha / r``, or
-    ``lora_alpha / sqrt(r)`` with ``use_rslora``); ``model`` is left unchanged. Layers absent from
+    ``lora_alpha / sqrt(r)`` with ``use_rslora``); ``model`` is left unchanged. The targets are the
+    projections that have weights in the file (``target_modules`` may be a list, checked against
+    them, or PEFT's regex string). Tensors in fp16/bf16 are read as fp32. Layers absent from
     the file are allowed only when ``layers_to_transform`` lists the ones present; they get a zero
     adapter. Raises ``ValueError`` naming the file, key and shape for anything that does not fit.
     """
