@@ -408,3 +408,43 @@ def save_merged_hf(model: Llama, directory: str | Path, *, dtype: str = "bfloat1
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qlora_jax.peft_io merge --model DIR --adapter DIR --out DIR [--format hf|model]``."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m qlora_jax.peft_io",
+                                 description="Fold a PEFT LoRA adapter into a converted model's weights.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="write base + adapter as one model")
+    m.add_argument("--model", required=True, type=Path, help="a converted model directory (python -m qlora_jax.convert)")
+    m.add_argument("--adapter", required=True, type=Path, help="a PEFT LoRA adapter directory")
+    m.add_argument("--out", required=True, type=Path)
+    m.add_argument("--format", default="hf", choices=("hf", "model"),
+                   help="hf: a transformers directory (safetensors in --dtype); model: a model directory of this "
+                        "project, re-quantized with the base model's settings")
+    m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"), help="for --format hf")
+    args = ap.parse_args(argv)
+
+    from qlora_jax.models.checkpoint import load_model
+
+    try:
+        model = load_adapter(load_model(args.model, lora=LoRAConfig(r=0), compute_dtype="float32"), args.adapter)
+        if args.format == "hf":
+            out = save_merged_hf(model, args.out, dtype=args.dtype, tokenizer_dir=args.model)
+        else:
+            out = save_merged(model, args.out, tokenizer_dir=args.model)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

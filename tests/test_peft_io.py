@@ -5,6 +5,10 @@ clearly, and merged models (transformers bf16/fp32 directory, re-quantized NF4) 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+REPO = Path(__file__).resolve().parents[1]
 F32 = QuantConfig(quantize=False, param_dtype="float32", compute_dtype="float32")
 IDS = np.array([[1, 403, 407, 261, 378, 429, 260, 5, 17, 300, 2, 99], [1, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]])
 
@@ -185,10 +190,11 @@ def test_missing_and_foreign_keys_fail_clearly(f32_model, tmp_path):
         load_adapter(model, tmp_path)
 
 
-def test_merged_model_exported_to_hf_loads_in_transformers_with_equal_logits(f32_model, stories, tmp_path):
+def test_merged_model_exported_to_hf_loads_in_transformers_with_equal_logits(f32_model, converted, stories, tmp_path):
     """fp32 base + adapter merged and written as a transformers directory: LlamaForCausalLM loads it
     and its logits equal the unmerged JAX model's; the in-memory merged model agrees too; the bf16
-    export holds exactly torch's bf16 rounding of the fp32 merged weights."""
+    export (through ``python -m qlora_jax.peft_io merge``) holds exactly torch's bf16 rounding of the
+    fp32 merged weights."""
     model = f32_model
     ours = np.asarray(model(jnp.asarray(IDS)))
     merged = merge_adapter(model)
@@ -198,7 +204,13 @@ def test_merged_model_exported_to_hf_loads_in_transformers_with_equal_logits(f32
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf32", dtype=torch.float32).eval()
     np.testing.assert_allclose(_hf_logits(hf, IDS), ours, atol=5e-4, rtol=1e-4)
     assert (tmp_path / "hf32" / "tokenizer.json").is_file()
-    save_merged_hf(model, tmp_path / "hf16")
+    # bf16 through the CLI: base model directory + adapter directory -> transformers directory
+    save_adapter(model, tmp_path / "adapter")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "qlora_jax.peft_io", "merge", "--model", str(converted / "f32"),
+                           "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "hf16")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     hf16 = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf16")
     assert next(hf16.parameters()).dtype == torch.bfloat16
     sd16, sd32 = hf16.state_dict(), hf.state_dict()
