@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from qlora_jax.convert import convert
-from qlora_jax.generate import Generator, SamplingConfig, chat, guanaco_prompt, load_for_generation, sample_logits
+from qlora_jax.generate import Generator, SamplingConfig, chat, guanaco_prompt, load_for_generation, main, sample_logits
 from qlora_jax.models.llama import QuantConfig
 
 torch = pytest.importorskip("torch")
@@ -148,7 +148,7 @@ def test_cli_prints_the_greedy_completion(model_dir, gen):
     assert want.text.startswith(", there was")
 
 
-def test_cli_with_adapter_matches_the_api_and_reports_bad_input(model_dir, tmp_path):
+def test_cli_with_adapter_matches_the_api_and_reports_bad_input(model_dir, tmp_path, capsys):
     """--adapter loads a PEFT adapter (unmerged, trained with lora_dropout: off when generating); a batch
     of prompts prints one completion per prompt equal to the API's; a missing adapter is a one-line
     error with exit code 2."""
@@ -171,8 +171,9 @@ def test_cli_with_adapter_matches_the_api_and_reports_bad_input(model_dir, tmp_p
     assert plain.tokens != want[0].tokens  # the adapter changes the output
     merged = Generator(merge_adapter(load_adapter(model, tmp_path / "adapter")), tok).generate([PROMPTS[0]], max_new_tokens=12)[0]
     assert merged.tokens == want[0].tokens  # merged (fp32) generates what base + adapter generates
-    bad = _cli("--model", str(model_dir), "--adapter", str(tmp_path / "nope"), "--prompt", "x")
-    assert bad.returncode == 2 and "no adapter_config.json" in bad.stderr and "Traceback" not in bad.stderr
+    assert main(["--model", str(model_dir), "--adapter", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no adapter_config.json" in err and "Traceback" not in err
 
 
 def test_chat_mode_streams_guanaco_turns(gen):
