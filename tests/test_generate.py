@@ -207,3 +207,18 @@ def test_generation_benchmark_smoke_runs_on_cpu(tmp_path):
     assert ok[0]["tokens_per_s"] > 0 and ok[0]["weight_bytes"] > 0
     assert {r["variant"] for r in rows if r["status"] == "skipped"} == {"bnb4", "hf_bf16"}
     assert "skipped" in proc.stdout and "qlora_jax" in proc.stdout
+
+
+def test_chat_mode_uses_the_tokenizers_template(gen):
+    """With a tokenizer chat template (auto picks it), each turn's prompt is the template applied to the
+    whole conversation; the reply printed is the completion of that prompt."""
+    import copy
+
+    tok = copy.deepcopy(gen.tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    g = Generator(gen.model, tok)
+    out = io.StringIO()
+    chat(g, max_new_tokens=10, chunk_size=5, inp=io.StringIO("Once upon a time\n"), out=out, err=io.StringIO())
+    (want,) = g.generate(["user: Once upon a time\nassistant:"], max_new_tokens=10, seed=0)
+    assert out.getvalue() == want.text + "\n"
