@@ -329,12 +329,15 @@ class TextStreamer:
 
     def __init__(self, gen: Generator, prompt: Sequence[int], stop_strings: Sequence[str] = (), out: TextIO = sys.stdout):
         self.gen, self.prompt, self.out = gen, list(prompt), out
-        self.holdback = max((len(s) for s in stop_strings), default=1) - 1
+        self.stops = [s for s in stop_strings if s]
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1
         self.printed = 0
 
     def __call__(self, rows: list[list[int]]) -> None:
         text = self.gen.completion_text(self.prompt, rows[0])
-        safe = len(text) - self.holdback
+        hits = [text.find(s) for s in self.stops if s in text]
+        text = text[: min(hits)] if hits else text
+        safe = len(text) if hits else len(text) - self.holdback
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
             safe = min(safe, len(text) - 1)
         if safe > self.printed:

@@ -222,3 +222,23 @@ def test_chat_mode_uses_the_tokenizers_template(gen):
     chat(g, max_new_tokens=10, chunk_size=5, inp=io.StringIO("Once upon a time\n"), out=out, err=io.StringIO())
     (want,) = g.generate(["user: Once upon a time\nassistant:"], max_new_tokens=10, seed=0)
     assert out.getvalue() == want.text + "\n"
+
+
+def test_streamer_never_prints_a_stop_string(gen):
+    """The streamer holds back a tail that may begin a stop string and cuts at a completed one: what it
+    prints is always a prefix of the final (truncated) text, whatever the chunking."""
+    from qlora_jax.generate import TextStreamer
+
+    prompt = gen.encode("Once upon a time")
+    (full,) = gen.generate_ids([prompt], max_new_tokens=30)
+    stop = full.text[full.text.index("Lily"):][:7]  # a stop string spanning several tokens
+    for chunk in (1, 2, 5):
+        out = io.StringIO()
+        streamer = TextStreamer(gen, prompt, [stop], out)
+        for k in range(chunk, len(full.tokens) + chunk, chunk):
+            streamer([full.tokens[:k]])
+            assert stop[:2] not in out.getvalue()
+        final = full.text[: full.text.index(stop)]
+        assert final.startswith(out.getvalue())
+        streamer.finish(final)
+        assert out.getvalue() == final + "\n"
