@@ -4,7 +4,8 @@
 
 ``W`` is a :class:`~qlora_jax.nf4.QuantizedTensor` of shape ``[out, in]`` (PyTorch /
 bitsandbytes layout), ``A`` is ``[in, r]`` and ``B`` is ``[r, out]`` (PEFT's
-``lora_A.weight`` / ``lora_B.weight`` transposed), ``scaling = alpha / r``.
+``lora_A.weight`` / ``lora_B.weight`` transposed), ``scaling = alpha / r``
+(``alpha / sqrt(r)`` with rank-stabilized LoRA, PEFT's ``use_rslora``).
 
 ``W`` may also be a plain float array ``[out, in]`` (the 16-bit LoRA baseline the
 paper compares against); the layer, its parameters and their paths are the same,
@@ -138,6 +139,8 @@ class LoRADense(nnx.Module):
       in_features, out_features: layer sizes.
       r: LoRA rank; 0 builds the layer without an adapter.
       alpha: LoRA alpha; ``scaling = alpha / r``.
+      rslora: rank-stabilized LoRA (Kalajdzievski, 2023; PEFT's ``use_rslora``):
+        ``scaling = alpha / sqrt(r)``.
       dropout: dropout rate on the adapter input (active in ``train()`` mode).
       use_bias: add a frozen bias ``[out]`` (zeros unless ``bias`` is given).
       weight: ``[out, in]`` float array; ``None`` draws torch's default ``nn.Linear`` init.
@@ -152,6 +155,7 @@ class LoRADense(nnx.Module):
         *,
         r: int = 64,
         alpha: float = 16.0,
+        rslora: bool = False,
         dropout: float = 0.0,
         use_bias: bool = False,
         weight: Any = None,
@@ -163,7 +167,7 @@ class LoRADense(nnx.Module):
         if r < 0:
             raise ValueError(f"{type(self).__name__}: r={r} must be >= 0")
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.alpha, self.dropout_rate = r, alpha, dropout
+        self.r, self.alpha, self.rslora, self.dropout_rate = r, alpha, rslora, dropout
         self.param_dtype = param_dtype
         self.compute_dtype = compute_dtype
         if weight is None:
@@ -197,7 +201,10 @@ class LoRADense(nnx.Module):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r if self.r else 0.0
+        """The factor on ``x @ A @ B``: ``alpha / r``, or ``alpha / sqrt(r)`` with ``rslora``."""
+        if not self.r:
+            return 0.0
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
         """``x [..., in] -> [..., out]`` in ``compute_dtype``."""

@@ -10,7 +10,8 @@ Output directory layout::
     OUT/metrics.jsonl        one JSON object per logged step (step, loss, lr, grad_norm, tokens_per_s, [eval_loss])
     OUT/tensorboard/         the same scalars for TensorBoard
     OUT/checkpoints/<step>/  orbax: LoRA params, optimizer state (host memory), data position
-    OUT/adapter/             the final LoRA weights (safetensors + adapter_config.json)
+    OUT/checkpoints/<step>/adapter/  that step's LoRA weights as a PEFT adapter (removed with its checkpoint)
+    OUT/adapter/             the final LoRA weights (PEFT: safetensors + adapter_config.json)
     OUT/loss.png             train / eval loss curves
 """
 
@@ -32,6 +33,7 @@ from flax import nnx
 
 from qlora_jax.data import BatchIterator, make_data
 from qlora_jax.paged_adam import paged_adamw
+from qlora_jax.peft_io import save_adapter
 from qlora_jax.step import accumulate_gradients, causal_lm_loss, clip_by_global_norm
 from qlora_jax.train_config import TrainConfig
 
@@ -161,6 +163,10 @@ class Checkpoints:
             directory.absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
         )
+
+    def step_dir(self, step: int) -> Path:
+        """The directory orbax wrote step ``step`` to."""
+        return Path(self.manager.directory) / str(step)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -337,6 +343,9 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
                                 | ({"mem_GiB": f"{mem:.2f}"} if mem is not None else {}))
             if done % cfg.train.save_every == 0 or done == cfg.train.steps:
                 ckpts.save(done, lora, opt_state, data.train.state_dict())
+                # A PEFT adapter inside the step directory: orbax's keep-last-K deletes it with the step.
+                save_adapter(nnx.merge(graphdef, lora, rest), ckpts.step_dir(done) / "adapter",
+                             lora_config=cfg.lora, base_model=cfg.model.path)
             bar.update(1)
     finally:
         bar.close()
@@ -345,8 +354,6 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
 
     nnx.update(model, lora)
     if end == cfg.train.steps:
-        from qlora_jax.peft_io import save_adapter
-
         save_adapter(model, out / "adapter", lora_config=cfg.lora, base_model=cfg.model.path)
         _plot(history, out / "loss.png")
     return RunResult(out, end, history, model)

@@ -63,6 +63,10 @@ def test_loss_decreases_and_outputs_are_written(full_run):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["20", "30"]  # keep-last-2
+    for step in ("20", "30"):  # a PEFT adapter beside each kept checkpoint; the last one is the final adapter
+        assert (out / "checkpoints" / step / "adapter" / "adapter_model.safetensors").is_file()
+    final = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (out / "checkpoints" / "30" / "adapter" / "adapter_model.safetensors").read_bytes() == final
     assert any((out / "tensorboard").iterdir())
 
 

@@ -236,11 +236,35 @@ class CheckpointWriter:
             self.abort()
 
 
-def save_model(model: Llama, out: str | Path, *, hf_config: dict[str, Any] | None = None, source: str = "in-memory") -> Path:
-    """Write an in-memory model's frozen weights as a model directory (one partial save per layer)."""
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer / generation files that exist in ``src`` into ``dst``; returns their names."""
+    from qlora_jax.convert import TOKENIZER_FILES  # convert imports this module
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def save_model(
+    model: Llama,
+    out: str | Path,
+    *,
+    hf_config: dict[str, Any] | None = None,
+    source: str = "in-memory",
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Write an in-memory model's frozen weights as a model directory (one partial save per layer).
+
+    ``tokenizer_dir``: copy its tokenizer files (e.g. the source model directory) beside the weights.
+    """
     frozen = nnx.to_pure_dict(nnx.state(model, Frozen))
     with CheckpointWriter(out) as w:
         (w.tmp / "config.json").write_text(json.dumps(hf_config or model.cfg.to_hf_config(), indent=2))
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, w.tmp)
         top = {k: v for k, v in frozen.items() if k != "layers"}
         w.add(jax.tree.map(to_host, top, is_leaf=_is_qt))
         for i in range(model.cfg.num_hidden_layers):

@@ -173,12 +173,23 @@ PRESETS: dict[str, LlamaConfig] = {
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """LoRA on the linear projections (QLoRA: r=64, alpha=16, all seven projections)."""
+    """LoRA on the linear projections (QLoRA: r=64, alpha=16, all seven projections).
+
+    ``scaling`` is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora`` (PEFT's rank-stabilized LoRA).
+    ``r=0`` builds the model without adapters.
+    """
 
     r: int = 64
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = LORA_TARGETS
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        if not self.r:
+            return 0.0
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def __post_init__(self):
         bad = set(self.targets) - set(LORA_TARGETS)
@@ -308,7 +319,7 @@ class KVCache:
 def _linear(cfg: LlamaConfig, lora: LoRAConfig, quant: QuantConfig, name: str, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs) -> LoRADense:
     r = lora.r if name in lora.targets else 0
     common = dict(
-        r=r, alpha=lora.alpha, dropout=lora.dropout, use_bias=bias,
+        r=r, alpha=lora.alpha, rslora=lora.use_rslora, dropout=lora.dropout, use_bias=bias,
         param_dtype=jnp.dtype(quant.param_dtype), compute_dtype=jnp.dtype(quant.compute_dtype), rngs=rngs,
     )
     # Random init (torch's nn.Linear); loading replaces it. Drawn in param_dtype so that a quantized

@@ -1,0 +1,244 @@
+"""Generation on the real stories260K model (full precision): greedy tokens (also with a repetition
+penalty) are transformers', a left-padded batch gives each row its one-by-one output, seeded sampling
+is reproducible and independent of the streaming chunk size, stop strings / EOS end rows, the
+samplers keep only the allowed tokens, and the CLI and chat mode print completions."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlora_jax.convert import convert
+from qlora_jax.generate import Generator, SamplingConfig, chat, guanaco_prompt, load_for_generation, main, sample_logits
+from qlora_jax.models.llama import QuantConfig
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+F32 = QuantConfig(quantize=False, param_dtype="float32", compute_dtype="float32")
+PROMPTS = ["Once upon a time", "Lily and her mom went to the park. They saw", "Tom"]
+
+
+@pytest.fixture(scope="module")
+def stories(shared):
+    path = shared / "models" / "stories260K"
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(stories, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "f32"
+    convert(stories, out, quant=F32, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gen(model_dir):
+    return Generator(*load_for_generation(model_dir))
+
+
+@pytest.fixture(scope="module")
+def hf(stories):
+    return transformers.LlamaForCausalLM.from_pretrained(stories, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3], ids=["plain", "repetition-penalty"])
+def test_greedy_equals_transformers(gen, hf, penalty):
+    """40 greedy tokens from "Once upon a time" (BOS prepended) are transformers' generate() tokens,
+    with and without transformers' repetition penalty."""
+    ids = gen.encode("Once upon a time")
+    assert ids[0] == 1
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                          repetition_penalty=penalty)[0, len(ids):].tolist()
+    (c,) = gen.generate_ids([ids], max_new_tokens=40, sampling=SamplingConfig(repetition_penalty=penalty), chunk_size=16)
+    assert c.finish_reason == "length" and c.tokens == ref
+    print("\n" + "Once upon a time" + c.text)
+
+
+def test_batched_equals_one_by_one(gen):
+    """Prompts of different lengths, left-padded into one batch, give each row the tokens it gets alone."""
+    kw = dict(max_new_tokens=24, chunk_size=8)
+    batch = gen.generate(PROMPTS, **kw)
+    alone = [gen.generate([p], **kw)[0] for p in PROMPTS]
+    assert len({len(gen.encode(p)) for p in PROMPTS}) == 3
+    assert [c.tokens for c in batch] == [c.tokens for c in alone]
+    assert [c.text for c in batch] == [c.text for c in alone]
+
+
+def test_seeded_sampling_is_reproducible_and_chunking_free(gen):
+    """Same seed -> same samples (whatever the chunk size); another seed -> other samples."""
+    s = SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.1)
+    kw = dict(max_new_tokens=20, sampling=s)
+    a = gen.generate(PROMPTS[:2], seed=7, chunk_size=None, **kw)
+    b = gen.generate(PROMPTS[:2], seed=7, chunk_size=3, **kw)
+    c = gen.generate(PROMPTS[:2], seed=8, chunk_size=None, **kw)
+    assert [x.tokens for x in a] == [x.tokens for x in b]
+    assert [x.tokens for x in a] != [x.tokens for x in c]
+
+
+def test_stop_strings_and_eos_end_rows(gen):
+    """A stop string ends a row and is cut from its text (never part of it), whichever chunk it came
+    in; an EOS token ends a row and is not part of its tokens; other rows go on."""
+    kw = dict(max_new_tokens=30, chunk_size=4)
+    full = gen.generate(PROMPTS, **kw)
+    stopped = gen.generate(PROMPTS, stop_strings=["."], **kw)
+    for prompt, f, s in zip(PROMPTS, full, stopped):
+        if "." in f.text:
+            assert s.finish_reason == "stop" and s.text == f.text[: f.text.index(".")]
+            # its tokens run up to the one that completed the stop string
+            assert f.tokens[: len(s.tokens)] == s.tokens and "." in gen.completion_text(gen.encode(prompt), s.tokens)
+            assert "." not in gen.completion_text(gen.encode(prompt), s.tokens[:-1])
+        else:
+            assert s.finish_reason == "length" and s.text == f.text
+    assert any(s.finish_reason == "stop" for s in stopped)
+    period = full[0].tokens[5]  # treat one generated token of row 0 as EOS
+    eos_gen = Generator(gen.model, gen.tokenizer, eos_token_ids=[period])
+    out = eos_gen.generate(PROMPTS, **kw)
+    first = full[0].tokens.index(period)
+    assert out[0].finish_reason == "eos" and out[0].tokens == full[0].tokens[:first]
+    for f, o in zip(full[1:], out[1:]):
+        expect = f.tokens[: f.tokens.index(period)] if period in f.tokens else f.tokens
+        assert o.tokens == expect
+
+
+def test_samplers_keep_only_allowed_tokens():
+    """top-k samples only among the k largest logits, top-p only within the smallest set reaching p;
+    greedy is argmax; the repetition penalty divides positive / multiplies negative seen logits."""
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 512))
+    keys = jax.random.split(jax.random.key(0), 1)[0]
+    k2 = np.asarray(sample_logits(logits, keys, SamplingConfig(temperature=1.0, top_k=2)))
+    assert set(k2) == {0, 1}
+    p = np.asarray(sample_logits(logits, keys, SamplingConfig(temperature=1.0, top_p=0.7)))
+    assert set(p) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    every = np.asarray(sample_logits(logits, keys, SamplingConfig(temperature=1.0)))
+    assert set(every) == {0, 1, 2, 3}
+    z = jnp.asarray([[2.0, 1.9, -1.0]])
+    seen = jnp.asarray([[True, False, False]])
+    assert int(sample_logits(z, keys, SamplingConfig(), seen)[0]) == 0
+    assert int(sample_logits(z, keys, SamplingConfig(repetition_penalty=1.1), seen)[0]) == 1
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "qlora_jax.generate", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_cli_prints_the_greedy_completion(model_dir, gen):
+    """python -m qlora_jax.generate --temperature 0 prints the same completion as the API, on stdout."""
+    proc = _cli("--model", str(model_dir), "--prompt", "Once upon a time", "--max-new-tokens", "20", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    (want,) = gen.generate(["Once upon a time"], max_new_tokens=20)
+    assert proc.stdout == want.text + "\n"
+    assert want.text.startswith(", there was")
+
+
+def test_cli_with_adapter_matches_the_api_and_reports_bad_input(model_dir, tmp_path, capsys):
+    """--adapter loads a PEFT adapter (unmerged, trained with lora_dropout: off when generating); a batch
+    of prompts prints one completion per prompt equal to the API's; a missing adapter is a one-line
+    error with exit code 2."""
+    from flax import nnx
+
+    from qlora_jax.models.checkpoint import load_model
+    from qlora_jax.models.llama import LoRAConfig
+    from qlora_jax.peft_io import load_adapter, merge_adapter, save_adapter
+
+    m = load_model(model_dir, lora=LoRAConfig(r=2, alpha=4, dropout=0.1, targets=("q_proj", "down_proj")))
+    nnx.update(m, jax.tree.map(lambda x: x + 0.2, nnx.state(m, nnx.LoRAParam)))
+    save_adapter(m, tmp_path / "adapter")
+    proc = _cli("--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", PROMPTS[0],
+                "--prompt", PROMPTS[2], "--max-new-tokens", "12", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    model, tok = load_for_generation(model_dir)
+    want = Generator(load_adapter(model, tmp_path / "adapter"), tok).generate([PROMPTS[0], PROMPTS[2]], max_new_tokens=12)
+    assert proc.stdout == "".join(f"--- {i} ---\n{c.text}\n" for i, c in enumerate(want))
+    plain = Generator(model, tok).generate([PROMPTS[0]], max_new_tokens=12)[0]
+    assert plain.tokens != want[0].tokens  # the adapter changes the output
+    merged = Generator(merge_adapter(load_adapter(model, tmp_path / "adapter")), tok).generate([PROMPTS[0]], max_new_tokens=12)[0]
+    assert merged.tokens == want[0].tokens  # merged (fp32) generates what base + adapter generates
+    assert main(["--model", str(model_dir), "--adapter", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no adapter_config.json" in err and "Traceback" not in err
+
+
+def test_chat_mode_streams_guanaco_turns(gen):
+    """Chat mode builds Guanaco's "### Human: ... ### Assistant:" prompt with the history, streams each
+    reply to the output and never prints the stop string."""
+    assert guanaco_prompt([("Hi", "Hello.")], "Tell me a story") == \
+        "### Human: Hi ### Assistant: Hello. ### Human: Tell me a story ### Assistant:"
+    out, err = io.StringIO(), io.StringIO()
+    chat(gen, template="guanaco", max_new_tokens=12, chunk_size=4, inp=io.StringIO("Hello\nOnce upon a time\n/exit\n"),
+         out=out, err=err)
+    replies = out.getvalue().splitlines()
+    assert len(replies) == 2 and all(r.strip() for r in replies)
+    assert "### Human:" not in out.getvalue() and err.getvalue().count("> ") == 3
+
+
+@pytest.mark.slow
+def test_generation_benchmark_smoke_runs_on_cpu(tmp_path):
+    """benchmarks/generate.py --size tiny runs end to end on CPU: a JAX row with timings and the
+    CUDA-only transformers baselines reported as skipped, in the table and the JSON."""
+    out = tmp_path / "gen.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "generate.py"), "--size", "tiny", "--batch", "2", "--prompt-len", "8",
+         "--new-tokens", "4", "--runs", "1", "--variants", "nf4_lora", "--baselines", "bnb4,hf_bf16", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert [(r["impl"], r["variant"], r["batch"]) for r in ok] == [("qlora_jax", "nf4_lora", 2)]
+    assert ok[0]["tokens_per_s"] > 0 and ok[0]["weight_bytes"] > 0
+    assert {r["variant"] for r in rows if r["status"] == "skipped"} == {"bnb4", "hf_bf16"}
+    assert "skipped" in proc.stdout and "qlora_jax" in proc.stdout
+
+
+def test_chat_mode_uses_the_tokenizers_template(gen):
+    """With a tokenizer chat template (auto picks it), each turn's prompt is the template applied to the
+    whole conversation; the reply printed is the completion of that prompt."""
+    import copy
+
+    tok = copy.deepcopy(gen.tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    g = Generator(gen.model, tok)
+    out = io.StringIO()
+    chat(g, max_new_tokens=10, chunk_size=5, inp=io.StringIO("Once upon a time\n"), out=out, err=io.StringIO())
+    (want,) = g.generate(["user: Once upon a time\nassistant:"], max_new_tokens=10, seed=0)
+    assert out.getvalue() == want.text + "\n"
+
+
+def test_streamer_never_prints_a_stop_string(gen):
+    """The streamer holds back a tail that may begin a stop string and cuts at a completed one: what it
+    prints is always a prefix of the final (truncated) text, whatever the chunking."""
+    from qlora_jax.generate import TextStreamer
+
+    prompt = gen.encode("Once upon a time")
+    (full,) = gen.generate_ids([prompt], max_new_tokens=30)
+    stop = full.text[full.text.index("Lily"):][:7]  # a stop string spanning several tokens
+    for chunk in (1, 2, 5):
+        out = io.StringIO()
+        streamer = TextStreamer(gen, prompt, [stop], out)
+        for k in range(chunk, len(full.tokens) + chunk, chunk):
+            streamer([full.tokens[:k]])
+            assert stop[:2] not in out.getvalue()
+        final = full.text[: full.text.index(stop)]
+        assert final.startswith(out.getvalue())
+        streamer.finish(final)
+        assert out.getvalue() == final + "\n"
