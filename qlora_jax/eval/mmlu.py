@@ -59,6 +59,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 LETTERS = ("A", "B", "C", "D")
 ANSWER_STYLES = {"space": " {}", "bare": "{}"}
@@ -324,8 +325,6 @@ def make_batches(token_ids: Sequence[np.ndarray], batch_size: int, max_length: i
 @functools.partial(jax.jit, static_argnums=(0,))
 def _score(graphdef: Any, state: Any, input_ids: jax.Array, attention_mask: jax.Array, lengths: jax.Array,
            letter_ids: jax.Array) -> jax.Array:
-    from flax import nnx
-
     model = nnx.merge(graphdef, state)
     logits = model(input_ids, attention_mask=attention_mask, deterministic=True)  # [B, T, V] fp32
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
@@ -334,8 +333,6 @@ def _score(graphdef: Any, state: Any, input_ids: jax.Array, attention_mask: jax.
 
 def score_letters(model: Any, batch: dict[str, np.ndarray], letter_ids: Sequence[int]) -> np.ndarray:
     """fp32 ``[B, 4]``: the logits of the answer letters at each row's last real position."""
-    from flax import nnx
-
     graphdef, state = nnx.split(model)
     return np.asarray(_score(graphdef, state, batch["input_ids"], batch["attention_mask"], batch["lengths"],
                              jnp.asarray(letter_ids, jnp.int32)))
