@@ -119,6 +119,38 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """MMLU during training (the original's ``--do_mmlu_eval``): accuracy every ``mmlu_every`` steps.
+
+    ``mmlu_every=0`` turns it off. ``mmlu_shots`` 0 reads the zero-shot validation file, 5 the
+    Hendrycks CSVs (see ``qlora_jax.eval.mmlu``); ``mmlu_data_dir`` "" is ``../shared/data/mmlu``
+    (or ``$QLORA_SHARED``); ``mmlu_split`` "" is the default split for the shots; ``mmlu_max_length``
+    0 is the model's context.
+    """
+
+    mmlu_every: int = 0
+    mmlu_shots: int = 0
+    mmlu_data_dir: str = ""
+    mmlu_split: str = ""
+    mmlu_subjects: tuple[str, ...] = ()
+    mmlu_limit_per_subject: int = 0
+    mmlu_batch_size: int = 8
+    mmlu_max_length: int = 0
+    mmlu_answer_style: str = "space"
+
+    def __post_init__(self):
+        for name in ("mmlu_every", "mmlu_limit_per_subject", "mmlu_max_length"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be >= 0")
+        if self.mmlu_shots not in (0, 5):
+            raise ConfigError(f"eval.mmlu_shots={self.mmlu_shots} must be 0 or 5")
+        if self.mmlu_batch_size <= 0:
+            raise ConfigError(f"eval.mmlu_batch_size={self.mmlu_batch_size} must be > 0")
+        if self.mmlu_answer_style not in ("space", "bare"):
+            raise ConfigError(f"eval.mmlu_answer_style={self.mmlu_answer_style!r} is not 'space' or 'bare'")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs besides the model's architecture."""
 
@@ -127,6 +159,7 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
 
     def __post_init__(self):
         if self.data.batch_size % self.train.grad_accum:

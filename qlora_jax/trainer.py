@@ -7,8 +7,9 @@ non-finite loss or gradient, and resumes bit-exactly from the last checkpoint.
 Output directory layout::
 
     OUT/config.json          the resolved TrainConfig
-    OUT/metrics.jsonl        one JSON object per logged step (step, loss, lr, grad_norm, tokens_per_s, [eval_loss])
-    OUT/tensorboard/         the same scalars for TensorBoard
+    OUT/metrics.jsonl        one JSON object per logged step (step, loss, lr, grad_norm, tokens_per_s, [eval_loss],
+                             [mmlu_accuracy]: every ``eval.mmlu_every`` steps and at step 0)
+    OUT/tensorboard/         the same scalars for TensorBoard (and ``mmlu_accuracy/<subject>``)
     OUT/checkpoints/<step>/  orbax: LoRA params, optimizer state (host memory), data position
     OUT/checkpoints/<step>/adapter/  that step's LoRA weights as a PEFT adapter (removed with its checkpoint)
     OUT/adapter/             the final LoRA weights (PEFT: safetensors + adapter_config.json)
@@ -211,6 +212,21 @@ def _evaluate(eval_step, lora, rest, batches: Iterator[dict[str, np.ndarray]], l
     return total / max(count, 1.0)
 
 
+def make_mmlu_eval(cfg: TrainConfig, tokenizer: Any, eval_graphdef: nnx.GraphDef,
+                   max_length: int) -> Callable[[Any, Any], dict[str, Any]] | None:
+    """``mmlu(lora, rest) -> result`` of ``qlora_jax.eval.mmlu`` (questions loaded once), or None when off."""
+    e = cfg.eval
+    if not e.mmlu_every:
+        return None
+    from qlora_jax.eval.mmlu import MMLUEvaluator, load_questions
+
+    questions = load_questions(e.mmlu_shots, data_dir=e.mmlu_data_dir or None, split=e.mmlu_split or None,
+                               subjects=e.mmlu_subjects, limit_per_subject=e.mmlu_limit_per_subject)
+    evaluator = MMLUEvaluator(questions, tokenizer, max_length=e.mmlu_max_length or max_length,
+                              batch_size=e.mmlu_batch_size, answer_style=e.mmlu_answer_style)
+    return lambda lora, rest: evaluator(nnx.merge(eval_graphdef, lora, rest))
+
+
 def _device_memory_gib() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
@@ -283,7 +299,18 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
     opt_state = tx.init(lora)
     train_step = make_train_step(graphdef, tx, cfg)
     eval_step = make_eval_step(eval_graphdef)
+    mmlu = make_mmlu_eval(cfg, tokenizer, eval_graphdef, model.cfg.max_position_embeddings)
     key = jax.random.key(cfg.train.seed)
+
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tensorboard"))
+
+    def mmlu_metrics(step: int) -> dict[str, float]:
+        result = mmlu(lora, rest)
+        for subject, acc in result["per_subject"].items():
+            writer.add_scalar(f"mmlu_accuracy/{subject}", acc, step)
+        return {"mmlu_accuracy": result["accuracy"]}
 
     start = 0
     metrics_path = out / "metrics.jsonl"
@@ -295,14 +322,13 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
         if metrics_path.exists():  # keep what was logged up to the checkpoint, drop the rest
             history = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if m["step"] <= start]
         print(f"resumed from {out / 'checkpoints' / str(last)} at step {start}", flush=True)
-    if start == 0 and data.eval is not None:  # the held-out loss before any training
-        history = [{"step": 0, "eval_loss": _evaluate(eval_step, lora, rest, data.eval.epoch_batches(0),
-                                                      cfg.train.eval_batches)}]
+    if start == 0 and (data.eval is not None or mmlu is not None):  # held-out metrics before any training
+        history = [{"step": 0}]
+        if data.eval is not None:
+            history[0]["eval_loss"] = _evaluate(eval_step, lora, rest, data.eval.epoch_batches(0), cfg.train.eval_batches)
+        if mmlu is not None:
+            history[0].update(mmlu_metrics(0))
     metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
-
-    from tensorboardX import SummaryWriter
-
-    writer = SummaryWriter(str(out / "tensorboard"))
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     tokens, t0 = 0, time.perf_counter()
@@ -331,6 +357,9 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
                     record.setdefault("step", done)
                     record["eval_loss"] = _evaluate(eval_step, lora, rest, data.eval.epoch_batches(0),
                                                     cfg.train.eval_batches)
+            if mmlu is not None and done % cfg.eval.mmlu_every == 0:
+                record.setdefault("step", done)
+                record.update(mmlu_metrics(done))
             if record:
                 history.append(record)
                 with metrics_path.open("a") as f:
