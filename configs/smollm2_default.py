@@ -25,5 +25,5 @@ def get_config():
         optim=OptimSection(learning_rate=1e-3, schedule="constant", warmup_ratio=0.05, max_grad_norm=0.3,
                            paged=True),
         train=TrainSection(steps=40, grad_accum=1, log_every=5, eval_every=20, save_every=20,
-                           keep_checkpoints=1),
+                           keep_checkpoints=1, sample_prompts=2, sample_tokens=48),
     )

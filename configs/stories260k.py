@@ -23,5 +23,5 @@ def get_config():
         optim=OptimSection(learning_rate=3e-3, schedule="constant", warmup_ratio=0.03, max_grad_norm=1.0,
                            paged=True),
         train=TrainSection(steps=30, grad_accum=2, log_every=5, eval_every=10, save_every=10,
-                           keep_checkpoints=2),
+                           keep_checkpoints=2, sample_prompts=1, sample_tokens=16),
     )

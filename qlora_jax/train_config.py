@@ -109,13 +109,17 @@ class TrainSection:
     eval_batches: int = 0  # 0: the whole eval split
     save_every: int = 250
     keep_checkpoints: int = 3
+    sample_prompts: int = 0  # held-out prompts answered greedily before and after training (samples.md)
+    sample_tokens: int = 64
 
     def __post_init__(self):
-        for name in ("steps", "grad_accum", "log_every", "eval_every", "save_every", "keep_checkpoints"):
+        for name in ("steps", "grad_accum", "log_every", "eval_every", "save_every", "keep_checkpoints",
+                     "sample_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be > 0")
-        if self.eval_batches < 0:
-            raise ConfigError(f"train.eval_batches={self.eval_batches} must be >= 0")
+        for name in ("eval_batches", "sample_prompts"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ Output directory layout::
     OUT/checkpoints/<step>/adapter/  that step's LoRA weights as a PEFT adapter (removed with its checkpoint)
     OUT/adapter/             the final LoRA weights (PEFT: safetensors + adapter_config.json)
     OUT/loss.png             train / eval loss curves
+    OUT/samples.md           greedy answers to held-out prompts before and after (train.sample_prompts)
 """
 
 from __future__ import annotations
@@ -227,6 +228,31 @@ def make_mmlu_eval(cfg: TrainConfig, tokenizer: Any, eval_graphdef: nnx.GraphDef
     return lambda lora, rest: evaluator(nnx.merge(eval_graphdef, lora, rest))
 
 
+def _write_samples(path: Path, title: str, prompts: list[str], answers: list[str]) -> None:
+    """Append greedy answers to held-out prompts to ``samples.md`` and print them."""
+    text = f"## {title}\n\n" + "".join(f"**Prompt:** {p}\n\n**Answer:**{a}\n\n" for p, a in zip(prompts, answers))
+    with path.open("a") as f:
+        f.write(text)
+    print(text, flush=True)
+
+
+def _sample_prompt(example: dict[str, str]) -> str:
+    """A held-out example's prompt; for formats whose input is empty (oasst1), the conversation up
+    to its first assistant turn."""
+    if example["input"].strip():
+        return example["input"]
+    head, sep, _ = example["output"].partition("### Assistant:")
+    return head + sep if sep else example["output"][:64]
+
+
+def _greedy_answers(graphdef: nnx.GraphDef, lora: Any, rest: Any, tokenizer: Any, prompts: list[str],
+                    max_new_tokens: int) -> list[str]:
+    from qlora_jax.generate import Generator
+
+    gen = Generator(nnx.merge(graphdef, lora, rest, copy=True), tokenizer)
+    return [c.text for c in gen.generate(prompts, max_new_tokens=max_new_tokens)]
+
+
 def _device_memory_gib() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
@@ -329,6 +355,12 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
         if mmlu is not None:
             history[0].update(mmlu_metrics(0))
     metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
+    sample_prompts = [_sample_prompt(e) for e in data.eval_examples[: cfg.train.sample_prompts]]
+    samples_path = out / "samples.md"
+    if sample_prompts and start == 0:
+        samples_path.write_text("")
+        _write_samples(samples_path, "Before fine-tuning (held-out prompts, greedy)", sample_prompts,
+                       _greedy_answers(eval_graphdef, lora, rest, tokenizer, sample_prompts, cfg.train.sample_tokens))
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     tokens, t0 = 0, time.perf_counter()
@@ -385,4 +417,7 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
     if end == cfg.train.steps:
         save_adapter(model, out / "adapter", lora_config=cfg.lora, base_model=cfg.model.path)
         _plot(history, out / "loss.png")
+        if sample_prompts:
+            _write_samples(samples_path, f"After {end} steps", sample_prompts,
+                           _greedy_answers(eval_graphdef, lora, rest, tokenizer, sample_prompts, cfg.train.sample_tokens))
     return RunResult(out, end, history, model)

@@ -228,12 +228,35 @@ def test_cli_table_json_and_errors(stories, data_dir, tmp_path, capsys, monkeypa
 
     rc = mmlu.main(["--model", str(stories["dir"]), "--data-dir", str(data_dir), "--quiet"])
     assert rc == 2 and "answer_style='space'" in capsys.readouterr().err
-    import qlora_jax.peft_io
+    rc = mmlu.main(["--model", str(stories["dir"]), "--adapter", str(tmp_path / "no-adapter"), "--data-dir",
+                    str(data_dir), "--answer-style", "bare", "--quiet"])
+    assert rc == 2 and "no-adapter" in capsys.readouterr().err
 
-    monkeypatch.delattr(qlora_jax.peft_io, "load_adapter", raising=False)
-    rc = mmlu.main(["--model", str(stories["dir"]), "--adapter", str(tmp_path), "--data-dir", str(data_dir),
-                    "--answer-style", "bare", "--quiet"])
-    assert rc == 2 and "load_adapter" in capsys.readouterr().err
+
+def test_adapter_changes_predictions_like_the_merged_model(stories, data_dir, tmp_path):
+    import jax
+    from flax import nnx
+
+    """--adapter: a PEFT adapter applied to the base model gives the letter logits of the same
+    model with the adapter merged into float weights."""
+    from qlora_jax.models.checkpoint import load_model
+    from qlora_jax.models.llama import LoRAConfig
+    from qlora_jax.peft_io import merge_adapter, save_adapter
+
+    model = load_model(stories["dir"], lora=LoRAConfig(r=4, alpha=8.0, dropout=0.0))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        var.set_value(jax.random.normal(jax.random.key(len(path)), var.get_value().shape) * 0.3)
+    save_adapter(model, tmp_path / "adapter")
+    questions = load_questions(0, data_dir=data_dir, subjects=["anatomy"], limit_per_subject=4)
+    tok = stories["tok"]
+    with_adapter = mmlu.load_for_eval(stories["dir"], str(tmp_path / "adapter"), None)
+    merged = merge_adapter(with_adapter, quantize_weights=False)
+    a = mmlu.evaluate_mmlu(with_adapter, tok, questions, batch_size=4, answer_style="bare")
+    b = mmlu.evaluate_mmlu(merged, tok, questions, batch_size=4, answer_style="bare")
+    base = mmlu.evaluate_mmlu(mmlu.load_for_eval(stories["dir"], None, None), tok, questions, batch_size=4,
+                              answer_style="bare")
+    np.testing.assert_allclose(a["letter_logits"], b["letter_logits"], atol=1e-3, rtol=1e-3)
+    assert not np.allclose(a["letter_logits"], base["letter_logits"], atol=1e-3)
 
 
 # --- training loop ---------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ def test_loss_decreases_and_outputs_are_written(full_run):
     final = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     assert (out / "checkpoints" / "30" / "adapter" / "adapter_model.safetensors").read_bytes() == final
     assert any((out / "tensorboard").iterdir())
+    samples = (out / "samples.md").read_text()  # a held-out prompt answered before and after
+    assert "## Before fine-tuning" in samples and "## After 30 steps" in samples and "### Assistant:" in samples
 
 
 def test_only_lora_leaves_change(full_run, base):

@@ -458,24 +458,13 @@ def resolve_model_dir(src: str, convert_dir: str | None, *, quantize: bool = Tru
 
 
 def load_for_eval(model_dir: Path, adapter: str | None, compute_dtype: str | None) -> Any:
-    """The converted model, with a PEFT adapter applied through ``qlora_jax.peft_io.load_adapter`` if given."""
+    """The converted model, with a PEFT adapter (any rank / targets) applied if given."""
     from qlora_jax.models.checkpoint import load_model
     from qlora_jax.models.llama import LoRAConfig
+    from qlora_jax.peft_io import load_adapter
 
-    if not adapter:
-        return load_model(model_dir, lora=LoRAConfig(targets=()), compute_dtype=compute_dtype)
-    try:
-        from qlora_jax.peft_io import load_adapter
-    except ImportError:
-        raise ValueError("--adapter needs qlora_jax.peft_io.load_adapter, which this checkout does not have yet") from None
-    config_path = Path(adapter) / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} does not exist: --adapter takes a PEFT adapter directory")
-    ac = json.loads(config_path.read_text())
-    lora = LoRAConfig(r=int(ac["r"]), alpha=float(ac["lora_alpha"]), dropout=0.0, targets=tuple(ac["target_modules"]))
-    model = load_model(model_dir, lora=lora, compute_dtype=compute_dtype)
-    loaded = load_adapter(model, adapter)
-    return model if loaded is None else loaded
+    model = load_model(model_dir, lora=LoRAConfig(targets=()), compute_dtype=compute_dtype)
+    return model if not adapter else load_adapter(model, adapter)
 
 
 def _parser() -> argparse.ArgumentParser:
