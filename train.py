@@ -23,7 +23,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     args = ap.parse_args(argv)
 
-    from qlora_jax.data import DataConfig  # noqa: F401  (imports jax; after argparse so --help is fast)
     from qlora_jax.train_config import ConfigError, load_config
     from qlora_jax.trainer import TrainingError, train
 

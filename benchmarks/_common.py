@@ -25,6 +25,7 @@ from typing import Any
 
 GiB = 2**30
 REPO = Path(__file__).resolve().parents[1]
+MIN_CONFIG_S = 30.0  # no configuration starts with less of the overall budget left
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OutOfMemoryError", "OOM")
 
 
@@ -70,6 +71,42 @@ def gpu_name() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def run_configs(script: Path, configs: list[dict[str, Any]], *, timeout: float, budget_s: float | None,
+                env: dict[str, str] | None = None,
+                retry: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any] | None] | None = None,
+                ) -> list[dict[str, Any]]:
+    """Run every configuration in its own child, each with at most ``timeout`` seconds and none
+    starting with less than ``MIN_CONFIG_S`` of the overall ``budget_s`` left (those are recorded as
+    ``skipped``). ``retry(config, result)`` may return another configuration to run, as its own row,
+    with what is left of the failed one's time."""
+    start = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    for i, c in enumerate(configs):
+        limit = timeout
+        if budget_s is not None:  # a hard deadline for the whole invocation
+            remaining = budget_s - (time.perf_counter() - start)
+            if remaining < MIN_CONFIG_S:
+                print(f"[{c['name']}] skipped: {remaining:.0f}s of the {budget_s:.0f}s budget left", flush=True)
+                results.append({**c, "status": "skipped"})
+                continue
+            limit = min(limit, remaining)
+        print(f"== {i + 1}/{len(configs)} {c['name']} (timeout {limit:.0f}s) ==", flush=True)
+        t_child = time.perf_counter()
+        r = run_child(script, c, timeout=limit, env=env)
+        if r["status"] != "ok":
+            print(f"[{c['name']}] {r['status']}: {r.get('error', '')[-500:]}", flush=True)
+        results.append(r)
+        c2 = retry(c, r) if retry is not None else None
+        if c2 is not None:
+            left = limit - (time.perf_counter() - t_child)
+            if budget_s is not None:
+                left = min(left, budget_s - (time.perf_counter() - start))
+            if left >= MIN_CONFIG_S:
+                print(f"== {c2['name']}: retrying (timeout {left:.0f}s) ==", flush=True)
+                results.append(run_child(script, c2, timeout=left, env=env))
+    return results
 
 
 def run_child(script: Path, config: dict[str, Any], *, timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -37,12 +37,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
-    GiB, child_main, fmt, gib, gpu_total_bytes, meta, parse_batches, print_table, run_child, write_json,
+    GiB, child_main, fmt, gib, gpu_total_bytes, meta, parse_batches, print_table, run_configs, write_json,
 )
 
 SIZES = ("tiny", "7b", "13b", "33b", "65b")
 WEIGHTS = ("nf4", "bf16")
-MIN_CONFIG_S = 30.0
 
 
 def model_config(size: str):
@@ -234,33 +233,15 @@ def main(argv: list[str] | None = None) -> int:
                 mem_limit_gb=args.mem_limit_gb,
                 profile=args.profile,
             ))
-    start = time.perf_counter()
-    results = []
-    for i, c in enumerate(configs):
-        timeout = args.timeout
-        if args.budget_s is not None:  # a hard deadline for the whole invocation
-            remaining = args.budget_s - (time.perf_counter() - start)
-            if remaining < MIN_CONFIG_S:
-                print(f"[{c['name']}] skipped: {remaining:.0f}s of the {args.budget_s:.0f}s budget left", flush=True)
-                results.append({**c, "status": "skipped"})
-                continue
-            timeout = min(timeout, remaining)
-        print(f"== {i + 1}/{len(configs)} {c['name']} (timeout {timeout:.0f}s) ==", flush=True)
-        t_child = time.perf_counter()
-        r = run_child(Path(__file__).resolve(), c, timeout=timeout, env=env)
-        if r["status"] != "ok":
-            print(f"[{c['name']}] {r['status']}: {r.get('error', '')[-500:]}", flush=True)
-        results.append(r)
+    def unpaged_retry(c: dict[str, Any], r: dict[str, Any]) -> dict[str, Any] | None:
+        # Host offload is the newest part of the stack: one failure there must not cost the run's
+        # numbers. Same configuration with the optimizer state on the device, reported as its own row.
         if r["status"] in ("error", "crashed") and c["paged"] and args.fallback_unpaged:
-            # Host offload is the newest part of the stack: one failure there must not cost the run's
-            # numbers. Same configuration with the optimizer state on the device, reported as its own row.
-            retry = timeout - (time.perf_counter() - t_child)
-            if args.budget_s is not None:
-                retry = min(retry, args.budget_s - (time.perf_counter() - start))
-            if retry >= MIN_CONFIG_S:
-                c2 = {**c, "name": c["name"] + "-unpaged", "paged": False}
-                print(f"== {c2['name']}: retrying without paging (timeout {retry:.0f}s) ==", flush=True)
-                results.append(run_child(Path(__file__).resolve(), c2, timeout=retry, env=env))
+            return {**c, "name": c["name"] + "-unpaged", "paged": False}
+        return None
+
+    results = run_configs(Path(__file__).resolve(), configs, timeout=args.timeout, budget_s=args.budget_s,
+                          env=env, retry=unpaged_retry)
 
     table = print_table(
         f"train step, {args.size}, remat={args.remat}, {'unpaged' if args.unpaged else 'paged'} AdamW"

@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from qlora_jax.data import BatchIterator, make_data
+from qlora_jax.data import make_data
 from qlora_jax.paged_adam import paged_adamw
 from qlora_jax.peft_io import save_adapter
 from qlora_jax.step import accumulate_gradients, causal_lm_loss, clip_by_global_norm

@@ -26,3 +26,12 @@ def shared() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path} (set QLORA_SHARED)")
     return path
+
+
+@pytest.fixture(scope="session")
+def stories(shared) -> Path:
+    """The real tiny pretrained LLaMA (an HF directory) in ``shared/models/stories260K``."""
+    path = shared / "models" / "stories260K"
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"{path} is missing")
+    return path

@@ -36,14 +36,6 @@ def _load_tree(model_dir: Path) -> dict:
     return ocp1.load(model_dir / WEIGHTS_DIR)
 
 
-@pytest.fixture(scope="module")
-def stories(shared):
-    path = shared / "models" / "stories260K"
-    if not (path / "model.safetensors").is_file():
-        pytest.skip(f"{path} is missing")
-    return path
-
-
 def _copy_model(src: Path, dst: Path, tensors: dict | None = None, config: dict | None = None) -> Path:
     """A copy of an HF model directory, optionally with other tensors or config."""
     dst.mkdir(parents=True)

@@ -30,14 +30,6 @@ PROMPTS = ["Once upon a time", "Lily and her mom went to the park. They saw", "T
 
 
 @pytest.fixture(scope="module")
-def stories(shared):
-    path = shared / "models" / "stories260K"
-    if not (path / "model.safetensors").is_file():
-        pytest.skip(f"{path} is missing")
-    return path
-
-
-@pytest.fixture(scope="module")
 def model_dir(stories, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "f32"
     convert(stories, out, quant=F32, progress=False)

@@ -33,14 +33,6 @@ F32 = QuantConfig(quantize=False, param_dtype="float32", compute_dtype="float32"
 
 
 @pytest.fixture(scope="module")
-def stories(shared):
-    path = shared / "models" / "stories260K"
-    if not (path / "model.safetensors").is_file():
-        pytest.skip(f"{path} is missing")
-    return path
-
-
-@pytest.fixture(scope="module")
 def hf_stories(stories):
     return transformers.LlamaForCausalLM.from_pretrained(stories, dtype=torch.float32).eval()
 

@@ -31,14 +31,6 @@ IDS = np.array([[1, 403, 407, 261, 378, 429, 260, 5, 17, 300, 2, 99], [1, 7, 8, 
 
 
 @pytest.fixture(scope="module")
-def stories(shared):
-    path = shared / "models" / "stories260K"
-    if not (path / "model.safetensors").is_file():
-        pytest.skip(f"{path} is missing")
-    return path
-
-
-@pytest.fixture(scope="module")
 def converted(stories, tmp_path_factory):
     root = tmp_path_factory.mktemp("converted")
     convert(stories, root / "f32", quant=F32, progress=False)

@@ -35,11 +35,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks._common import child_main, fmt, gib, meta, parse_batches, print_table, run_child, write_json  # noqa: E402
+from benchmarks._common import child_main, fmt, gib, meta, parse_batches, print_table, run_configs, write_json  # noqa: E402
 
 SIZES = ("tiny", "7b", "13b", "33b", "65b")
 WEIGHTS = ("nf4", "bf16")
-MIN_CONFIG_S = 30.0
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INIT_STD = 0.02
 MISSING_BNB = ("bitsandbytes is not installed in this Python ({python}); install the carried wheel with "
@@ -252,22 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             configs.append(dict(name=f"{impl}-{args.size}-{b}x{t}", impl=impl, size=args.size, weights=w, batch=b,
                                 seq=t, steps=args.steps, warmup=args.warmup, lora_r=args.lora_r,
                                 lora_dropout=args.lora_dropout, device=args.device))
-    start = time.perf_counter()
-    results = []
-    for i, c in enumerate(configs):
-        timeout = args.timeout
-        if args.budget_s is not None:  # a hard deadline for the whole invocation
-            remaining = args.budget_s - (time.perf_counter() - start)
-            if remaining < MIN_CONFIG_S:
-                print(f"[{c['name']}] skipped: {remaining:.0f}s of the {args.budget_s:.0f}s budget left", flush=True)
-                results.append({**c, "status": "skipped"})
-                continue
-            timeout = min(timeout, remaining)
-        print(f"== {i + 1}/{len(configs)} {c['name']} (timeout {timeout:.0f}s) ==", flush=True)
-        r = run_child(Path(__file__).resolve(), c, timeout=timeout)
-        if r["status"] != "ok":
-            print(f"[{c['name']}] {r['status']}: {r.get('error', '')[-500:]}", flush=True)
-        results.append(r)
+    results = run_configs(Path(__file__).resolve(), configs, timeout=args.timeout, budget_s=args.budget_s)
     table = print_table(
         f"PyTorch train step (bitsandbytes + PEFT / bf16 + PEFT), {args.size}, gradient checkpointing",
         results,

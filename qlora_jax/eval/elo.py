@@ -55,6 +55,7 @@ from qlora_jax.eval.judge import (
     Match,
     OpenAIJudge,
     question_text,
+    read_jsonl_objects,
 )
 
 __all__ = [
@@ -110,47 +111,35 @@ def load_generations(paths: Sequence[str | Path]) -> Generations:
     files_of: dict[str, set[str]] = {}
     seen: dict[tuple[str, str], int] = {}
     for path in map(Path, paths):
-        if not path.is_file():
-            raise ValueError(f"generations file not found: {path}")
         default_model = path.name.removesuffix(".jsonl").removesuffix(".json")
         n = 0
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-                prompt = _pick(rec, ("prompt", "input"), where)
-                output = _pick(rec, ("output", "completion"), where)
-                model = rec.get("model", default_model)
-                if not isinstance(model, str) or not model:
-                    raise ValueError(f"{where}: 'model' must be a non-empty string, got {model!r}")
-                given = rec.get("id", rec.get("question_id"))
-                if given is not None:
-                    pid = str(given)
-                else:  # the n-th answer of a model to the same prompt text gets "<hash>#n"
-                    pid = prompt_id(prompt)
-                    seen[model, pid] = n_seen = seen.get((model, pid), 0) + 1
-                    if n_seen > 1:
-                        pid = f"{pid}#{n_seen}"
-                # Same question, framed differently (a system preamble), is the same prompt.
-                if pid in prompts and question_text(prompts[pid]) != question_text(prompt):
-                    raise ValueError(f"{where}: id {pid!r} has a different prompt than at "
-                                     f"{prompt_where[pid]}")
-                prompts.setdefault(pid, prompt)
-                prompt_where.setdefault(pid, where)
-                if (model, pid) in where_of:
-                    raise ValueError(f"{where}: model {model!r} already answered prompt {pid!r} "
-                                     f"at {where_of[model, pid]}")
-                where_of[model, pid] = where
-                outputs.setdefault(model, {})[pid] = output
-                files_of.setdefault(model, set()).add(str(path))
-                n += 1
+        for where, rec in read_jsonl_objects(path, "generations file"):
+            prompt = _pick(rec, ("prompt", "input"), where)
+            output = _pick(rec, ("output", "completion"), where)
+            model = rec.get("model", default_model)
+            if not isinstance(model, str) or not model:
+                raise ValueError(f"{where}: 'model' must be a non-empty string, got {model!r}")
+            given = rec.get("id", rec.get("question_id"))
+            if given is not None:
+                pid = str(given)
+            else:  # the n-th answer of a model to the same prompt text gets "<hash>#n"
+                pid = prompt_id(prompt)
+                seen[model, pid] = n_seen = seen.get((model, pid), 0) + 1
+                if n_seen > 1:
+                    pid = f"{pid}#{n_seen}"
+            # Same question, framed differently (a system preamble), is the same prompt.
+            if pid in prompts and question_text(prompts[pid]) != question_text(prompt):
+                raise ValueError(f"{where}: id {pid!r} has a different prompt than at "
+                                 f"{prompt_where[pid]}")
+            prompts.setdefault(pid, prompt)
+            prompt_where.setdefault(pid, where)
+            if (model, pid) in where_of:
+                raise ValueError(f"{where}: model {model!r} already answered prompt {pid!r} "
+                                 f"at {where_of[model, pid]}")
+            where_of[model, pid] = where
+            outputs.setdefault(model, {})[pid] = output
+            files_of.setdefault(model, set()).add(str(path))
+            n += 1
         if n == 0:
             raise ValueError(f"{path}: no generations")
     if len(outputs) < 2:

@@ -27,7 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 WINNERS = ("a", "b", "tie")
 _LABELS = {
@@ -38,6 +38,25 @@ _LABELS = {
 }
 _FLIP = {"a": "b", "b": "a", "tie": "tie"}
 
+
+
+def read_jsonl_objects(path: Path, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("file:line", object)`` for every non-blank line of a JSONL file; ``ValueError`` naming the
+    file and line for a missing file, bad JSON or a line that is not a JSON object."""
+    if not path.is_file():
+        raise ValueError(f"{what} not found: {path}")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            yield where, rec
 
 class JudgeError(RuntimeError):
     """The judge could not give a verdict (HTTP failure, malformed response)."""
@@ -122,36 +141,24 @@ class FileJudge:
         self.path = Path(path)
         # (prompt_id, first model, second model) with models sorted -> winners in that orientation.
         self._verdicts: dict[tuple[str, str, str], list[str]] = {}
-        if not self.path.is_file():
-            raise ValueError(f"judgments file not found: {self.path}")
-        with self.path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{self.path}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-                pid = rec.get("prompt_id", rec.get("question_id"))
-                missing = [k for k, v in (("prompt_id", pid), ("model_a", rec.get("model_a")),
-                                          ("model_b", rec.get("model_b")),
-                                          ("winner", rec.get("winner"))) if v is None]
-                if missing:
-                    raise ValueError(f"{where}: missing key(s) {missing}; a verdict needs "
-                                     "prompt_id, model_a, model_b, winner")
-                a, b = str(rec["model_a"]), str(rec["model_b"])
-                if a == b:
-                    raise ValueError(f"{where}: model_a and model_b are both {a!r}")
-                try:
-                    w = parse_winner(rec["winner"], a, b)
-                except ValueError as e:
-                    raise ValueError(f"{where}: {e}") from None
-                if a > b:
-                    a, b, w = b, a, _FLIP[w]
-                self._verdicts.setdefault((str(pid), a, b), []).append(w)
+        for where, rec in read_jsonl_objects(self.path, "judgments file"):
+            pid = rec.get("prompt_id", rec.get("question_id"))
+            missing = [k for k, v in (("prompt_id", pid), ("model_a", rec.get("model_a")),
+                                      ("model_b", rec.get("model_b")),
+                                      ("winner", rec.get("winner"))) if v is None]
+            if missing:
+                raise ValueError(f"{where}: missing key(s) {missing}; a verdict needs "
+                                 "prompt_id, model_a, model_b, winner")
+            a, b = str(rec["model_a"]), str(rec["model_b"])
+            if a == b:
+                raise ValueError(f"{where}: model_a and model_b are both {a!r}")
+            try:
+                w = parse_winner(rec["winner"], a, b)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if a > b:
+                a, b, w = b, a, _FLIP[w]
+            self._verdicts.setdefault((str(pid), a, b), []).append(w)
         if not self._verdicts:
             raise ValueError(f"{self.path}: no verdicts")
 
