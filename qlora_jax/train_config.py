@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_jax.data import DataConfig
+from qlora_jax.models.llama import QuantConfig
 
 REMAT_CHOICES = ("none", "full", "save_dots", "offload")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -49,10 +50,15 @@ class ModelSection:
     def __post_init__(self):
         if self.remat not in REMAT_CHOICES:
             raise ConfigError(f"model.remat={self.remat!r} is not one of {REMAT_CHOICES}")
-        if self.quant_type not in ("nf4", "fp4", "int4"):
-            raise ConfigError(f"model.quant_type={self.quant_type!r} is not one of ('nf4', 'fp4', 'int4')")
-        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
-            raise ConfigError(f"model.compute_dtype={self.compute_dtype!r} is not bfloat16, float16 or float32")
+        try:
+            self.quant_config()
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+
+    def quant_config(self) -> QuantConfig:
+        """The storage settings for converting ``path`` (the model's own ``QuantConfig``)."""
+        return QuantConfig(quantize=self.quantize, quant_type=self.quant_type, blocksize=self.blocksize,
+                           double_quant=self.double_quant, compute_dtype=self.compute_dtype)
 
 
 @dataclasses.dataclass(frozen=True)

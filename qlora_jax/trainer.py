@@ -115,7 +115,6 @@ def resolve_base_model(cfg: TrainConfig, output_dir: Path) -> Path:
     """A converted model directory for ``cfg.model.path``, converting it once if needed."""
     from qlora_jax.convert import convert
     from qlora_jax.models.checkpoint import META_FILE
-    from qlora_jax.models.llama import QuantConfig
 
     src = Path(cfg.model.path)
     if not cfg.model.path:
@@ -126,8 +125,7 @@ def resolve_base_model(cfg: TrainConfig, output_dir: Path) -> Path:
     if (target / META_FILE).is_file():
         return target
     print(f"converting {cfg.model.path} -> {target}", flush=True)
-    quant = QuantConfig(quantize=cfg.model.quantize, quant_type=cfg.model.quant_type, blocksize=cfg.model.blocksize,
-                        double_quant=cfg.model.double_quant, compute_dtype=cfg.model.compute_dtype)
+    quant = cfg.model.quant_config()
     convert(cfg.model.path, target, quant=quant)
     return target
 
