@@ -161,6 +161,27 @@ class EvalSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """The device mesh (``qlora_jax.sharding``): ``data * fsdp`` must equal the device count at run time.
+
+    ``1 x 1`` is the single-device path. The batch is split over all ``data * fsdp`` devices;
+    LoRA parameters, optimizer state and NF4 weights are split over ``fsdp``.
+    """
+
+    data: int = 1
+    fsdp: int = 1
+
+    def __post_init__(self):
+        for name in ("data", "fsdp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"mesh.{name}={getattr(self, name)} must be >= 1")
+
+    @property
+    def size(self) -> int:
+        return self.data * self.fsdp
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs besides the model's architecture."""
 
@@ -170,11 +191,16 @@ class TrainConfig:
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+    mesh: MeshSection = MeshSection()
 
     def __post_init__(self):
         if self.data.batch_size % self.train.grad_accum:
             raise ConfigError(
                 f"data.batch_size={self.data.batch_size} must be a multiple of train.grad_accum={self.train.grad_accum}"
+            )
+        if self.data.batch_size % self.mesh.size:
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} must be divisible by mesh.data * mesh.fsdp = {self.mesh.size}"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -72,8 +72,13 @@ def _lm_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array,
     return causal_lm_loss(logits, batch["labels"])
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainConfig) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainConfig,
+                    shardings: tuple[Any, Any, Any, Any, Any] | None = None) -> Callable:
     """``step(lora, opt_state, rest, batch, step, key) -> (lora, opt_state, metrics)``, jitted.
+
+    ``shardings``: ``(lora, opt_state, rest, batch, replicated)`` shardings for a multi-device
+    mesh (``qlora_jax.sharding``); the step is jitted with them as in/out shardings. ``None``:
+    the single-device step.
 
     ``lora`` holds the ``nnx.LoRAParam`` state (the only trained leaves), ``rest`` everything
     else (frozen weights, RNG state). The batch's leading axis is split into
@@ -96,7 +101,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         lora = optax.apply_updates(lora, updates)
         return lora, opt_state, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step)}
 
-    return jax.jit(step_fn, donate_argnums=(0, 1))
+    if shardings is None:
+        return jax.jit(step_fn, donate_argnums=(0, 1))
+    lora_sh, opt_sh, rest_sh, batch_sh, rep = shardings
+    return jax.jit(step_fn, donate_argnums=(0, 1), in_shardings=(lora_sh, opt_sh, rest_sh, batch_sh, rep, rep),
+                   out_shardings=(lora_sh, opt_sh, rep))
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
@@ -292,6 +301,18 @@ def _plot(metrics: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _make_mesh(cfg: TrainConfig) -> Any:
+    """The run's ``jax.sharding.Mesh``, or None for the single-device path (mesh 1 x 1)."""
+    if cfg.mesh.size == 1:
+        return None
+    from qlora_jax.sharding import MeshError, make_mesh
+
+    try:
+        return make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    except MeshError as e:
+        raise TrainingError(str(e)) from None
+
+
 def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
           stop_after: int | None = None, progress: bool = True) -> RunResult:
     """Run (or resume) a fine-tune; see the module docstring for what lands in ``output_dir``.
@@ -320,7 +341,19 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
 
     tx = make_optimizer(cfg)
     opt_state = tx.init(lora)
-    train_step = make_train_step(graphdef, tx, cfg)
+    mesh = _make_mesh(cfg)
+    put_batch: Callable[[dict[str, np.ndarray]], Any] = lambda b: b  # noqa: E731
+    step_shardings = None
+    if mesh is not None:
+        from qlora_jax import sharding as shd
+
+        shd.check_batch(cfg.data.batch_size, mesh)
+        step_shardings = (shd.param_shardings(lora, mesh), shd.param_shardings(opt_state, mesh),
+                          shd.frozen_shardings(rest, mesh), shd.batch_sharding(mesh), shd.replicated(mesh))
+        lora, opt_state, rest = (jax.device_put(t, s) for t, s in zip((lora, opt_state, rest), step_shardings))
+        put_batch = lambda b: jax.device_put(b, step_shardings[3])  # noqa: E731
+        print(f"mesh: data={cfg.mesh.data} fsdp={cfg.mesh.fsdp} over {mesh.devices.size} devices", flush=True)
+    train_step = make_train_step(graphdef, tx, cfg, step_shardings)
     eval_step = make_eval_step(eval_graphdef)
     mmlu = make_mmlu_eval(cfg, tokenizer, eval_graphdef, model.cfg.max_position_embeddings)
     key = jax.random.key(cfg.train.seed)
@@ -365,7 +398,7 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
         for step in range(start, end):
             batch = next(data.train)
             tokens += int(batch["attention_mask"].sum())
-            lora, opt_state, m = train_step(lora, opt_state, rest, batch, step, key)
+            lora, opt_state, m = train_step(lora, opt_state, rest, put_batch(batch), step, key)
             loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 last = ckpts.latest_step()
