@@ -86,6 +86,10 @@ def test_meshes_give_the_single_device_loss_curve(mesh_runs):
     for mesh in ("8x1", "4x2", "1x8"):
         assert mesh_runs["lora_specs"][mesh][1] == 8
     assert "fsdp" in mesh_runs["lora_specs"]["1x8"][0]
+    # On 1x8, q/k/v/o (64x64, 64x32: 256 / 128 B per shard, whole 32-byte blocks) are split;
+    # gate/up/down (64x172: 688 B per shard = 21.5 blocks) and every DQ absmax (< 256 codes
+    # per shard) stay replicated.
+    assert mesh_runs["frozen"] == {"quantized": 7, "packed_sharded": 4, "absmax_sharded": 0}, mesh_runs["frozen"]
 
 
 def test_checkpoints_restore_across_mesh_shapes(mesh_runs):
