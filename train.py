@@ -4,6 +4,13 @@
 
 See ``qlora_jax/trainer.py`` for what the run writes into the output directory and
 ``qlora_jax/train_config.py`` for the config sections and keys.
+
+Several GPUs of one host: ``--set mesh.data=D --set mesh.fsdp=F`` with ``D * F`` = the GPU count.
+Several hosts: start this same command once per host (process), with the same config and a
+shared ``--output-dir``; ``jax.distributed.initialize()`` runs first when the environment names
+the job (``JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i``, or SLURM /
+Open MPI; ``--set mesh.distributed=on|off`` forces it), and ``mesh.data * mesh.fsdp`` must equal
+the devices of all hosts together.
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done: {result.steps_done} steps; outputs in {result.output_dir}")
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"done: {result.steps_done} steps; outputs in {result.output_dir}")
     return 0
 
 

@@ -1,8 +1,19 @@
-"""Train-step benchmark: QLoRA's full training step at LLaMA sizes on one device.
+"""Train-step benchmark: QLoRA's full training step at LLaMA sizes on one device or a mesh of several.
 
     PYTHONPATH=. python3 benchmarks/train_step.py --size 7b --batch 4x512,1x2048 [--weights nf4,bf16]
+        [--mesh 1x1,2x1,1x2] [--global-batch]
         [--steps 10] [--warmup 2] [--remat full] [--unpaged | --page-size N] [--mem-limit-gb 48 [--card-mem-gb 141]]
         [--profile DIR] [--timeout 300] [--budget-s 480] [--no-fallback-unpaged] [--json out.json]
+
+``--mesh DATAxFSDP[,...]`` runs the same step on ``DATA * FSDP`` devices of this host (the first
+ones), with ``train.py``'s sharding (:mod:`qlora_jax.sharding`: batch over all devices; NF4 codes,
+LoRA and optimizer state over ``fsdp``, each layer's weights gathered inside the layer loop); the
+frozen weights are built directly sharded. ``--batch`` is per device (the global batch is
+``B * DATA * FSDP`` rows: weak scaling) unless ``--global-batch``. A 1x1 row is always run as the
+reference: each mesh row reports tokens/s of the whole step (global), the speed-up over the 1x1
+row of the same weights and per-device batch (``scaling``, and ``/ devices`` as efficiency), and
+the per-device peak memory (the max over the mesh's devices of ``peak_bytes_in_use``) next to the
+planner's per-device prediction.
 
 The model is a LLaMA of the named shape (``tiny`` for CPU tests, ``7b``, ``13b``, ``33b``, ``65b``:
 the original LLaMA dimensions, vocab 32000) with random frozen weights built on the device layer
@@ -54,10 +65,31 @@ def model_config(size: str):
     return LlamaConfig.preset(size)
 
 
+def parse_meshes(text: str) -> list[tuple[int, int]]:
+    """``"2x1,1x2"`` -> ``[(1, 1), (2, 1), (1, 2)]``: the meshes, with the 1x1 reference first."""
+    out: list[tuple[int, int]] = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        try:
+            d, f = (int(x) for x in item.split("x"))
+        except ValueError:
+            raise SystemExit(f"error: --mesh {item!r} is not of the form DATAxFSDP (e.g. 2x1, 1x4)") from None
+        if d < 1 or f < 1:
+            raise SystemExit(f"error: --mesh {item!r} needs DATA >= 1 and FSDP >= 1")
+        if (d, f) not in out:
+            out.append((d, f))
+    return [(1, 1)] + [m for m in out if m != (1, 1)]
+
+
 def train_config(c: dict[str, Any]):
-    """The ``TrainConfig`` of one benchmark configuration (what ``train.py`` would run)."""
+    """The ``TrainConfig`` of one benchmark configuration (what ``train.py`` would run); ``c["batch"]``
+    is the global batch."""
     from qlora_jax.data import DataConfig
-    from qlora_jax.train_config import LoRASection, ModelSection, OptimSection, TrainConfig, TrainSection
+    from qlora_jax.train_config import (
+        LoRASection, MeshSection, ModelSection, OptimSection, TrainConfig, TrainSection,
+    )
 
     return TrainConfig(
         model=ModelSection(path=f"random:{c['size']}", quantize=c["weights"] == "nf4", quant_type="nf4",
@@ -68,6 +100,7 @@ def train_config(c: dict[str, Any]):
         optim=OptimSection(learning_rate=2e-4, schedule="constant", warmup_ratio=0.0, max_grad_norm=0.3,
                            paged=c["paged"], page_size=c.get("page_size", 0)),
         train=TrainSection(steps=max(1, c["warmup"] + c["steps"]), grad_accum=1, seed=0),
+        mesh=MeshSection(data=c.get("mesh", (1, 1))[0], fsdp=c.get("mesh", (1, 1))[1], distributed="off"),
     )
 
 
@@ -88,23 +121,36 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
     from qlora_jax.trainer import make_optimizer, make_train_step
 
     dev = jax.devices()[0]
-    _log(f"[{c['name']}] device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+    data, fsdp = c.get("mesh", (1, 1))
+    n_dev = data * fsdp
+    if n_dev > len(jax.devices()):
+        raise RuntimeError(f"mesh {data}x{fsdp} needs {n_dev} devices; this host has {len(jax.devices())} "
+                           f"({dev.platform})")
+    devices = jax.devices()[:n_dev]
+    _log(f"[{c['name']}] device {dev.device_kind} ({jax.default_backend()}) x {n_dev}, jax {jax.__version__}, "
          f"XLA_PYTHON_CLIENT_MEM_FRACTION={os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', '-')}")
     cfg = model_config(c["size"])
     tc = train_config(c)
-    B, T = c["batch"], c["seq"]
+    B, T = c["batch"], c["seq"]  # the global batch
     quant = QuantConfig(quantize=tc.model.quantize, quant_type="nf4", blocksize=64, double_quant=True,
                         param_dtype="bfloat16", compute_dtype=tc.model.compute_dtype)
     lora = LoRAConfig(r=tc.lora.r, alpha=tc.lora.alpha, dropout=tc.lora.dropout, targets=tuple(tc.lora.targets))
     p = PlanInputs(cfg=cfg, batch=B, seq=T, quantize=quant.quantize, blocksize=64, double_quant=True,
                    param_dtype="bfloat16", compute_dtype=quant.compute_dtype, lora_r=lora.r, lora_targets=lora.targets,
-                   lora_dropout=lora.dropout, remat=tc.model.remat, paged=tc.optim.paged, page_size=tc.optim.page_size)
-    planned = plan(p)
+                   lora_dropout=lora.dropout, remat=tc.model.remat, paged=tc.optim.paged, page_size=tc.optim.page_size,
+                   data=data, fsdp=fsdp)
+    planned = plan(p)  # per device
     result: dict[str, Any] = {**c, "status": "error", "planned_bytes": planned["total"], "plan": planned,
-                              "device": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__}
+                              "devices": n_dev, "device": dev.device_kind, "backend": jax.default_backend(),
+                              "jax": jax.__version__}
 
+    mesh = None
+    if n_dev > 1:
+        from qlora_jax import sharding as shd
+
+        mesh = shd.make_mesh(data, fsdp, devices)
     t0 = time.perf_counter()
-    model = build_random_model(cfg, lora=lora, quant=quant, remat=tc.model.remat, seed=0)
+    model = build_random_model(cfg, lora=lora, quant=quant, remat=tc.model.remat, seed=0, mesh=mesh)
     jax.block_until_ready(nnx.state(model))
     result["build_s"] = time.perf_counter() - t0
     _log(f"[{c['name']}] built random {c['weights']} model in {result['build_s']:.1f}s")
@@ -113,10 +159,18 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
     del model
     tx = make_optimizer(tc)
     opt_state = tx.init(lora_state)
-    step_fn = make_train_step(graphdef, tx, tc)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, size=(B, T), dtype=np.int32)
     batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids), "attention_mask": jnp.ones((B, T), jnp.int32)}
+    if mesh is None:
+        step_fn = make_train_step(graphdef, tx, tc)
+    else:  # train.py's multi-device step (qlora_jax.trainer.train)
+        shd.check_batch(B, mesh)
+        shardings = (shd.param_shardings(lora_state, mesh), shd.param_shardings(opt_state, mesh),
+                     shd.frozen_shardings(rest, mesh), shd.batch_sharding(mesh), shd.replicated(mesh))
+        lora_state, opt_state, rest = (jax.device_put(t, s) for t, s in zip((lora_state, opt_state, rest), shardings))
+        batch = jax.device_put(batch, shardings[3])
+        step_fn = make_train_step(graphdef, tx, tc, shardings)
     key = jax.random.key(tc.train.seed)
 
     t0 = time.perf_counter()
@@ -158,22 +212,40 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
         result["profile_dir"] = str(out)
         _log(f"[{c['name']}] profiler trace in {out}")
 
-    stats = dev.memory_stats() or {}
+    stats = [d.memory_stats() or {} for d in devices]
+    peaks = [st.get("peak_bytes_in_use") for st in stats]
     med = statistics.median(times)
     result.update(
         status="ok", step_s=med, mean_step_s=statistics.fmean(times), min_step_s=min(times), step_times=times,
         tokens_per_s=B * T / med, loss_first=losses[0], loss_last=losses[-1],
-        peak_bytes=stats.get("peak_bytes_in_use"), bytes_limit=stats.get("bytes_limit"),
-        bytes_in_use=stats.get("bytes_in_use"),
+        # per device: the max over the mesh's devices (one device: its own)
+        peak_bytes=max(peaks) if all(x is not None for x in peaks) else None, peak_bytes_per_device=peaks,
+        bytes_limit=stats[0].get("bytes_limit"), bytes_in_use=stats[0].get("bytes_in_use"),
     )
     _log(format_plan(p, planned, measured=result["peak_bytes"]))
-    _log(f"[{c['name']}] median {med:.4f}s/step, {result['tokens_per_s']:.0f} tok/s, "
-         f"peak {gib(result['peak_bytes'])} GiB (limit {gib(result['bytes_limit'])} GiB)")
+    _log(f"[{c['name']}] median {med:.4f}s/step, {result['tokens_per_s']:.0f} tok/s (global, {n_dev} device"
+         f"{'s' if n_dev > 1 else ''}), peak {gib(result['peak_bytes'])} GiB per device "
+         f"(limit {gib(result['bytes_limit'])} GiB)")
     return result
 
 
 def _ratio(a: Any, b: Any) -> str:
     return "-" if a is None or b is None or b == 0 else f"{100 * (a / b - 1):+.0f}%"
+
+
+def add_scaling(results: list[dict[str, Any]]) -> None:
+    """``scaling`` (tokens/s over the 1x1 row of the same weights, per-device batch, sequence and
+    paging) and ``efficiency`` (scaling / devices) on every ok row that has such a reference."""
+    def key(r: dict[str, Any]) -> tuple:
+        return r["weights"], r["device_batch"], r["seq"], r["paged"]
+
+    refs = {key(r): r for r in results if r["status"] == "ok" and tuple(r.get("mesh", (1, 1))) == (1, 1)}
+    for r in results:
+        ref = refs.get(key(r))
+        if r["status"] == "ok" and ref is not None:
+            n = r["mesh"][0] * r["mesh"][1]
+            r["scaling"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            r["efficiency"] = r["scaling"] / n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=SIZES, default="7b")
     ap.add_argument("--batch", default="4x512", help="comma-separated BxT, e.g. 4x512,1x2048")
     ap.add_argument("--weights", default="nf4", help="comma-separated: nf4 (QLoRA) and/or bf16 (16-bit LoRA)")
+    ap.add_argument("--mesh", default="1x1", help="comma-separated DATAxFSDP meshes of this host's devices, e.g. "
+                    "2x1,1x2 (a 1x1 reference row is always added)")
+    ap.add_argument("--global-batch", action="store_true",
+                    help="--batch is the global batch of every mesh (strong scaling); default: per device")
     ap.add_argument("--bf16", action="store_true", help="shorthand for --weights bf16")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -223,16 +299,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device pool capped at {args.mem_limit_gb} GiB: XLA_PYTHON_CLIENT_MEM_FRACTION={frac:.4f} "
               f"of {total / GiB:.1f} GiB", flush=True)
 
+    meshes = parse_meshes(args.mesh)
     configs = []
     for w in weights:
         for b, t in parse_batches(args.batch):
-            configs.append(dict(
-                name=f"jax-{w}-{args.size}-{b}x{t}", impl="jax", size=args.size, weights=w, batch=b, seq=t,
-                steps=args.steps, warmup=args.warmup, remat=args.remat, lora_r=args.lora_r,
-                lora_dropout=args.lora_dropout, paged=not args.unpaged, page_size=args.page_size,
-                mem_limit_gb=args.mem_limit_gb,
-                profile=args.profile,
-            ))
+            for d, f in meshes:
+                n = d * f
+                if args.global_batch and b % n:
+                    raise SystemExit(f"error: --global-batch: batch {b} does not split over mesh {d}x{f} ({n} devices)")
+                batch = b if args.global_batch else b * n
+                configs.append(dict(
+                    name=f"jax-{w}-{args.size}-{b}x{t}" + (f"-mesh{d}x{f}" if n > 1 else ""), impl="jax",
+                    size=args.size, weights=w, batch=batch, device_batch=batch // n, seq=t, mesh=[d, f],
+                    steps=args.steps, warmup=args.warmup, remat=args.remat, lora_r=args.lora_r,
+                    lora_dropout=args.lora_dropout, paged=not args.unpaged, page_size=args.page_size,
+                    mem_limit_gb=args.mem_limit_gb,
+                    profile=args.profile,
+                ))
     def unpaged_retry(c: dict[str, Any], r: dict[str, Any]) -> dict[str, Any] | None:
         # Host offload is the newest part of the stack: one failure there must not cost the run's
         # numbers. Same configuration with the optimizer state on the device, reported as its own row.
@@ -242,16 +325,26 @@ def main(argv: list[str] | None = None) -> int:
 
     results = run_configs(Path(__file__).resolve(), configs, timeout=args.timeout, budget_s=args.budget_s,
                           env=env, retry=unpaged_retry)
+    add_scaling(results)
 
+    columns = [("config", lambda r: r["name"]), ("status", lambda r: r["status"])]
+    if len(meshes) > 1:
+        columns += [("mesh", lambda r: "x".join(map(str, r["mesh"]))), ("global batch", lambda r: f"{r['batch']}x{r['seq']}")]
+    columns += [("s/step", lambda r: fmt(r.get("step_s"), ".4f")), ("tok/s", lambda r: fmt(r.get("tokens_per_s"), ",.0f"))]
+    if len(meshes) > 1:
+        columns += [("scaling", lambda r: fmt(r.get("scaling"), ".2f") + ("x" if r.get("scaling") else "")),
+                    ("efficiency", lambda r: fmt(100 * r["efficiency"], ".0f") + "%" if r.get("efficiency") else "-")]
+    columns += [("compile s", lambda r: fmt(r.get("compile_s"), ".1f")),
+                ("peak GiB" + (" /GPU" if len(meshes) > 1 else ""), lambda r: gib(r.get("peak_bytes"))),
+                ("XLA est. GiB", lambda r: gib(r.get("xla_estimate_bytes"))),
+                ("plan GiB", lambda r: gib(r.get("planned_bytes"))),
+                ("plan vs peak", lambda r: _ratio(r.get("planned_bytes"), r.get("peak_bytes")))]
     table = print_table(
         f"train step, {args.size}, remat={args.remat}, {'unpaged' if args.unpaged else 'paged'} AdamW"
-        + (f", device pool {args.mem_limit_gb} GiB" if args.mem_limit_gb else ""),
-        results,
-        [("config", lambda r: r["name"]), ("status", lambda r: r["status"]),
-         ("s/step", lambda r: fmt(r.get("step_s"), ".4f")), ("tok/s", lambda r: fmt(r.get("tokens_per_s"), ",.0f")),
-         ("compile s", lambda r: fmt(r.get("compile_s"), ".1f")), ("peak GiB", lambda r: gib(r.get("peak_bytes"))),
-         ("XLA est. GiB", lambda r: gib(r.get("xla_estimate_bytes"))), ("plan GiB", lambda r: gib(r.get("planned_bytes"))),
-         ("plan vs peak", lambda r: _ratio(r.get("planned_bytes"), r.get("peak_bytes")))],
+        + (f", device pool {args.mem_limit_gb} GiB" if args.mem_limit_gb else "")
+        + (f", meshes {','.join(f'{d}x{f}' for d, f in meshes)} ({'global' if args.global_batch else 'per-device'} "
+           "batch; tok/s global, peak and plan per device)" if len(meshes) > 1 else ""),
+        results, columns,
     )
     write_json(args.json, {"meta": meta(argv), "benchmark": "train_step", "results": results, "table": table})
     return 0 if all(r["status"] == "ok" for r in results) else 1

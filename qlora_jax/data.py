@@ -568,6 +568,10 @@ class BatchIterator:
         self.num_epochs = num_epochs
         self.epoch = 0
         self.position = 0
+        # Several processes: the rows of each batch this process builds (qlora_jax.sharding.process_rows);
+        # T is still the whole batch's bucket, so every process pads to the same length.
+        self.rows: slice | None = None
+        self.last_batch_tokens = 0  # real tokens of the whole last batch from __next__ (all rows)
         self._order_cache: tuple[int, np.ndarray] | None = None
         if len(self) == 0:
             raise ValueError(f"no batches: {len(examples)} examples, {batch_size=}, {drop_last=}")
@@ -599,11 +603,16 @@ class BatchIterator:
         self._order_cache = (epoch, order)
         return order
 
-    def make_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        rows = [None if i < 0 else self.examples[i] for i in indices]
+    def make_batch(self, indices: np.ndarray, rows: slice | None = None) -> dict[str, np.ndarray]:
+        """The padded batch of example ``indices`` (-1: empty row), or only its rows ``rows``.
+
+        ``T`` comes from the whole batch either way, so row slices built by different processes
+        fit together into the batch one process would build.
+        """
         longest = max(int(self.lengths[i]) for i in indices if i >= 0)
         length = bucket_length(longest, self.pad_to_multiple, self.max_length)
-        return pad_batch(rows, length, self.pad_id)
+        picked = indices if rows is None else indices[rows]
+        return pad_batch([None if i < 0 else self.examples[i] for i in picked], length, self.pad_id)
 
     def epoch_batches(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """All batches of ``epoch``, without touching the iterator's state (e.g. each eval)."""
@@ -619,7 +628,9 @@ class BatchIterator:
             self.position = 0
         if self.num_epochs is not None and self.epoch >= self.num_epochs:
             raise StopIteration
-        batch = self.make_batch(self.epoch_order(self.epoch)[self.position])
+        indices = self.epoch_order(self.epoch)[self.position]
+        batch = self.make_batch(indices, self.rows)
+        self.last_batch_tokens = int(sum(int(self.lengths[i]) for i in indices if i >= 0))
         self.position += 1
         return batch
 

@@ -21,6 +21,14 @@ without one (``huggyllama/llama-65b``), from the LLaMA preset named by its trail
 * the dequantized 16-bit copy of the largest weight (XLA dequant + dot, forward and backward);
 * a workspace allowance: 512 MiB + 3 % of the rest (cuBLAS/cuDNN workspaces, allocator slack).
 
+On a ``data x fsdp`` mesh (``mesh`` section, :mod:`qlora_jax.sharding`) the plan is per device:
+the NF4 codes and scales that the sharding rules split (whole quantization blocks per shard) count
+``1 / fsdp``, plus one layer's whole 4-bit weights gathered for its matmuls (FSDP gathers a layer at
+a time, inside the layer loop); LoRA parameters, updates and Adam moments (device pages and the
+host copy) count ``1 / fsdp``, their gradients whole (each layer's gradient is all-reduced in the
+backward loop before the update shards it); embeddings, ``lm_head`` and norms are replicated; every
+activation term uses the per-device micro-batch, ``batch / (data * fsdp)`` rows.
+
 The per-token activation counts are written out in :func:`layer_activation_bytes_per_token`.
 Calibration: on the CPU backend, XLA's buffer assignment for the real jitted step (compiled from
 abstract inputs, ``tests/test_memory.py``) agrees with the plan within a few percent at the 7B and
@@ -104,6 +112,21 @@ class PlanInputs:
     remat: str = "full"
     paged: bool = True
     page_size: int = 0
+    data: int = 1  # mesh.data
+    fsdp: int = 1  # mesh.fsdp
+
+    def __post_init__(self):
+        if self.data < 1 or self.fsdp < 1:
+            raise ValueError(f"mesh data={self.data} and fsdp={self.fsdp} must be >= 1")
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.fsdp
+
+    @property
+    def device_batch(self) -> int:
+        """Micro-batch rows on one device (the most any device holds)."""
+        return -(-self.batch // self.devices)
 
 
 def layer_activation_bytes_per_token(p: PlanInputs) -> dict[str, int]:
@@ -129,34 +152,59 @@ def layer_activation_bytes_per_token(p: PlanInputs) -> dict[str, int]:
     return {"norms": norms, "dots": dots, "rope": rope, "attn_out": attn_out, "mlp": mlp, "lora": lora}
 
 
+def sharded_quantized_bytes(n: int, layers: int, blocksize: int, double_quant: bool, fsdp: int) -> int:
+    """Bytes on one device of a stacked ``[layers]`` 4-bit tensor of ``n`` values per layer, split over
+    ``fsdp`` by :func:`qlora_jax.sharding.shard_spec_for` (codes / scales only where each shard holds
+    whole blocks; the double-quantization constants replicated)."""
+    from qlora_jax.sharding import shard_spec_for
+
+    nb = -(-n // blocksize)
+    # field -> (elements along its flat axis, bytes): uint8 codes; uint8 (double quant) or fp32 scales
+    fields = {"packed": (-(-n // 2), -(-n // 2)), "absmax": (nb, nb * (1 if double_quant else 4))}
+    total = 0
+    for field, (count, nbytes) in fields.items():
+        spec = shard_spec_for(field, (layers, count), fsdp, blocksize=blocksize, double_quant=double_quant)
+        total += layers * (nbytes // fsdp if "fsdp" in spec else nbytes)
+    if double_quant:
+        total += layers * (4 * (-(-nb // NESTED_BLOCKSIZE)) + 4 + 4 * 256)
+    return total
+
+
 def plan(p: PlanInputs) -> dict[str, int]:
-    """Predicted device bytes by component (and ``host_optimizer``, not counted in ``total``)."""
+    """Predicted bytes on one device by component (and ``host_optimizer``, not counted in ``total``).
+
+    One device of the ``p.data x p.fsdp`` mesh (see the module docstring); 1 x 1 is the whole run.
+    """
     cfg, L = p.cfg, p.cfg.num_hidden_layers
-    tokens = p.batch * p.seq
+    tokens = p.device_batch * p.seq
     c = DTYPE_BYTES[p.compute_dtype]
     pbytes = DTYPE_BYTES[p.param_dtype]
     shapes = linear_shapes(cfg)
     out: dict[str, int] = {}
 
     if p.quantize:
-        out["frozen_linear_weights"] = L * sum(
-            quantized_tensor_bytes(i * o, p.blocksize, p.double_quant) for i, o in shapes.values())
+        out["frozen_linear_weights"] = sum(
+            sharded_quantized_bytes(i * o, L, p.blocksize, p.double_quant, p.fsdp) for i, o in shapes.values())
     else:
         out["frozen_linear_weights"] = linear_params(cfg) * pbytes
+    # FSDP: one layer's 4-bit weights whole while its matmuls run (gathered inside the layer loop).
+    out["fsdp_gathered_layer"] = sum(quantized_tensor_bytes(i * o, p.blocksize, p.double_quant)
+                                     for i, o in shapes.values()) if p.quantize and p.fsdp > 1 else 0
     heads = 1 if cfg.tie_word_embeddings else 2
     out["embeddings_head_norms"] = (heads * cfg.vocab_size * cfg.hidden_size + (2 * L + 1) * cfg.hidden_size) * pbytes
 
     n_lora = lora_params(cfg, p.lora_r, p.lora_targets)
-    out["lora_params_grads_updates"] = 3 * 4 * n_lora
+    shard = -(-n_lora // p.fsdp)  # the LoRA leaves split over fsdp along their in/out axis
+    out["lora_params_grads_updates"] = 4 * n_lora + 2 * 4 * shard  # whole gradients; params, updates sharded
     if p.paged:
         leaf = largest_lora_leaf(cfg, p.lora_r, p.lora_targets)
         # page_size 0: one page per leaf. Else paged_adam packs leaves up to page_size elements and cuts
         # bigger leaves into whole layers (rows of the stacked leaf); a row never splits.
         page = leaf if p.page_size <= 0 else min(n_lora, max(p.page_size, leaf // L))
-        out["optimizer_on_device"] = PAGES_IN_FLIGHT * 2 * 4 * page
-        host = 2 * 4 * n_lora
+        out["optimizer_on_device"] = PAGES_IN_FLIGHT * 2 * 4 * (-(-page // p.fsdp))
+        host = 2 * 4 * shard
     else:
-        out["optimizer_on_device"] = 2 * 4 * n_lora
+        out["optimizer_on_device"] = 2 * 4 * shard
         host = 0
 
     per_tok = layer_activation_bytes_per_token(p)
@@ -173,8 +221,8 @@ def plan(p: PlanInputs) -> dict[str, int]:
     out["saved_activations"] = saved
     # Backward of one layer: its recomputed activations (their gradients reuse freed buffers).
     out["layer_recompute_and_grads"] = layer_bytes
-    scores = p.batch * cfg.num_attention_heads * p.seq * p.seq
-    out["attention_scores"] = scores * (4 + c) * (1 if p.remat != "none" else L) + p.batch * p.seq * p.seq
+    scores = p.device_batch * cfg.num_attention_heads * p.seq * p.seq
+    out["attention_scores"] = scores * (4 + c) * (1 if p.remat != "none" else L) + p.device_batch * p.seq * p.seq
     out["logits_and_loss"] = 3 * tokens * cfg.vocab_size * 4
     largest = max(i * o for i, o in shapes.values())
     out["dequantized_weight"] = 2 * largest * c if p.quantize else 0
@@ -216,7 +264,7 @@ def inputs_from_train_config(tc: Any, cfg: LlamaConfig, seq: int | None = None) 
     """Plan inputs of a :class:`~qlora_jax.train_config.TrainConfig` for architecture ``cfg``.
 
     The micro-batch is ``data.batch_size / train.grad_accum`` rows of the longest bucket,
-    ``source_max_len + target_max_len`` tokens (or ``seq``).
+    ``source_max_len + target_max_len`` tokens (or ``seq``), split over the ``mesh`` section's devices.
     """
     m = tc.model
     return PlanInputs(
@@ -227,6 +275,7 @@ def inputs_from_train_config(tc: Any, cfg: LlamaConfig, seq: int | None = None) 
         param_dtype="bfloat16", compute_dtype=m.compute_dtype,
         lora_r=tc.lora.r, lora_targets=tuple(tc.lora.targets), lora_dropout=tc.lora.dropout,
         remat=m.remat, paged=tc.optim.paged, page_size=tc.optim.page_size,
+        data=tc.mesh.data, fsdp=tc.mesh.fsdp,
     )
 
 
@@ -234,6 +283,7 @@ def inputs_from_train_config(tc: Any, cfg: LlamaConfig, seq: int | None = None) 
 
 LABELS = {
     "frozen_linear_weights": "frozen linear weights (NF4 codes, scales, DQ constants)",
+    "fsdp_gathered_layer": "one layer's 4-bit weights gathered (FSDP)",
     "embeddings_head_norms": "embeddings, lm_head, norms (16-bit)",
     "lora_params_grads_updates": "LoRA params + grads + updates (fp32)",
     "optimizer_on_device": "Adam moments on device",
@@ -263,19 +313,25 @@ def format_plan(p: PlanInputs, result: dict[str, int], gpu_mem: int | None = Non
         f"vocab={p.cfg.vocab_size}; micro-batch {p.batch} x {p.seq}; "
         f"{'NF4' if p.quantize else p.param_dtype} weights, LoRA r={p.lora_r} on {len(p.lora_targets)} projections, "
         f"remat={p.remat}, {'paged' if p.paged else 'unpaged'} AdamW",
-        f"  {'component':<58} {'GiB':>9}",
     ]
+    if p.devices > 1:
+        lines.append(f"mesh data={p.data} x fsdp={p.fsdp}: per device, micro-batch {p.device_batch} x {p.seq} "
+                     f"of {p.batch} x {p.seq}")
+    lines.append(f"  {'component':<58} {'GiB':>9}")
     for key, label in LABELS.items():
         lines.append(f"  {label:<58} {result[key] / GiB:>9.3f}")
-    lines.append(f"  {'predicted peak (device)':<58} {result['total'] / GiB:>9.3f}")
+    lines.append(f"  {'predicted peak (per device)' if p.devices > 1 else 'predicted peak (device)':<58} "
+                 f"{result['total'] / GiB:>9.3f}")
     if result["host_optimizer"]:
-        lines.append(f"  {'(host: paged Adam moments)':<58} {result['host_optimizer'] / GiB:>9.3f}")
+        lines.append(f"  {'(host: paged Adam moments' + (', per device)' if p.devices > 1 else ')'):<58} "
+                     f"{result['host_optimizer'] / GiB:>9.3f}")
     if measured is not None:
         lines.append(f"  {'measured peak':<58} {measured / GiB:>9.3f}  "
                      f"(prediction {100 * (result['total'] / measured - 1):+.1f}%)")
     if gpu_mem is not None:
         verdict = "fits" if result["total"] <= gpu_mem else "does NOT fit"
-        lines.append(f"  {verdict} in {gpu_mem / GiB:.1f} GiB (headroom {(gpu_mem - result['total']) / GiB:+.2f} GiB)")
+        each = f" on each of the {p.devices} GPUs" if p.devices > 1 else ""
+        lines.append(f"  {verdict} in {gpu_mem / GiB:.1f} GiB{each} (headroom {(gpu_mem - result['total']) / GiB:+.2f} GiB)")
     return "\n".join(lines)
 
 

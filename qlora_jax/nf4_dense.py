@@ -29,6 +29,7 @@ from flax import nnx
 
 from qlora_jax import kernels
 from qlora_jax.nf4 import QuantizedTensor, quantize
+from qlora_jax.sharding import gather_for_compute
 
 
 def _zero_cotangent(tree: Any) -> Any:
@@ -42,16 +43,21 @@ def _zero_cotangent(tree: Any) -> Any:
 
 @jax.custom_vjp
 def frozen_matmul(x: jax.Array, w: QuantizedTensor) -> jax.Array:
-    """``x [..., in] @ dequant(w).T -> [..., out]`` whose backward pass saves only ``w``."""
-    return kernels.nf4_matmul(x, w)
+    """``x [..., in] @ dequant(w).T -> [..., out]`` whose backward pass saves only ``w``.
+
+    On a mesh with an ``fsdp`` axis, ``w`` is gathered whole right here (FSDP,
+    :func:`qlora_jax.sharding.gather_for_compute`) in the forward pass and again in the backward
+    pass; the residual is the sharded ``w``, so no gathered copy outlives its matmul.
+    """
+    return kernels.nf4_matmul(x, gather_for_compute(w))
 
 
 def _frozen_matmul_fwd(x, w):
-    return kernels.nf4_matmul(x, w), w
+    return kernels.nf4_matmul(x, gather_for_compute(w)), w
 
 
 def _frozen_matmul_bwd(w, dy):
-    return kernels.nf4_matmul_t(dy, w), _zero_cotangent(w)
+    return kernels.nf4_matmul_t(dy, gather_for_compute(w)), _zero_cotangent(w)
 
 
 frozen_matmul.defvjp(_frozen_matmul_fwd, _frozen_matmul_bwd)
@@ -102,6 +108,7 @@ def nf4_dense(
         y = jax.lax.dot_general(xc, w, (((xc.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         y = y.astype(compute_dtype)
     if lora_a is not None:
+        lora_a, lora_b = gather_for_compute((lora_a, lora_b))  # FSDP: whole adapters where they are used
         xa = xc
         if dropout_rng is not None and dropout_rate > 0.0:
             keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, xc.shape)

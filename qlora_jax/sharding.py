@@ -11,12 +11,25 @@ A 2-D mesh ``("data", "fsdp")``:
   codes with double quantization, so no nested 256-block is split), else replicated;
 * everything else: replicated.
 
-With the XLA dequantization path, sharded packed weights are all-gathered inside the step
-before they are dequantized (correct; memory is saved only between steps).
+FSDP inside the step: :func:`gather_for_compute` (called by the 4-bit matmul,
+``qlora_jax.nf4_dense.frozen_matmul``, in its forward and backward pass) constrains one
+layer's NF4 fields to be replicated where they are used, so the partitioner all-gathers the
+packed weight of *that* layer inside the scanned layer loop (forward and rematerialized
+backward) and the matmul runs on the whole weight and the local batch shard. Without it XLA
+keeps the dequantized weight split over its output rows and moves activations instead
+(all-gathers of ``[B, T, D]`` and all-to-alls every projection). The backward pass keeps
+only the sharded weight as the residual. :func:`loop_collectives` reads compiled HLO to
+check where the all-gathers are (``tests/test_mesh.py``).
+
+The gather needs the mesh at trace time: the train step runs under
+``jax.sharding.use_abstract_mesh`` (``qlora_jax.trainer.make_train_step``); with no mesh,
+or a mesh without an ``fsdp`` axis > 1, it does nothing.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 import jax
@@ -109,6 +122,53 @@ def frozen_shardings(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, QuantizedTensor))
 
 
+def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
+    """The rows of a ``batch_size``-row global batch that this process's devices hold under ``sharding``.
+
+    Each process builds only these rows of every batch; :func:`global_batch` assembles the global
+    array from them. Raises :class:`MeshError` if they are not one contiguous range (a device
+    order that interleaves processes along the batch axis).
+    """
+    index_map = sharding.addressable_devices_indices_map((batch_size,))
+    ranges = sorted({(idx[0].start or 0, batch_size if idx[0].stop is None else idx[0].stop)
+                     for idx in index_map.values()})
+    start, stop = ranges[0]
+    for a, b in ranges[1:]:
+        if a > stop:
+            raise MeshError(f"process {jax.process_index()} holds batch rows {ranges}: not one contiguous range; "
+                            "order the mesh's devices by process")
+        stop = max(stop, b)
+    return slice(start, stop)
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
+    """The global ``[batch_size, T]`` arrays from this process's rows (:func:`process_rows`)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:]))
+            for k, v in local.items()}
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)`` that also works with several processes.
+
+    Every process holds the same whole values (built from the same files and seeds); each leaf
+    becomes a global array of which this process fills its own devices' shards
+    (``jax.make_array_from_callback``: no cross-host transfer). Typed PRNG keys go through their
+    ``key_data``. One process: plain ``jax.device_put``.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x: Any, sharding: NamedSharding) -> jax.Array:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            impl = jax.random.key_impl(x)
+            data = one(jax.random.key_data(x), sharding)
+            return jax.random.wrap_key_data(data, impl=impl)
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Axis 0 over ``("data", "fsdp")``."""
     return NamedSharding(mesh, BATCH_SPEC)
@@ -123,3 +183,140 @@ def check_batch(batch_size: int, mesh: Mesh, name: str = "data.batch_size") -> N
     n = mesh.devices.size
     if batch_size % n:
         raise MeshError(f"{name}={batch_size} must be divisible by mesh.data * mesh.fsdp = {n}")
+
+
+# --- FSDP inside the step ---------------------------------------------------------------------------
+
+
+def gather_for_compute(w: Any) -> Any:
+    """``w`` (a :class:`QuantizedTensor` or any pytree of arrays) replicated over the current mesh.
+
+    A no-op outside a mesh context (``jax.sharding.get_abstract_mesh()`` empty) or when the mesh
+    has no ``fsdp`` axis larger than 1. Inside the scanned layer loop this is FSDP's per-layer
+    all-gather: only this layer's 4-bit codes and scales are whole on every device at once.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or dict(zip(mesh.axis_names, mesh.axis_sizes)).get("fsdp", 1) <= 1:
+        return w
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, P()), w)
+
+
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+_CALLEE = re.compile(r"\b(?:calls|to_apply|condition)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_WHILE = re.compile(r"\swhile\(.*\bbody=%?([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'known_trip_count[^0-9]*([0-9]+)')
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(?:-start)?\(")
+
+
+def loop_collectives(hlo_text: str) -> list[dict[str, Any]]:
+    """The collectives of a compiled module's HLO text (``compiled.as_text()``) and the loops around them.
+
+    One dict per collective instruction: ``op`` (``all-gather``, ``all-reduce``, ``reduce-scatter``,
+    ``all-to-all``, ``collective-permute``), ``shape`` (its result, e.g. ``u8[1,4096]{0,1}``),
+    ``dtype`` (``u8``; the first element's for a tuple), ``computation`` and ``loops``: the known trip
+    counts of the ``while`` loops it runs in, outermost first (``[]``: once per step; ``[4]``: once
+    per iteration of a 4-trip loop, e.g. the scan over 4 decoder layers; ``None`` for a loop of
+    unknown trip count). A computation reached from several places gets the deepest nesting.
+    """
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            current = m.group(2)
+            comps[current] = []
+            if m.group(1):
+                entry = current
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            comps[current].append(line)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text (pass compiled.as_text())")
+    loops: dict[str, tuple] = {}
+    stack: list[tuple[str, tuple]] = [(entry, ())]
+    while stack:
+        name, enclosing = stack.pop()
+        if name not in comps or (name in loops and len(loops[name]) >= len(enclosing)):
+            continue
+        loops[name] = enclosing
+        for line in comps[name]:
+            w = _WHILE.search(line)
+            if w:
+                trip = _TRIP_COUNT.search(line)
+                stack.append((w.group(1), enclosing + (int(trip.group(1)) if trip else None,)))
+            stack.extend((callee, enclosing) for callee in _CALLEE.findall(line))
+            for group in _BRANCHES.findall(line):
+                stack.extend((x.strip().lstrip("%"), enclosing) for x in group.split(","))
+    out = []
+    for name, lines in comps.items():
+        for line in lines:
+            m = _COLLECTIVE.match(line)
+            if m:
+                shape = m.group(1)
+                out.append({"op": m.group(2), "shape": shape, "dtype": shape.lstrip("(").split("[", 1)[0],
+                            "computation": name, "loops": list(loops.get(name, ()))})
+    return out
+
+
+# --- several processes ----------------------------------------------------------------------------
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise MeshError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def distributed_env() -> dict[str, Any] | None:
+    """What the environment says about a multi-process job, or None for a single process.
+
+    ``{"launcher": ..., "kwargs": {...}}``: ``kwargs`` for ``jax.distributed.initialize`` (empty
+    where JAX detects the cluster itself: SLURM, Open MPI).
+    """
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS", "").strip()
+    num = _env_int("JAX_NUM_PROCESSES")
+    if address and num is not None and num > 1:
+        pid = _env_int("JAX_PROCESS_ID")
+        if pid is None or not 0 <= pid < num:
+            raise MeshError(f"JAX_COORDINATOR_ADDRESS={address} and JAX_NUM_PROCESSES={num} are set, but "
+                            f"JAX_PROCESS_ID={os.environ.get('JAX_PROCESS_ID')!r} is not in [0, {num})")
+        return {"launcher": "env", "kwargs": {"coordinator_address": address, "num_processes": num,
+                                              "process_id": pid}}
+    if "SLURM_JOB_ID" in os.environ and (_env_int("SLURM_NTASKS") or 1) > 1:
+        return {"launcher": "slurm", "kwargs": {}}
+    if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return {"launcher": "openmpi", "kwargs": {}}
+    return None
+
+
+def initialize_distributed(mode: str = "auto") -> bool:
+    """``jax.distributed.initialize()`` per ``mesh.distributed`` (``auto`` / ``on`` / ``off``); True if initialized.
+
+    Call it before any other JAX use (device lists, arrays). Idempotent. On CPU, cross-process
+    collectives use gloo. ``on`` passes what :func:`distributed_env` finds (``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) and lets JAX detect the rest of the cluster.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise MeshError(f"mesh.distributed={mode!r} is not one of ('auto', 'on', 'off')")
+    from jax._src import distributed as _dist, xla_bridge  # private: backends_are_initialized has no public twin
+
+    if _dist.global_state.client is not None:
+        return True
+    if mode == "off":
+        return False
+    env = distributed_env()
+    if env is None and mode == "auto":
+        return False
+    if xla_bridge.backends_are_initialized():
+        raise MeshError("jax.distributed.initialize() must run before any JAX computation or device query, "
+                        "but this process has already started a JAX backend")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**(env or {"kwargs": {}})["kwargs"])
+    return True

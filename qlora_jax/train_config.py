@@ -160,21 +160,35 @@ class EvalSection:
             raise ConfigError(f"eval.mmlu_answer_style={self.mmlu_answer_style!r} is not 'space' or 'bare'")
 
 
+DISTRIBUTED_CHOICES = ("auto", "on", "off")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """The device mesh (``qlora_jax.sharding``): ``data * fsdp`` must equal the device count at run time.
+    """The device mesh (``qlora_jax.sharding``): ``data * fsdp`` must equal the global device count.
 
-    ``1 x 1`` is the single-device path. The batch is split over all ``data * fsdp`` devices;
-    LoRA parameters, optimizer state and NF4 weights are split over ``fsdp``.
+    ``1 x 1`` is the single-device path (single process only). The batch is split over all
+    ``data * fsdp`` devices; LoRA parameters, optimizer state and NF4 weights are split over
+    ``fsdp``.
+
+    ``distributed``: ``jax.distributed.initialize()`` for several processes (hosts), before any
+    other JAX use (:func:`qlora_jax.sharding.initialize_distributed`). ``"auto"``: when the
+    environment describes a multi-process job (``JAX_COORDINATOR_ADDRESS`` with
+    ``JAX_NUM_PROCESSES`` > 1 and ``JAX_PROCESS_ID``; SLURM with ``SLURM_NTASKS`` > 1; Open MPI
+    with ``OMPI_COMM_WORLD_SIZE`` > 1); ``"on"``: always (JAX's cluster auto-detection fills
+    what the environment does not say); ``"off"``: never.
     """
 
     data: int = 1
     fsdp: int = 1
+    distributed: str = "auto"
 
     def __post_init__(self):
         for name in ("data", "fsdp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"mesh.{name}={getattr(self, name)} must be >= 1")
+        if self.distributed not in DISTRIBUTED_CHOICES:
+            raise ConfigError(f"mesh.distributed={self.distributed!r} is not one of {DISTRIBUTED_CHOICES}")
 
     @property
     def size(self) -> int:

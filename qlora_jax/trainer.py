@@ -36,7 +36,7 @@ from qlora_jax.data import make_data
 from qlora_jax.paged_adam import paged_adamw
 from qlora_jax.peft_io import save_adapter
 from qlora_jax.step import accumulate_gradients, causal_lm_loss, clip_by_global_norm
-from qlora_jax.train_config import TrainConfig
+from qlora_jax.train_config import ConfigError, TrainConfig
 
 
 class TrainingError(RuntimeError):
@@ -104,15 +104,28 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     if shardings is None:
         return jax.jit(step_fn, donate_argnums=(0, 1))
     lora_sh, opt_sh, rest_sh, batch_sh, rep = shardings
-    return jax.jit(step_fn, donate_argnums=(0, 1), in_shardings=(lora_sh, opt_sh, rest_sh, batch_sh, rep, rep),
-                   out_shardings=(lora_sh, opt_sh, rep))
+
+    def meshed_step_fn(*args):
+        # The mesh in context at trace time: the 4-bit matmuls gather each layer's weight where
+        # they use it (FSDP inside the layer loop, qlora_jax.sharding.gather_for_compute).
+        with jax.sharding.use_abstract_mesh(rep.mesh.abstract_mesh):
+            return step_fn(*args)
+
+    return jax.jit(meshed_step_fn, donate_argnums=(0, 1),
+                   in_shardings=(lora_sh, opt_sh, rest_sh, batch_sh, rep, rep), out_shardings=(lora_sh, opt_sh, rep))
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-    """``eval_step(lora, rest, batch) -> (loss_sum, num_tokens)`` with dropout off, jitted."""
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Any = None) -> Callable:
+    """``eval_step(lora, rest, batch) -> (loss_sum, num_tokens)`` with dropout off, jitted.
+
+    ``mesh``: trace under it (each layer's 4-bit weight is gathered where it is used, as in the
+    train step); the batch is placed by the caller."""
 
     def eval_fn(lora, rest, batch):
-        return _lm_loss(nnx.merge(graphdef, lora, rest, copy=True), batch)
+        if mesh is None:
+            return _lm_loss(nnx.merge(graphdef, lora, rest, copy=True), batch)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return _lm_loss(nnx.merge(graphdef, lora, rest, copy=True), batch)
 
     return jax.jit(eval_fn)
 
@@ -260,7 +273,7 @@ def _greedy_answers(graphdef: nnx.GraphDef, lora: Any, rest: Any, tokenizer: Any
 
 
 def _device_memory_gib() -> float | None:
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**30
 
@@ -273,7 +286,7 @@ def print_memory_plan(cfg: TrainConfig, model: nnx.Module) -> None:
         q = model.quant
         p = dataclasses.replace(inputs_from_train_config(cfg, model.cfg), quantize=q.quantize, blocksize=q.blocksize,
                                 double_quant=q.double_quant, param_dtype=q.param_dtype, compute_dtype=q.compute_dtype)
-        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
         print(format_plan(p, plan(p), gpu_mem=limit), flush=True)
     except Exception as e:  # a planning problem must not stop training
         print(f"memory plan unavailable: {type(e).__name__}: {e}", flush=True)
@@ -302,15 +315,61 @@ def _plot(metrics: list[dict[str, Any]], path: Path) -> None:
 
 
 def _make_mesh(cfg: TrainConfig) -> Any:
-    """The run's ``jax.sharding.Mesh``, or None for the single-device path (mesh 1 x 1)."""
-    if cfg.mesh.size == 1:
-        return None
-    from qlora_jax.sharding import MeshError, make_mesh
+    """The run's ``jax.sharding.Mesh``, or None for the single-device path (mesh 1 x 1, one process).
 
-    try:
-        return make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    except MeshError as e:
-        raise TrainingError(str(e)) from None
+    ``mesh.data * mesh.fsdp`` must equal the global device count (all processes' devices); a
+    1 x 1 mesh in one process with several devices uses the first device only.
+    """
+    n, procs = jax.device_count(), jax.process_count()
+    if cfg.mesh.size == 1 and procs == 1:
+        return None
+    if cfg.mesh.size != n:
+        local = jax.local_devices()
+        raise ConfigError(
+            f"mesh.data * mesh.fsdp = {cfg.mesh.data} * {cfg.mesh.fsdp} = {cfg.mesh.size}, but there are {n} devices "
+            f"in all ({procs} process{'es' if procs > 1 else ''} x {len(local)} local {local[0].platform} devices); "
+            f"set mesh.data and mesh.fsdp so that their product is {n}")
+    from qlora_jax.sharding import make_mesh
+
+    return make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+
+
+class _NoWriter:
+    """The TensorBoard writer of a process other than process 0 (only process 0 writes files)."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _host_lora(lora: Any) -> Any:
+    """The LoRA parameters whole on this host (every process calls it: a collective with several)."""
+    if jax.process_count() == 1:
+        return lora
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(lora, tiled=True)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _check_multiprocess(cfg: TrainConfig) -> None:
+    """What a run of several processes does not support, named before any work is done."""
+    if jax.process_count() == 1:
+        return
+    if cfg.train.sample_prompts:
+        raise ConfigError(f"train.sample_prompts={cfg.train.sample_prompts}: greedy samples run on one process only; "
+                          f"set train.sample_prompts=0 for this {jax.process_count()}-process run")
+    if cfg.eval.mmlu_every:
+        raise ConfigError(f"eval.mmlu_every={cfg.eval.mmlu_every}: MMLU evaluation runs on one process only; set "
+                          f"eval.mmlu_every=0 for this {jax.process_count()}-process run (evaluate the saved adapter)")
 
 
 def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
@@ -319,21 +378,40 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
 
     ``stop_after``: return after this many steps of this invocation (tests use it to
     simulate a killed run).
+
+    Several processes (``mesh.distributed``, :func:`qlora_jax.sharding.initialize_distributed`,
+    called here first): every process runs this same function on a shared ``output_dir``; each
+    builds only its rows of every batch and the global batch is assembled from them; all take
+    part in orbax checkpointing; only process 0 writes ``config.json``, metrics, TensorBoard,
+    ``loss.png`` and adapters, and converts the base model.
     """
     from tqdm import tqdm
 
+    from qlora_jax import sharding as shd
+
+    try:
+        shd.initialize_distributed(cfg.mesh.distributed)
+    except shd.MeshError as e:
+        raise ConfigError(str(e)) from None
+    _check_multiprocess(cfg)
+    primary, multi = jax.process_index() == 0, jax.process_count() > 1
+    mesh = _make_mesh(cfg)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpts = Checkpoints(out / "checkpoints", cfg.train.keep_checkpoints)
     if not resume and ckpts.latest_step() is not None:
         raise TrainingError(f"{out} already has checkpoints (step {ckpts.latest_step()}): pass --resume or use a new --output-dir")
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
-
-    model_dir = resolve_base_model(cfg, out)
+    if primary:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        model_dir = resolve_base_model(cfg, out)
+    _barrier("qlora_jax: base model ready")
+    if not primary:
+        model_dir = resolve_base_model(cfg, out)  # converted by process 0 (a shared file system)
     tokenizer = load_tokenizer(model_dir)
     data = make_data(cfg.data, tokenizer)
     model = build_model(cfg, model_dir)
-    print_memory_plan(cfg, model)
+    if primary:
+        print_memory_plan(cfg, model)
     model.train()
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
     model.eval()
@@ -341,32 +419,49 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
 
     tx = make_optimizer(cfg)
     opt_state = tx.init(lora)
-    mesh = _make_mesh(cfg)
     put_batch: Callable[[dict[str, np.ndarray]], Any] = lambda b: b  # noqa: E731
+    put_eval: Callable[[dict[str, np.ndarray]], Any] = lambda b: b  # noqa: E731
     step_shardings = None
     if mesh is not None:
-        from qlora_jax import sharding as shd
-
         shd.check_batch(cfg.data.batch_size, mesh)
         step_shardings = (shd.param_shardings(lora, mesh), shd.param_shardings(opt_state, mesh),
                           shd.frozen_shardings(rest, mesh), shd.batch_sharding(mesh), shd.replicated(mesh))
-        lora, opt_state, rest = (jax.device_put(t, s) for t, s in zip((lora, opt_state, rest), step_shardings))
-        put_batch = lambda b: jax.device_put(b, step_shardings[3])  # noqa: E731
-        print(f"mesh: data={cfg.mesh.data} fsdp={cfg.mesh.fsdp} over {mesh.devices.size} devices", flush=True)
+        lora, opt_state, rest = (shd.put_global(t, s) for t, s in zip((lora, opt_state, rest), step_shardings))
+        if multi:
+            # This process builds only its rows of each global batch; eval batches are whole on every device.
+            data.train.rows = shd.process_rows(step_shardings[3], cfg.data.batch_size)
+            put_batch = lambda b: shd.global_batch(b, step_shardings[3], cfg.data.batch_size)  # noqa: E731
+            put_eval = lambda b: shd.global_batch(b, step_shardings[4], len(b["input_ids"]))  # noqa: E731
+        else:
+            put_batch = lambda b: jax.device_put(b, step_shardings[3])  # noqa: E731
+        if primary:
+            print(f"mesh: data={cfg.mesh.data} fsdp={cfg.mesh.fsdp} over {mesh.devices.size} devices"
+                  + (f" in {jax.process_count()} processes" if multi else ""), flush=True)
     train_step = make_train_step(graphdef, tx, cfg, step_shardings)
-    eval_step = make_eval_step(eval_graphdef)
+    eval_step = make_eval_step(eval_graphdef, mesh)
     mmlu = make_mmlu_eval(cfg, tokenizer, eval_graphdef, model.cfg.max_position_embeddings)
     key = jax.random.key(cfg.train.seed)
 
-    from tensorboardX import SummaryWriter
+    if primary:
+        from tensorboardX import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tensorboard"))
+        writer: Any = SummaryWriter(str(out / "tensorboard"))
+    else:
+        writer = _NoWriter()
 
     def mmlu_metrics(step: int) -> dict[str, float]:
         result = mmlu(lora, rest)
         for subject, acc in result["per_subject"].items():
             writer.add_scalar(f"mmlu_accuracy/{subject}", acc, step)
         return {"mmlu_accuracy": result["accuracy"]}
+
+    def evaluate() -> float:
+        return _evaluate(eval_step, lora, rest, map(put_eval, data.eval.epoch_batches(0)), cfg.train.eval_batches)
+
+    def export_adapter(directory: Path) -> None:
+        host = _host_lora(lora)  # a collective with several processes: everyone gathers, process 0 writes
+        if primary:
+            save_adapter(nnx.merge(graphdef, host, rest), directory, lora_config=cfg.lora, base_model=cfg.model.path)
 
     start = 0
     metrics_path = out / "metrics.jsonl"
@@ -377,14 +472,16 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
         start = int(meta["step"])
         if metrics_path.exists():  # keep what was logged up to the checkpoint, drop the rest
             history = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if m["step"] <= start]
-        print(f"resumed from {out / 'checkpoints' / str(last)} at step {start}", flush=True)
+        if primary:
+            print(f"resumed from {out / 'checkpoints' / str(last)} at step {start}", flush=True)
     if start == 0 and (data.eval is not None or mmlu is not None):  # held-out metrics before any training
         history = [{"step": 0}]
         if data.eval is not None:
-            history[0]["eval_loss"] = _evaluate(eval_step, lora, rest, data.eval.epoch_batches(0), cfg.train.eval_batches)
+            history[0]["eval_loss"] = evaluate()
         if mmlu is not None:
             history[0].update(mmlu_metrics(0))
-    metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
+    if primary:
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
     sample_prompts = [_sample_prompt(e) for e in data.eval_examples[: cfg.train.sample_prompts]]
     samples_path = out / "samples.md"
     if sample_prompts and start == 0:
@@ -392,12 +489,13 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
         _write_samples(samples_path, "Before fine-tuning (held-out prompts, greedy)", sample_prompts,
                        _greedy_answers(eval_graphdef, lora, rest, tokenizer, sample_prompts, cfg.train.sample_tokens))
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and primary), unit="step",
+               dynamic_ncols=True)
     tokens, t0 = 0, time.perf_counter()
     try:
         for step in range(start, end):
             batch = next(data.train)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += data.train.last_batch_tokens  # the global batch's, whichever rows this process built
             lora, opt_state, m = train_step(lora, opt_state, rest, put_batch(batch), step, key)
             loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -417,15 +515,15 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                 if data.eval is not None:
                     record.setdefault("step", done)
-                    record["eval_loss"] = _evaluate(eval_step, lora, rest, data.eval.epoch_batches(0),
-                                                    cfg.train.eval_batches)
+                    record["eval_loss"] = evaluate()
             if mmlu is not None and done % cfg.eval.mmlu_every == 0:
                 record.setdefault("step", done)
                 record.update(mmlu_metrics(done))
             if record:
                 history.append(record)
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                if primary:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
                 for k, v in record.items():
                     if k != "step":
                         writer.add_scalar(k, v, done)
@@ -433,10 +531,9 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
                 bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"}
                                 | ({"mem_GiB": f"{mem:.2f}"} if mem is not None else {}))
             if done % cfg.train.save_every == 0 or done == cfg.train.steps:
-                ckpts.save(done, lora, opt_state, data.train.state_dict())
+                ckpts.save(done, lora, opt_state, data.train.state_dict())  # every process: orbax coordinates
                 # A PEFT adapter inside the step directory: orbax's keep-last-K deletes it with the step.
-                save_adapter(nnx.merge(graphdef, lora, rest), ckpts.step_dir(done) / "adapter",
-                             lora_config=cfg.lora, base_model=cfg.model.path)
+                export_adapter(ckpts.step_dir(done) / "adapter")
             bar.update(1)
     finally:
         bar.close()
@@ -445,9 +542,11 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
 
     nnx.update(model, lora)
     if end == cfg.train.steps:
-        save_adapter(model, out / "adapter", lora_config=cfg.lora, base_model=cfg.model.path)
-        _plot(history, out / "loss.png")
+        export_adapter(out / "adapter")
+        if primary:
+            _plot(history, out / "loss.png")
         if sample_prompts:
             _write_samples(samples_path, f"After {end} steps", sample_prompts,
                            _greedy_answers(eval_graphdef, lora, rest, tokenizer, sample_prompts, cfg.train.sample_tokens))
+    _barrier("qlora_jax: run written")
     return RunResult(out, end, history, model)

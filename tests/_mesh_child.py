@@ -34,13 +34,52 @@ def frozen_layout(model: str) -> dict[str, int]:
     from qlora_jax.sharding import frozen_shardings, make_mesh
     from qlora_jax.trainer import build_model
 
+    from qlora_jax.memory import PlanInputs, plan, resolve_architecture
+
     _, _, rest = nnx.split(build_model(cfg(model, 1, 8), Path(model)), nnx.LoRAParam, ...)
-    shardings = jax.tree.leaves(frozen_shardings(rest, make_mesh(1, 8)),
-                                is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    tree = frozen_shardings(rest, make_mesh(1, 8))
+    shardings = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QuantizedTensor))
     quantized = [s for s in shardings if isinstance(s, QuantizedTensor)]
+    # The NF4 bytes device 0 holds once sharded, against the memory planner's per-device figure.
+    placed = jax.device_put(rest, tree)
+    device0 = sum(leaf.addressable_shards[0].data.nbytes
+                  for q in jax.tree.leaves(placed, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+                  if isinstance(q, QuantizedTensor) for leaf in jax.tree.leaves(q))
+    planned = plan(PlanInputs(cfg=resolve_architecture(model), batch=8, seq=256, lora_r=8, fsdp=8))
     return {"quantized": len(quantized),
             "packed_sharded": sum("fsdp" in str(q.packed.spec) for q in quantized),
-            "absmax_sharded": sum("fsdp" in str(q.absmax.spec) for q in quantized)}
+            "absmax_sharded": sum("fsdp" in str(q.absmax.spec) for q in quantized),
+            "device0_nf4_bytes": device0, "planned_nf4_bytes": planned["frozen_linear_weights"]}
+
+
+def step_collectives(model: str, data: int, fsdp: int, layers: int = 4) -> list[dict]:
+    """The collectives of the compiled train step (grad_accum 2) on a ``data x fsdp`` mesh, with the loops
+    around each (``qlora_jax.sharding.loop_collectives``), for a LLaMA of ``layers`` layers whose q/k/v/o/
+    gate/up/down NF4 codes all split over fsdp (d=256, ffn=512), compiled from abstract inputs."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qlora_jax import sharding as shd
+    from qlora_jax.models.llama import Llama, LlamaConfig, LoRAConfig, QuantConfig
+    from qlora_jax.trainer import make_optimizer, make_train_step
+
+    tc = cfg(model, data, fsdp)
+    arch = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=4, head_dim=64)
+    abstract = nnx.eval_shape(lambda: Llama(arch, lora=LoRAConfig(r=8, alpha=16.0, dropout=0.05),
+                                            quant=QuantConfig(compute_dtype="float32"), remat="full",
+                                            rngs=nnx.Rngs(0)))
+    abstract.train()
+    graphdef, lora, rest = nnx.split(abstract, nnx.LoRAParam, ...)
+    tx = make_optimizer(tc)
+    opt_state = jax.eval_shape(tx.init, lora)
+    mesh = shd.make_mesh(data, fsdp)
+    shardings = (shd.param_shardings(lora, mesh), shd.param_shardings(opt_state, mesh),
+                 shd.frozen_shardings(rest, mesh), shd.batch_sharding(mesh), shd.replicated(mesh))
+    step = make_train_step(graphdef, tx, tc, shardings)
+    batch = {k: jax.ShapeDtypeStruct((8, 64), jnp.int32) for k in ("input_ids", "labels", "attention_mask")}
+    compiled = step.lower(lora, opt_state, rest, batch, 0, jax.random.key(0)).compile()
+    return shd.loop_collectives(compiled.as_text())
 
 
 def losses(run) -> list[float]:
@@ -49,7 +88,12 @@ def losses(run) -> list[float]:
 
 def main(model: str, root: Path) -> None:
     assert jax.device_count() == 8, jax.devices()
-    out: dict = {"curves": {}, "resumed": {}, "times": {}, "lora_specs": {}, "frozen": frozen_layout(model)}
+    out: dict = {"curves": {}, "resumed": {}, "times": {}, "lora_specs": {}, "frozen": frozen_layout(model),
+                 "collectives": {}}
+    for data, fsdp in [(2, 4)]:
+        t = time.perf_counter()
+        out["collectives"][f"{data}x{fsdp}"] = step_collectives(model, data, fsdp)
+        out["times"][f"hlo {data}x{fsdp}"] = time.perf_counter() - t
     for data, fsdp in [(1, 1), (8, 1), (4, 2), (1, 8)]:
         t = time.perf_counter()
         run = train(cfg(model, data, fsdp), root / f"run_{data}x{fsdp}", progress=False)

@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 from qlora_jax.memory import (
-    PlanInputs, linear_params, lora_params, main, parse_size, plan, preset_from_name, quantized_tensor_bytes,
-    resolve_architecture,
+    PlanInputs, format_plan, linear_params, lora_params, main, parse_size, plan, preset_from_name,
+    quantized_tensor_bytes, resolve_architecture, sharded_quantized_bytes,
 )
 from qlora_jax.models.llama import Llama, LlamaConfig, LoRAConfig, QuantConfig
 from qlora_jax.nf4 import quantize
@@ -173,3 +173,57 @@ def test_optimizer_pages_match_paged_adam_layout(page_size):
     sizes = [sum(elements(c) for c in page) for page in pages]
     p = plan(PlanInputs(cfg=cfg, batch=1, seq=16, lora_r=8, page_size=page_size))
     assert p["optimizer_on_device"] == 2 * 2 * 4 * max(sizes)
+
+
+def test_plan_per_device_on_a_mesh_by_hand():
+    """7B, global micro-batch 8 x 512 on a 2 x 4 mesh (8 GPUs): one device's bytes, by hand."""
+    cfg = LlamaConfig.preset("7b")
+    L, d, f, V = 32, 4096, 11008, 32000
+    lora_n = 159_907_840
+    p = PlanInputs(cfg=cfg, batch=8, seq=512, data=2, fsdp=4)
+    assert p.devices == 8 and p.device_batch == 1
+    r = plan(p)
+    # Every NF4 field of 7B splits over fsdp=4 in whole blocks: q/k/v/o codes 2 MiB per shard (whole 32-byte
+    # blocks), their 262144 absmax codes 65536 per shard (whole 256-blocks); the MLP's 5636096 B / 176128 codes
+    # likewise. Codes and scales count 1/4, the nested scales, offset and 256-entry map stay whole.
+    def shard(n):
+        return (n // 2 + n // 64) // 4 + 4 * -(-(n // 64) // 256) + 4 + 1024
+    assert r["frozen_linear_weights"] == L * (4 * shard(d * d) + 3 * shard(d * f))
+    assert r["fsdp_gathered_layer"] == 4 * _nf4_dq_bytes_by_hand(d * d) + 3 * _nf4_dq_bytes_by_hand(d * f)
+    assert r["embeddings_head_norms"] == 2 * (2 * V * d + (2 * L + 1) * d)  # replicated
+    assert r["lora_params_grads_updates"] == 4 * lora_n + 2 * 4 * (lora_n // 4)  # whole grads; params, updates / 4
+    assert r["optimizer_on_device"] == 2 * 2 * 4 * (L * 64 * f // 4)  # two pages of both moments, sharded
+    assert r["host_optimizer"] == 2 * 4 * lora_n // 4
+    assert r["saved_activations"] == L * 1 * 512 * d * 2  # one row per device
+    assert r["logits_and_loss"] == 3 * 512 * V * 4
+    one = plan(PlanInputs(cfg=cfg, batch=1, seq=512))  # one GPU with that device's micro-batch
+    assert r["saved_activations"] == one["saved_activations"] and r["attention_scores"] == one["attention_scores"]
+    assert r["frozen_linear_weights"] < one["frozen_linear_weights"] / 3.9
+    # Pure data parallelism: everything whole, only the batch split.
+    dp = plan(PlanInputs(cfg=cfg, batch=8, seq=512, data=8))
+    assert {k: dp[k] for k in dp if k != "workspace" and k != "total"} == \
+        {k: one[k] for k in one if k != "workspace" and k != "total"}
+    text = format_plan(p, r, gpu_mem=8 * GiB)
+    assert "mesh data=2 x fsdp=4: per device, micro-batch 1 x 512 of 8 x 512" in text
+    assert "fits in 8.0 GiB on each of the 8 GPUs" in text
+    assert "does NOT fit in 8.0 GiB on each of the 8 GPUs" in format_plan(p, one | {"total": 9 * GiB}, gpu_mem=8 * GiB)
+
+
+def test_sharded_weights_follow_the_block_rule():
+    # stories260K-like 64 x 172 MLP on fsdp=8: 5504 code bytes = 688 per shard (21.5 blocks): whole.
+    n = 64 * 172
+    assert sharded_quantized_bytes(n, 5, 64, True, 8) == 5 * quantized_tensor_bytes(n, 64, True)
+    # 64 x 64 on fsdp=8: 2048 B -> 256 B per shard (8 blocks) split; 64 absmax codes < 256 per shard: whole.
+    n = 64 * 64
+    assert sharded_quantized_bytes(n, 5, 64, True, 8) == 5 * (n // 2 // 8 + n // 64 + 4 + 4 + 1024)
+    assert sharded_quantized_bytes(n, 5, 64, False, 8) == 5 * (n // 2 + 4 * (n // 64)) // 8  # fp32 scales split
+    assert sharded_quantized_bytes(n, 5, 64, True, 1) == 5 * quantized_tensor_bytes(n, 64, True)
+
+
+def test_cli_reads_the_mesh(capsys):
+    cfg = str(REPO / "configs" / "guanaco_65b.py")
+    # 65B does not fit one 24 GiB card, but does on each of 4 with FSDP.
+    assert main(["--config", cfg, "--gpu-mem", "24GB"]) == 1
+    capsys.readouterr()
+    assert main(["--config", cfg, "--gpu-mem", "24GB", "--set", "mesh.fsdp=4"]) == 0
+    assert "fits in 24.0 GiB on each of the 4 GPUs" in capsys.readouterr().out

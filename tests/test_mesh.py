@@ -1,6 +1,7 @@
 """Multi-device training on a (data, fsdp) mesh (``qlora_jax.sharding``): the sharding rules on
 their own, config validation, and (in a subprocess with 8 fake CPU devices) stories260K losses on
-meshes 8x1, 4x2, 1x8 equal to one device's, and checkpoints restoring across mesh shapes."""
+meshes 8x1, 4x2, 1x8 equal to one device's, checkpoints restoring across mesh shapes, and the
+compiled step's FSDP all-gathers of the NF4 weights running inside the scanned layer loop."""
 
 from __future__ import annotations
 
@@ -89,10 +90,63 @@ def test_meshes_give_the_single_device_loss_curve(mesh_runs):
     # On 1x8, q/k/v/o (64x64, 64x32: 256 / 128 B per shard, whole 32-byte blocks) are split;
     # gate/up/down (64x172: 688 B per shard = 21.5 blocks) and every DQ absmax (< 256 codes
     # per shard) stay replicated.
-    assert mesh_runs["frozen"] == {"quantized": 7, "packed_sharded": 4, "absmax_sharded": 0}, mesh_runs["frozen"]
+    frozen = dict(mesh_runs["frozen"])
+    assert frozen.pop("device0_nf4_bytes") == frozen.pop("planned_nf4_bytes")  # the planner's per-device figure
+    assert frozen == {"quantized": 7, "packed_sharded": 4, "absmax_sharded": 0}, frozen
 
 
 def test_checkpoints_restore_across_mesh_shapes(mesh_runs):
     ref = np.array(mesh_runs["curves"]["1x1"])
     for key, resumed in mesh_runs["resumed"].items():  # steps 3-4 after resuming from the step-2 checkpoint
         np.testing.assert_allclose(resumed[-2:], ref[-2:], rtol=1e-5, err_msg=key)
+
+
+def _summary(collectives: list[dict]) -> list[tuple]:
+    return sorted({(c["op"], c["dtype"], tuple(c["loops"])) for c in collectives})
+
+
+def test_nf4_all_gathers_run_inside_the_layer_loop(mesh_runs):
+    """FSDP saves memory during the step only if each layer's NF4 codes are gathered when that layer
+    runs. In the compiled step (4 layers, grad_accum 2: the layer scans sit inside the 2-trip
+    micro-batch loop) every all-gather of uint8 codes/scales must run per iteration of a 4-trip
+    layer loop, none once per step or per micro-batch (all layers at once); and the activations are
+    not reshuffled between devices (no all-to-all: the matmuls run on the local batch rows)."""
+    collectives = mesh_runs["collectives"]["2x4"]
+    u8 = [c for c in collectives if c["op"] == "all-gather" and c["dtype"] == "u8"]
+    assert u8, _summary(collectives)  # the packed weights are sharded, so there are gathers
+    hoisted = [c for c in u8 if not c["loops"] or c["loops"][-1] != 4]
+    assert not hoisted, hoisted
+    assert all(c["loops"] == [2, 4] for c in u8), _summary(u8)  # micro-batch loop > layer loop
+    assert not [c for c in collectives if c["op"] == "all-to-all"], _summary(collectives)
+
+
+def test_loop_collectives_reads_hlo_nesting():
+    from qlora_jax.sharding import loop_collectives
+
+    hlo = """HloModule m
+
+%inner_body (p: (s32[], u8[8])) -> (s32[], u8[8]) {
+  %ag = u8[16]{0} all-gather(u8[8]{0} %x), dimensions={0}
+  ROOT %t = (s32[], u8[8]) tuple(%i, %x)
+}
+
+%outer_body (p: (s32[], u8[8])) -> (s32[], u8[8]) {
+  %w = (s32[], u8[8]) while((s32[], u8[8]) %p), condition=%c, body=%inner_body, backend_config={"known_trip_count":{"n":"5"}}
+  %f = f32[4]{0} fusion(%y), kind=kLoop, calls=%fused
+  ROOT %t = (s32[], u8[8]) tuple(%i, %x)
+}
+
+%fused (a: f32[4]) -> f32[4] {
+  %ar = (f32[4]{0}, f32[]) all-reduce(f32[4]{0} %a, f32[] %b), to_apply=%add
+}
+
+ENTRY %main (a: u8[8]) -> u8[8] {
+  %w = (s32[], u8[8]) while((s32[], u8[8]) %p), condition=%c, body=%outer_body, backend_config={"known_trip_count":{"n":"2"}}
+  %g = f32[8]{0} all-gather(f32[4]{0} %a), dimensions={0}
+  ROOT %r = u8[8] copy(%a)
+}
+"""
+    got = {(c["op"], c["dtype"], tuple(c["loops"])) for c in loop_collectives(hlo)}
+    assert got == {("all-gather", "u8", (2, 5)), ("all-reduce", "f32", (2,)), ("all-gather", "f32", ())}
+    with pytest.raises(ValueError, match="no ENTRY"):
+        loop_collectives("%x = f32[] constant(0)")

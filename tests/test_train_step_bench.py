@@ -77,8 +77,10 @@ def test_builder_draws_independent_layers():
     assert lora_b.dtype == jnp.float32 and bool((lora_b == 0).all())  # PEFT init
 
 
-def _run(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, timeout: float = 240, devices: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=REPO)
 
@@ -138,3 +140,37 @@ def test_torch_baseline_and_comparison(bench_json, tmp_path):
     (row,) = json.loads(cmp_json.read_text())["rows"]
     assert row["x_vs_bnb"] == pytest.approx(row["ours_nf4_tok_s"] / row["bnb_tok_s"])
     assert "x vs bnb" in proc.stdout
+
+
+def test_train_step_benchmark_on_a_mesh(tmp_path):
+    """``--mesh 1x2`` on 8 fake CPU devices: the 1x1 reference row and the 2-device FSDP row, the global batch
+    twice the per-device one, tokens/s of the global batch, scaling against the 1x1 row, per-device memory."""
+    out = tmp_path / "mesh.json"
+    proc = _run("benchmarks/train_step.py", "--size", "tiny", "--batch", "2x32", "--weights", "nf4", "--mesh", "1x2",
+                "--steps", "2", "--warmup", "0", "--json", str(out), devices=8, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| config | status | mesh | global batch | s/step | tok/s | scaling | efficiency |" in proc.stdout
+    ref, fsdp = json.loads(out.read_text())["results"]
+    assert ref["mesh"] == [1, 1] and ref["name"] == "jax-nf4-tiny-2x32" and ref["batch"] == 2
+    assert fsdp["mesh"] == [1, 2] and fsdp["name"] == "jax-nf4-tiny-2x32-mesh1x2"
+    assert fsdp["status"] == "ok" and fsdp["devices"] == 2 and (fsdp["batch"], fsdp["device_batch"]) == (4, 2)
+    assert fsdp["tokens_per_s"] == pytest.approx(4 * 32 / fsdp["step_s"])
+    assert fsdp["scaling"] == pytest.approx(fsdp["tokens_per_s"] / ref["tokens_per_s"])
+    assert fsdp["efficiency"] == pytest.approx(fsdp["scaling"] / 2) and ref["scaling"] == 1.0
+    assert len(fsdp["peak_bytes_per_device"]) == 2  # None on CPU; max over the 2 devices on GPU
+    assert fsdp["plan"]["fsdp_gathered_layer"] > 0 and ref["plan"]["fsdp_gathered_layer"] == 0
+    assert fsdp["plan"]["frozen_linear_weights"] < ref["plan"]["frozen_linear_weights"]
+    assert np.isfinite(fsdp["loss_first"])
+
+
+def test_train_step_benchmark_mesh_arguments():
+    from benchmarks.train_step import parse_meshes, run_one
+
+    assert parse_meshes("2x1,1x2,2x1") == [(1, 1), (2, 1), (1, 2)]  # the 1x1 reference first, once
+    assert parse_meshes("1x1") == [(1, 1)]
+    with pytest.raises(SystemExit, match="DATAxFSDP"):
+        parse_meshes("2")
+    n = len(jax.devices())
+    with pytest.raises(RuntimeError, match=f"mesh 4x4 needs 16 devices; this host has {n}"):
+        run_one(dict(name="x", size="tiny", weights="nf4", batch=16, device_batch=1, seq=16, mesh=[4, 4], steps=1,
+                     warmup=0, remat="full", lora_r=8, lora_dropout=0.0, paged=True))

@@ -42,14 +42,17 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "quant_type", "blocksize", "double_quant"),
-                   donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "quant_type", "blocksize", "double_quant",
+                                             "shardings"), donate_argnums=(0,))
 def _fill_quantized_layer(stacked: tuple, index: jax.Array, key: jax.Array, *, shape: tuple[int, ...], dtype: str,
-                          quant_type: str, blocksize: int, double_quant: bool) -> tuple:
+                          quant_type: str, blocksize: int, double_quant: bool, shardings: tuple | None = None) -> tuple:
     w = jax.random.normal(key, shape, jnp.dtype(dtype)) * jnp.asarray(INIT_STD, dtype)
     qt = quantize(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
     values = [getattr(qt, f) for f in QT_FIELDS if getattr(qt, f) is not None]
-    return tuple(s.at[index].set(v.astype(s.dtype)) for s, v in zip(stacked, values))
+    out = tuple(s.at[index].set(v.astype(s.dtype)) for s, v in zip(stacked, values))
+    if shardings is not None:  # each device keeps only its shard of the stack
+        out = tuple(jax.lax.with_sharding_constraint(o, sh) for o, sh in zip(out, shardings))
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"), donate_argnums=(0,))
@@ -64,16 +67,20 @@ def _random(key: jax.Array, *, shape: tuple[int, ...], dtype: str) -> jax.Array:
     return jax.random.normal(key, shape, jnp.dtype(dtype)) * jnp.asarray(INIT_STD, dtype)
 
 
-def _random_quantized_stack(abstract: QuantizedTensor, key: jax.Array) -> QuantizedTensor:
-    """A stacked ``[L, ...]`` quantized weight filled one layer at a time."""
+def _random_quantized_stack(abstract: QuantizedTensor, key: jax.Array,
+                            target: QuantizedTensor | None = None) -> QuantizedTensor:
+    """A stacked ``[L, ...]`` quantized weight filled one layer at a time (sharded as ``target``'s
+    fields say, when given: a :class:`QuantizedTensor` of shardings)."""
     present = [f for f in QT_FIELDS if getattr(abstract, f) is not None]
-    stacked = tuple(jnp.zeros(getattr(abstract, f).shape, getattr(abstract, f).dtype) for f in present)
+    shardings = None if target is None else tuple(getattr(target, f) for f in present)
+    stacked = tuple(jnp.zeros(getattr(abstract, f).shape, getattr(abstract, f).dtype,
+                              device=None if shardings is None else shardings[k]) for k, f in enumerate(present))
     num_layers = stacked[0].shape[0]
     for i in range(num_layers):
         stacked = _fill_quantized_layer(
             stacked, jnp.asarray(i, jnp.int32), jax.random.fold_in(key, i), shape=abstract.shape,
             dtype=abstract.dtype, quant_type=abstract.quant_type, blocksize=abstract.blocksize,
-            double_quant=abstract.double_quant,
+            double_quant=abstract.double_quant, shardings=shardings,
         )
     return dataclasses.replace(abstract, **dict(zip(present, stacked)))
 
@@ -86,11 +93,20 @@ def _random_dense_stack(abstract: Any, key: jax.Array) -> jax.Array:
     return stacked
 
 
-def _fill(path: tuple[str, ...], abstract: Any, key: jax.Array) -> Any:
-    """The value of one frozen leaf: random linear weights and embeddings, unit norms, zero biases."""
+def _fill(path: tuple[str, ...], abstract: Any, key: jax.Array, target: Any = None) -> Any:
+    """The value of one frozen leaf: random linear weights and embeddings, unit norms, zero biases.
+
+    ``target``: the leaf's sharding(s) on a mesh (NF4 stacks are built shard by shard; other leaves
+    are built on the default device and then placed)."""
     name = path[-1]
     if isinstance(abstract, QuantizedTensor):
-        return _random_quantized_stack(abstract, key)
+        return _random_quantized_stack(abstract, key, target)
+    value = _fill_dense(path, abstract, key)
+    return value if target is None else jax.device_put(value, target)
+
+
+def _fill_dense(path: tuple[str, ...], abstract: Any, key: jax.Array) -> jax.Array:
+    name = path[-1]
     if name == "scale":  # RMSNorm
         return jnp.ones(abstract.shape, abstract.dtype)
     if name == "bias":
@@ -108,12 +124,19 @@ def build_random_model(
     remat: str = "none",
     seed: int = 0,
     progress: bool = False,
+    mesh: Any = None,
 ) -> Llama:
     """A :class:`Llama` of ``cfg`` with random frozen weights (N(0, 0.02) before quantization), built on device.
 
     LoRA adapters are initialized as :func:`~qlora_jax.models.checkpoint.load_model` does
     (PEFT's init from ``seed``). Peak device memory while building is the model itself plus one
     layer's matrix and its quantization temporaries.
+
+    ``mesh``: a ``(data, fsdp)`` mesh (:mod:`qlora_jax.sharding`, one process): the frozen weights
+    are built directly in :func:`~qlora_jax.sharding.frozen_shardings`'s layout (each device
+    holds only its shards of the NF4 stacks; no device ever holds the whole 4-bit model), so a
+    per-device peak measured afterwards is the step's, not the build's. LoRA and RNG state stay on
+    the default device (the caller shards them).
     """
 
     def make() -> Llama:
@@ -128,7 +151,12 @@ def build_random_model(
     for n, (path, leaf) in enumerate(items):
         if progress:
             print(f"  random weights: {'/'.join(path)} ({n + 1}/{len(items)})", flush=True)
-        _set(pure, path, _fill(path, leaf, jax.random.fold_in(base_key, n)))
+        target = None
+        if mesh is not None:
+            from qlora_jax.sharding import frozen_shardings
+
+            target = frozen_shardings(leaf, mesh)
+        _set(pure, path, _fill(path, leaf, jax.random.fold_in(base_key, n), target))
     nnx.replace_by_pure_dict(frozen, pure)
     # The adapters and RNG state for real; XLA drops the unused random base weights of make().
     rest = jax.jit(lambda: nnx.split(make(), Frozen, ...)[2])()
