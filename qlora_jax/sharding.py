@@ -1,4 +1,4 @@
-"""Device meshes and sharding rules for multi-device training (issue #8, first increment).
+"""Device meshes, sharding rules and several processes for multi-device / multi-host training (issue #8).
 
 A 2-D mesh ``("data", "fsdp")``:
 
@@ -23,7 +23,15 @@ check where the all-gathers are (``tests/test_mesh.py``).
 
 The gather needs the mesh at trace time: the train step runs under
 ``jax.sharding.use_abstract_mesh`` (``qlora_jax.trainer.make_train_step``); with no mesh,
-or a mesh without an ``fsdp`` axis > 1, it does nothing.
+or a mesh without an ``fsdp`` axis > 1, it does nothing. LoRA ``A`` / ``B`` are gathered the
+same way (small); their gradients are all-reduced per layer inside the backward loop.
+
+Several processes (hosts): :func:`initialize_distributed` (``mesh.distributed``) joins them with
+``jax.distributed`` before any other JAX use (gloo collectives on CPU); the mesh then spans every
+process's devices (``jax.devices()`` order: process by process, so ``fsdp`` is the inner, within-host
+axis when ``fsdp`` <= devices per host). :func:`process_rows` says which rows of each batch this
+process builds and :func:`global_batch` assembles the global batch from them;
+:func:`put_global` places identical per-process values (the loaded model) as global arrays.
 """
 
 from __future__ import annotations

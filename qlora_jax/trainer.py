@@ -15,6 +15,10 @@ Output directory layout::
     OUT/adapter/             the final LoRA weights (PEFT: safetensors + adapter_config.json)
     OUT/loss.png             train / eval loss curves
     OUT/samples.md           greedy answers to held-out prompts before and after (train.sample_prompts)
+
+On a mesh (``mesh`` section) the step is sharded (``qlora_jax.sharding``); with several processes
+(hosts) every process runs ``train`` on the same shared ``OUT``, and only process 0 writes the files
+above except the checkpoints, which all processes write together through orbax.
 """
 
 from __future__ import annotations
