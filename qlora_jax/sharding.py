@@ -204,9 +204,31 @@ def gather_for_compute(w: Any) -> Any:
     all-gather: only this layer's 4-bit codes and scales are whole on every device at once.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or dict(zip(mesh.axis_names, mesh.axis_sizes)).get("fsdp", 1) <= 1:
+    fsdp = 1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes)).get("fsdp", 1)
+    if fsdp <= 1:
         return w
+    if isinstance(w, QuantizedTensor):
+        def field(name: str) -> Any:
+            x = getattr(w, name)
+            if x is None:
+                return None
+            spec = shard_spec_for(name, x.shape, fsdp, blocksize=w.blocksize, double_quant=w.double_quant)
+            return _gather_flat(x, fsdp) if "fsdp" in spec else jax.lax.with_sharding_constraint(x, P())
+        names = ("packed", "absmax", "nested_absmax", "nested_offset", "nested_code")
+        return w.__class__(**{n: field(n) for n in names}, shape=w.shape, dtype=w.dtype, blocksize=w.blocksize,
+                           quant_type=w.quant_type)
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, P()), w)
+
+
+def _gather_flat(x: jax.Array, fsdp: int) -> jax.Array:
+    """All-gather ``x`` (split over ``"fsdp"`` along its last axis) as ``[..., fsdp, n / fsdp]`` along the
+    ``fsdp`` axis. Gathering a ``[1, n]`` layer slice along its last axis directly would make XLA lay the
+    whole stacked ``[L, n]`` weight out column-major for the loop (all-gather wants the gathered dimension
+    major): a transposed copy of every sharded NF4 stack on each device during the step."""
+    *lead, n = x.shape
+    y = x.reshape(*lead, fsdp, n // fsdp)
+    y = jax.lax.with_sharding_constraint(y, P(*([None] * len(lead)), "fsdp", None))
+    return jax.lax.with_sharding_constraint(y, P()).reshape(x.shape)
 
 
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")

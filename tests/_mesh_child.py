@@ -82,6 +82,42 @@ def step_collectives(model: str, data: int, fsdp: int, layers: int = 4) -> list[
     return shd.loop_collectives(compiled.as_text())
 
 
+def step_memory_7b(data: int, fsdp: int) -> dict[str, float]:
+    """XLA's per-device buffer assignment (arguments + outputs + temporaries - aliased) of the real step at
+    the 7B shape, 4 x 512 rows per device, on a ``data x fsdp`` mesh of the first devices (compiled from
+    abstract inputs), and the memory planner's per-device figure on the CPU's terms (one memory space:
+    the paged Adam state counts as device memory, no workspace allowance)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from benchmarks.train_step import train_config
+    from qlora_jax import sharding as shd
+    from qlora_jax.memory import PlanInputs, plan
+    from qlora_jax.models.llama import Llama, LlamaConfig, LoRAConfig, QuantConfig
+    from qlora_jax.trainer import make_optimizer, make_train_step
+
+    arch = LlamaConfig.preset("7b")
+    B, T = 4 * data * fsdp, 512
+    tc = train_config(dict(size="7b", weights="nf4", batch=B, seq=T, steps=1, warmup=0, remat="full", lora_r=64,
+                           lora_dropout=0.05, paged=True, mesh=(data, fsdp)))
+    abstract = nnx.eval_shape(lambda: Llama(arch, lora=LoRAConfig(r=64, alpha=16.0, dropout=0.05),
+                                            quant=QuantConfig(), remat="full", rngs=nnx.Rngs(0)))
+    abstract.train()
+    graphdef, lora, rest = nnx.split(abstract, nnx.LoRAParam, ...)
+    tx = make_optimizer(tc)
+    opt_state = jax.eval_shape(tx.init, lora)
+    mesh = shd.make_mesh(data, fsdp, jax.devices()[: data * fsdp])
+    shardings = (shd.param_shardings(lora, mesh), shd.param_shardings(opt_state, mesh),
+                 shd.frozen_shardings(rest, mesh), shd.batch_sharding(mesh), shd.replicated(mesh))
+    step = make_train_step(graphdef, tx, tc, shardings)
+    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32) for k in ("input_ids", "labels", "attention_mask")}
+    ma = step.lower(lora, opt_state, rest, batch, 0, jax.random.key(0)).compile().memory_analysis()
+    p = plan(PlanInputs(cfg=arch, batch=B, seq=T, data=data, fsdp=fsdp))
+    return {"xla": ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+            - ma.alias_size_in_bytes, "xla_temp": ma.temp_size_in_bytes,
+            "plan": p["total"] - p["workspace"] - p["optimizer_on_device"] + p["host_optimizer"]}
+
+
 def losses(run) -> list[float]:
     return [m["loss"] for m in run.metrics if "loss" in m]
 
@@ -94,6 +130,11 @@ def main(model: str, root: Path) -> None:
         t = time.perf_counter()
         out["collectives"][f"{data}x{fsdp}"] = step_collectives(model, data, fsdp)
         out["times"][f"hlo {data}x{fsdp}"] = time.perf_counter() - t
+    out["memory_7b"] = {}
+    for data, fsdp in [(1, 2), (1, 4), (2, 4)]:
+        t = time.perf_counter()
+        out["memory_7b"][f"{data}x{fsdp}"] = step_memory_7b(data, fsdp)
+        out["times"][f"memory 7b {data}x{fsdp}"] = time.perf_counter() - t
     for data, fsdp in [(1, 1), (8, 1), (4, 2), (1, 8)]:
         t = time.perf_counter()
         run = train(cfg(model, data, fsdp), root / f"run_{data}x{fsdp}", progress=False)
