@@ -1,7 +1,7 @@
 """Train-step benchmark: QLoRA's full training step at LLaMA sizes on one device.
 
     PYTHONPATH=. python3 benchmarks/train_step.py --size 7b --batch 4x512,1x2048 [--weights nf4,bf16]
-        [--steps 10] [--warmup 2] [--remat full] [--unpaged | --page-size N] [--mem-limit-gb 48 [--card-mem-gb 141]]
+        [--steps 10] [--warmup 2] [--remat full] [--paged auto|on|off | --unpaged] [--page-size N] [--mem-limit-gb 48 [--card-mem-gb 141]]
         [--profile DIR] [--timeout 300] [--budget-s 480] [--no-fallback-unpaged] [--json out.json]
 
 The model is a LLaMA of the named shape (``tiny`` for CPU tests, ``7b``, ``13b``, ``33b``, ``65b``:
@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -85,13 +86,18 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
     from qlora_jax.memory import PlanInputs, format_plan, plan
     from qlora_jax.models.llama import LoRAConfig, QuantConfig
     from qlora_jax.models.random_init import build_random_model
-    from qlora_jax.trainer import make_optimizer, make_train_step
+    from qlora_jax.trainer import make_optimizer, make_train_step, resolve_paging
 
     dev = jax.devices()[0]
     _log(f"[{c['name']}] device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
          f"XLA_PYTHON_CLIENT_MEM_FRACTION={os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', '-')}")
     cfg = model_config(c["size"])
     tc = train_config(c)
+    if tc.optim.paged == "auto":  # what train.py decides for this model on this device
+        tc = resolve_paging(tc, SimpleNamespace(cfg=cfg, quant=QuantConfig(
+            quantize=tc.model.quantize, quant_type="nf4", blocksize=64, double_quant=True,
+            param_dtype="bfloat16", compute_dtype=tc.model.compute_dtype)))
+        c = {**c, "paged": tc.optim.paged}
     B, T = c["batch"], c["seq"]
     quant = QuantConfig(quantize=tc.model.quantize, quant_type="nf4", blocksize=64, double_quant=True,
                         param_dtype="bfloat16", compute_dtype=tc.model.compute_dtype)
@@ -188,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--remat", default="full", choices=("none", "full", "save_dots", "offload"))
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lora-dropout", type=float, default=0.05)
-    ap.add_argument("--unpaged", action="store_true", help="plain AdamW with the state on the device")
+    ap.add_argument("--paged", choices=("auto", "on", "off"), default="auto",
+                    help="Adam state: paged from host memory (on), on the device (off), or train.py's choice (auto)")
+    ap.add_argument("--unpaged", action="store_true", help="same as --paged off")
     ap.add_argument("--page-size", type=int, default=0,
                     help="optim.page_size: elements of one moment per page (0: one page per LoRA leaf, train.py's default)")
     ap.add_argument("--no-fallback-unpaged", dest="fallback_unpaged", action="store_false",
@@ -229,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             configs.append(dict(
                 name=f"jax-{w}-{args.size}-{b}x{t}", impl="jax", size=args.size, weights=w, batch=b, seq=t,
                 steps=args.steps, warmup=args.warmup, remat=args.remat, lora_r=args.lora_r,
-                lora_dropout=args.lora_dropout, paged=not args.unpaged, page_size=args.page_size,
+                lora_dropout=args.lora_dropout, paged=False if args.unpaged else {"auto": "auto", "on": True, "off": False}[args.paged],
+                page_size=args.page_size,
                 mem_limit_gb=args.mem_limit_gb,
                 profile=args.profile,
             ))
@@ -244,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
                           env=env, retry=unpaged_retry)
 
     table = print_table(
-        f"train step, {args.size}, remat={args.remat}, {'unpaged' if args.unpaged else 'paged'} AdamW"
+        f"train step, {args.size}, remat={args.remat}"
         + (f", device pool {args.mem_limit_gb} GiB" if args.mem_limit_gb else ""),
         results,
         [("config", lambda r: r["name"]), ("status", lambda r: r["status"]),
+         ("Adam state", lambda r: {True: "paged", False: "device"}.get(r.get("paged"), str(r.get("paged")))),
          ("s/step", lambda r: fmt(r.get("step_s"), ".4f")), ("tok/s", lambda r: fmt(r.get("tokens_per_s"), ",.0f")),
          ("compile s", lambda r: fmt(r.get("compile_s"), ".1f")), ("peak GiB", lambda r: gib(r.get("peak_bytes"))),
          ("XLA est. GiB", lambda r: gib(r.get("xla_estimate_bytes"))), ("plan GiB", lambda r: gib(r.get("planned_bytes"))),

@@ -335,10 +335,17 @@ def dequantize(qt: QuantizedTensor, dtype: Any = jnp.bfloat16) -> jax.Array:
     """
     n, bs = qt.size, qt.blocksize
     lead = qt.packed.shape[:-1]
-    codes = unpack_nibbles(qt.packed, n).astype(jnp.int32)
-    values = jnp.asarray(qt.code)[codes]
     absmax = block_absmax(qt)
     nb = absmax.shape[-1]
+    if n == nb * bs:  # whole blocks (always, for K % blocksize == 0): block-shaped decode, no pad/slice.
+        # Measured on an H200 (benchmarks/RESULTS.md): 1.2-1.9x faster in XLA than the general path.
+        pairs = qt.packed.reshape(*lead, nb, bs // 2)
+        code = jnp.asarray(qt.code)
+        values = jnp.stack([code[(pairs >> 4).astype(jnp.int32)], code[(pairs & 0x0F).astype(jnp.int32)]], axis=-1)
+        out = values.reshape(*lead, nb, bs) * absmax[..., None]
+        return out.reshape(*lead, *qt.shape).astype(dtype)
+    codes = unpack_nibbles(qt.packed, n).astype(jnp.int32)
+    values = jnp.asarray(qt.code)[codes]
     values = jnp.pad(values, [(0, 0)] * len(lead) + [(0, nb * bs - n)])
     out = (values.reshape(*lead, nb, bs) * absmax[..., None]).reshape(*lead, nb * bs)[..., :n]
     return out.reshape(*lead, *qt.shape).astype(dtype)
