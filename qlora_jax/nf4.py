@@ -351,6 +351,30 @@ def dequantize(qt: QuantizedTensor, dtype: Any = jnp.bfloat16) -> jax.Array:
     return out.reshape(*lead, *qt.shape).astype(dtype)
 
 
+def dequantize_halves(qt: QuantizedTensor, dtype: Any = jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
+    """The even and odd columns of a 2-D ``[N, K]`` tensor, ``W[:, 0::2]`` and ``W[:, 1::2]``
+    (each ``[..., N, K/2]`` in ``dtype``), decoded straight from the high and low nibbles.
+
+    Needs ``K % blocksize == 0`` (every row holds whole blocks). No interleave is built: XLA decodes
+    both halves in one pass over the packed bytes, and a matmul splits its contraction to match
+    (``x @ W.T = x[:, 0::2] @ even.T + x[:, 1::2] @ odd.T``). Values equal :func:`dequantize`'s.
+    """
+    if len(qt.shape) != 2 or qt.shape[1] % qt.blocksize:
+        raise ValueError(f"dequantize_halves needs a 2-D weight with K % blocksize == 0, got shape {qt.shape} "
+                         f"and blocksize {qt.blocksize}")
+    n, k = qt.shape
+    lead = qt.packed.shape[:-1]
+    nb = k // qt.blocksize
+    pairs = qt.packed.reshape(*lead, n, nb, qt.blocksize // 2)
+    scale = block_absmax(qt).reshape(*lead, n, nb, 1)
+    code = jnp.asarray(qt.code)
+
+    def half(codes: jax.Array) -> jax.Array:
+        return (code[codes.astype(jnp.int32)] * scale).reshape(*lead, n, k // 2).astype(dtype)
+
+    return half(pairs >> 4), half(pairs & 0x0F)
+
+
 # --- bitsandbytes' serialized form (Params4bit state-dict keys) -------------------------
 
 _BNB_TORCH_DTYPES = ("float32", "bfloat16", "float16")
