@@ -144,3 +144,23 @@ def test_use_implementation_rejects_unknown_names():
     with pytest.raises(ValueError, match="not one of"):
         with kernels.use_implementation("cuda-magic"):
             pass
+
+
+@pytest.mark.parametrize("lead,n,k,quant_type,double_quant", [
+    ((1,), 64, 128, "nf4", True), ((2, 5), 172, 64, "fp4", False), ((3,), 64, 172, "nf4", True), ((7,), 96, 256, "nf4", False),
+])
+def test_split_xla_path_equals_the_reference(lead, n, k, quant_type, double_quant):
+    """The dispatcher's XLA path (even/odd columns decoded apart, contraction split) equals dequantize +
+    dot: to fp32 rounding in fp32, at bf16 level in bf16, forward and input gradient, with leading axes;
+    K = 172 (blocks spanning rows) takes the reference path."""
+    from qlora_jax.kernels.nf4_matmul import nf4_matmul_split, nf4_matmul_t_split
+
+    w = quantize(jax.random.normal(jax.random.key(1), (n, k)) * 0.05, quant_type=quant_type, double_quant=double_quant)
+    for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
+        x = jax.random.normal(jax.random.key(2), (*lead, k), dtype)
+        dy = jax.random.normal(jax.random.key(3), (*lead, n), dtype)
+        y = nf4_matmul_split(x, w)
+        dx = nf4_matmul_t_split(dy, w)
+        assert y.shape == (*lead, n) and y.dtype == dtype and dx.shape == (*lead, k) and dx.dtype == dtype
+        assert _rel_err(y, kernels.nf4_matmul_reference(x, w)) < tol
+        assert _rel_err(dx, kernels.nf4_matmul_t_reference(dy, w)) < tol

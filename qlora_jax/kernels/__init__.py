@@ -20,7 +20,9 @@ import jax
 import numpy as np
 
 from qlora_jax.kernels import nf4_matmul_small_m as small_m
-from qlora_jax.kernels.nf4_matmul import nf4_matmul_reference, nf4_matmul_t_reference
+from qlora_jax.kernels.nf4_matmul import (
+    nf4_matmul_reference, nf4_matmul_split, nf4_matmul_t_reference, nf4_matmul_t_split,
+)
 from qlora_jax.nf4 import QuantizedTensor
 
 __all__ = [
@@ -63,11 +65,11 @@ def nf4_matmul(x: jax.Array, w: QuantizedTensor) -> jax.Array:
     """``x [..., in] @ dequant(w [out, in]).T -> [..., out]``, in ``x.dtype``."""
     if select_implementation(x, w) == "small_m":
         return small_m.nf4_matmul_small_m(x, w)
-    return nf4_matmul_reference(x, w)
+    return nf4_matmul_split(x, w)
 
 
 def nf4_matmul_t(dy: jax.Array, w: QuantizedTensor) -> jax.Array:
     """``dy [..., out] @ dequant(w [out, in]) -> [..., in]``, in ``dy.dtype`` (the input gradient)."""
     if select_implementation(dy, w) == "small_m":
         return small_m.nf4_matmul_t_small_m(dy, w)
-    return nf4_matmul_t_reference(dy, w)
+    return nf4_matmul_t_split(dy, w)
