@@ -141,7 +141,8 @@ def test_kernels_lower_for_cuda_on_an_abstract_h100():
             for fn, arg in ((small_m.nf4_matmul_small_m, x), (small_m.nf4_matmul_t_small_m, dy)):
                 text = jax.jit(fn).trace(arg, w).lower(lowering_platforms=("cuda",)).as_text()
                 assert "xla.gpu.triton" in text
-            for cfg in (gemv.GemvConfig(), gemv.GemvConfig(decode="pair256", scales_in_kernel=False)):
+            for cfg in (gemv.GemvConfig(reduce="end"),
+                        gemv.GemvConfig(decode="pair256", scales_in_kernel=False, reduce="step", split=1)):
                 for fn, arg in ((gemv.nf4_gemv, x), (gemv.nf4_gemv_t, dy)):
                     f = functools.partial(fn, config=cfg)
                     text = jax.jit(f).trace(arg, w).lower(lowering_platforms=("cuda",)).as_text()
@@ -158,8 +159,9 @@ def test_kernels_lower_for_cuda_on_an_abstract_h100():
 GEMV_CASES = [
     # (M, N, K, quant_type, double_quant, config)
     (1, 64, 128, "nf4", True, gemv.GemvConfig()),
+    (1, 64, 256, "nf4", True, gemv.GemvConfig(split=1, reduce="step")),  # output written in x.dtype
     (3, 172, 640, "fp4", False, gemv.GemvConfig(block_n=8, blocks_per_step=4, split=3)),  # uneven K slices
-    (8, 64, 512, "nf4", False, gemv.GemvConfig(decode="pair256", split=2)),
+    (8, 64, 512, "nf4", False, gemv.GemvConfig(decode="pair256", split=2, reduce="end")),
     (8, 96, 768, "fp4", True, gemv.GemvConfig(decode="pair256", scales_in_kernel=False, split=5, blocks_per_step=2)),
     (3, 128, 256, "nf4", True, gemv.GemvConfig(block_n=64, blocks_per_step=32, split=1)),
 ]

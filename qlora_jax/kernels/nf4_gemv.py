@@ -24,10 +24,12 @@ The block scale multiplies the decoded values as a ``[block_n, blocks_per_step, 
 everything after the gather is fp32.
 
 * forward ``y [M, N] = x [M, K] @ W.T``: program ``(i, s)`` owns rows ``i*block_n ..`` and the
-  ``s``-th of ``split`` K slices; partials ``[split, Mp, N]`` fp32.
+  ``s``-th of ``split`` K slices; partials ``[split, Mp, N]`` fp32 (``split == 1``: the output
+  in ``x.dtype`` directly, no XLA epilogue).
 * input gradient ``dx [M, K] = dy [M, N] @ W``: program ``(j, s)`` owns quantization blocks
   ``j*blocks_per_step ..`` of K and the ``s``-th of ``split`` N slices, looping over ``block_n``
-  rows at a time; partials ``[split, Mp, NB, hb]`` for the even and the odd columns.
+  rows at a time; partials ``[split, Mp, NB, hb, 2]`` (even / odd columns; a free reshape of
+  ``[split, Mp, K]``).
 
 K slices (forward) and N slices (gradient) need not divide evenly into steps: the last step of
 a slice is moved back so it stays inside the slice and the blocks / rows already counted get
@@ -61,6 +63,11 @@ class GemvConfig:
     slices (gradient). ``decode``: ``"gather16"`` or ``"pair256"`` (module docstring).
     ``scales_in_kernel``: decode double-quantized scales in the kernel (else one small XLA op
     makes fp32 ``[N, NB]`` scales first: 4 extra bytes read per 32 code bytes).
+    ``reduce``: ``"end"`` keeps one elementwise fp32 accumulator per row of x the size of the byte
+    tile and reduces it once after the loop (no shuffles / shared-memory reductions in the loop,
+    but ``M * tile`` registers); ``"step"`` reduces every step into ``[block_n]`` (forward) or
+    ``[blocks_per_step, hb]`` (gradient) accumulators; ``"auto"`` picks ``"end"`` while the
+    accumulators need at most 64 fp32 registers per thread.
     ``num_warps`` / ``num_stages``: Triton's.
     """
 
@@ -69,6 +76,7 @@ class GemvConfig:
     split: int = 4
     decode: str = "gather16"
     scales_in_kernel: bool = True
+    reduce: str = "auto"
     num_warps: int = 4
     num_stages: int = 3
 
@@ -135,9 +143,13 @@ def _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel):
     return nc_ref[a.astype(jnp.int32)] * na_ref[flat // NESTED_BLOCKSIZE] + off_ref[0]
 
 
-def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
-                bn, g, steps, split, nb, mp, dq_in_kernel, decode):
-    """Program (i, s): ``o[s, :, rows_i] = sum over K_s of W[rows_i, K_s] * x[:, K_s]``."""
+def _fwd_kernel(x_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
+                bn, g, steps, split, nb, mp, dq_in_kernel, decode, reduce_at_end):
+    """Program (i, s): ``o[s, :, rows_i] = sum over K_s of W[rows_i, K_s] * x[:, K_s]``.
+
+    ``x_ref`` is x ``[Mp, NB, hb, 2]`` (a free reshape of ``[Mp, K]``): ``[..., 0]`` holds the even
+    columns, ``[..., 1]`` the odd ones, read with stride 2 (x is tiny and L2-resident).
+    """
     i, s = pl.program_id(0), pl.program_id(1)
     row0 = i * bn
     lo_b = (s * nb) // split
@@ -155,22 +167,27 @@ def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_
         whi, wlo = hi * scale, lo * scale
         out = []
         for m in range(mp):
-            xe = xe_ref[m, blocks, :].astype(jnp.float32)[None]  # [1, g, hb]
-            xo = xo_ref[m, blocks, :].astype(jnp.float32)[None]
-            # one axis at a time: Triton lowering reduces one axis per op anyway, and a
-            # multi-axis reduce trips a sharding check when lowered under an abstract mesh
-            out.append(accs[m] + jnp.sum(jnp.sum(whi * xe + wlo * xo, axis=2), axis=1))
+            xe = x_ref[m, blocks, :, 0].astype(jnp.float32)[None]  # [1, g, hb]
+            xo = x_ref[m, blocks, :, 1].astype(jnp.float32)[None]
+            prod = whi * xe + wlo * xo
+            if not reduce_at_end:
+                # one axis at a time: Triton reduces one axis per op anyway, and a multi-axis
+                # reduce trips a sharding check when lowered under an abstract mesh
+                prod = jnp.sum(jnp.sum(prod, axis=2), axis=1)
+            out.append(accs[m] + prod)
         return tuple(out)
 
-    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(mp)))
+    acc_shape = (bn, g, p_ref.shape[2]) if reduce_at_end else (bn,)
+    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(mp)))
     for m in range(mp):
-        o_ref[0, m, :] = accs[m]
+        acc = jnp.sum(jnp.sum(accs[m], axis=2), axis=1) if reduce_at_end else accs[m]
+        o_ref[0, m, :] = acc.astype(o_ref.dtype)
 
 
-def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, oe_ref, oo_ref, *,
-                bn, g, steps, split, n, nb, mp, dq_in_kernel, decode):
-    """Program (j, s): ``oe/oo[s, :, blocks_j, :] = sum over N_s of dy[:, N_s] * W[N_s, blocks_j]``
-    (even / odd columns)."""
+def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
+                bn, g, steps, split, n, nb, mp, dq_in_kernel, decode, reduce_at_end):
+    """Program (j, s): ``o[s, :, blocks_j, :, 0 / 1] = sum over N_s of dy[:, N_s] * W[N_s, blocks_j]``
+    for the even / odd columns (``o [split, Mp, NB, hb, 2]`` is a free reshape of ``[split, Mp, K]``)."""
     j, s = pl.program_id(0), pl.program_id(1)
     blocks = pl.ds(j * g, g)
     lo_r = (s * n) // split
@@ -188,16 +205,29 @@ def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, oe_ref, oo
         out = []
         for m in range(mp):
             d = dy_ref[m, rows].astype(jnp.float32)[:, None, None]  # [bn, 1, 1]
-            out.append(accs[2 * m] + jnp.sum(whi * d, axis=0))
-            out.append(accs[2 * m + 1] + jnp.sum(wlo * d, axis=0))
+            pe, po = whi * d, wlo * d
+            if not reduce_at_end:  # reduce over the rows every step (crosses warps)
+                pe, po = jnp.sum(pe, axis=0), jnp.sum(po, axis=0)
+            out += [accs[2 * m] + pe, accs[2 * m + 1] + po]
         return tuple(out)
 
     hb = p_ref.shape[2]
-    zeros = tuple(jnp.zeros((g, hb), jnp.float32) for _ in range(2 * mp))
-    accs = jax.lax.fori_loop(0, steps, body, zeros)
+    acc_shape = (bn, g, hb) if reduce_at_end else (g, hb)
+    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(2 * mp)))
     for m in range(mp):
-        oe_ref[0, m, :, :] = accs[2 * m]
-        oo_ref[0, m, :, :] = accs[2 * m + 1]
+        e, o = accs[2 * m], accs[2 * m + 1]
+        if reduce_at_end:
+            e, o = jnp.sum(e, axis=0), jnp.sum(o, axis=0)
+        o_ref[0, m, :, :, 0] = e.astype(o_ref.dtype)
+        o_ref[0, m, :, :, 1] = o.astype(o_ref.dtype)
+
+
+def _reduce_at_end(config: GemvConfig, mp: int, tile_elems: int) -> bool:
+    if config.reduce not in ("auto", "end", "step"):
+        raise ValueError(f"reduce={config.reduce!r} is not one of ('auto', 'end', 'step')")
+    if config.reduce == "auto":
+        return mp * tile_elems <= 64 * 32 * config.num_warps
+    return config.reduce == "end"
 
 
 def _weight_operands(w: QuantizedTensor, config: GemvConfig):
@@ -256,26 +286,28 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     nb, hb = k // w.blocksize, w.blocksize // 2
     x2 = _pad_m(x.reshape(m, k))
     mp = x2.shape[0]
-    xe = x2[:, 0::2].reshape(mp, nb, hb)
-    xo = x2[:, 1::2].reshape(mp, nb, hb)
     split = max(1, min(config.split, nb))
     g = min(_pow2_at_most(config.blocks_per_step), _pow2_at_most(nb // split))
     steps = -(-(-(-nb // split)) // g)  # ceil(ceil(nb / split) / g)
     bn = _pow2_divisor(n, config.block_n)
     operands, dq = _weight_operands(w, config)
     kernel = functools.partial(_fwd_kernel, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
-                               dq_in_kernel=dq, decode=config.decode)
+                               dq_in_kernel=dq, decode=config.decode,
+                               reduce_at_end=_reduce_at_end(config, mp, bn * g * hb))
+    # one K slice: write x.dtype directly (no XLA epilogue); else fp32 partials summed by XLA
+    out_dtype = x.dtype if split == 1 else jnp.float32
     partial = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((split, mp, n), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((split, mp, n), out_dtype),
         grid=(n // bn, split),
-        in_specs=[pl.no_block_spec] * 8,
+        in_specs=[pl.no_block_spec] * 7,
         out_specs=pl.BlockSpec((1, mp, bn), lambda i, s: (s, 0, i)),
         compiler_params=_triton_params(config),
         interpret=interpret,
         name="nf4_gemv",
-    )(xe, xo, *operands)
-    return partial.sum(0)[:m].astype(x.dtype).reshape(*x.shape[:-1], n)
+    )(x2.reshape(mp, nb, hb, 2), *operands)
+    y = partial[0] if split == 1 else partial.sum(0)
+    return y[:m].astype(x.dtype).reshape(*x.shape[:-1], n)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -293,17 +325,18 @@ def nf4_gemv_t(dy: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAUL
     steps = -(-(-(-n // split)) // bn)
     operands, dq = _weight_operands(w, config)
     kernel = functools.partial(_bwd_kernel, bn=bn, g=g, steps=steps, split=split, n=n, nb=nb, mp=mp,
-                               dq_in_kernel=dq, decode=config.decode)
-    out_block = pl.BlockSpec((1, mp, g, hb), lambda j, s: (s, 0, j, 0))
-    even, odd = pl.pallas_call(
+                               dq_in_kernel=dq, decode=config.decode,
+                               reduce_at_end=_reduce_at_end(config, 2 * mp, bn * g * hb))
+    out_dtype = dy.dtype if split == 1 else jnp.float32
+    partial = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((split, mp, nb, hb), jnp.float32)] * 2,
+        out_shape=jax.ShapeDtypeStruct((split, mp, nb, hb, 2), out_dtype),
         grid=(nb // g, split),
         in_specs=[pl.no_block_spec] * 7,
-        out_specs=[out_block, out_block],
+        out_specs=pl.BlockSpec((1, mp, g, hb, 2), lambda j, s: (s, 0, j, 0, 0)),
         compiler_params=_triton_params(config),
         interpret=interpret,
         name="nf4_gemv_t",
     )(dy2, *operands)
-    dx = jnp.stack([even.sum(0), odd.sum(0)], axis=-1).reshape(mp, k)
+    dx = (partial[0] if split == 1 else partial.sum(0)).reshape(mp, k)
     return dx[:m].astype(dy.dtype).reshape(*dy.shape[:-1], k)
