@@ -37,6 +37,9 @@ from qlora_jax.nf4 import NESTED_BLOCKSIZE, QuantizedTensor, block_absmax, codeb
 
 OUT_DTYPES = ("bfloat16", "float16")
 
+_NESTED_SHIFT = NESTED_BLOCKSIZE.bit_length() - 1  # index // 256 as a shift (indices are >= 0)
+assert 1 << _NESTED_SHIFT == NESTED_BLOCKSIZE
+
 
 @dataclasses.dataclass(frozen=True)
 class DequantConfig:
@@ -82,7 +85,7 @@ def _kernel(p_ref, a_ref, na_ref, nc_ref, off_ref, code_ref, o_ref, *, rows, dq_
     s = a_ref[...]  # [rows]
     if dq_in_kernel:
         blk = pl.program_id(0) * rows + jnp.arange(rows, dtype=jnp.int32)
-        s = nc_ref[s.astype(jnp.int32)] * na_ref[blk // NESTED_BLOCKSIZE] + off_ref[0]
+        s = nc_ref[s.astype(jnp.int32)] * na_ref[jax.lax.shift_right_logical(blk, _NESTED_SHIFT)] + off_ref[0]
     s = s[:, None]
     even = code_ref[b >> 4] * s
     odd = code_ref[b & 0xF] * s

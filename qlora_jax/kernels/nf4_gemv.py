@@ -51,6 +51,9 @@ from qlora_jax.nf4 import NESTED_BLOCKSIZE, QuantizedTensor, block_absmax, codeb
 MAX_M = 8
 DECODES = ("gather16", "pair256")
 
+_NESTED_SHIFT = NESTED_BLOCKSIZE.bit_length() - 1  # index // 256 as a shift (indices are >= 0)
+assert 1 << _NESTED_SHIFT == NESTED_BLOCKSIZE
+
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
@@ -140,7 +143,7 @@ def _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel):
     r = rows.start + jnp.arange(rows.size, dtype=jnp.int32)
     c = blocks.start + jnp.arange(blocks.size, dtype=jnp.int32)
     flat = r[:, None] * nb + c[None, :]
-    return nc_ref[a.astype(jnp.int32)] * na_ref[flat // NESTED_BLOCKSIZE] + off_ref[0]
+    return nc_ref[a.astype(jnp.int32)] * na_ref[jax.lax.shift_right_logical(flat, _NESTED_SHIFT)] + off_ref[0]
 
 
 def _fwd_kernel(x_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
