@@ -11,9 +11,13 @@ Why this shape of program: the earlier small-M kernels (``nf4_matmul_small_m.py`
 ``[block_n, 32*g]`` tiles with g = 1..4 (32-128 bytes per row and step) and use ``tl.dot``;
 they stream at 100-200 GB/s, bounded by load-issue latency, not by HBM. Here every loop step
 loads a ``[block_n, blocks_per_step, hb]`` byte tile, i.e. ``blocks_per_step * hb`` contiguous
-bytes per row (256-1024 for 8-32 blocks), so each thread issues 16-byte loads, and the reduction
-is elementwise multiply-add plus a tree sum (no ``tl.dot``: M is tiny). Split-K (forward) and
-split-N (input gradient) keep enough programs in flight; XLA sums the fp32 partials.
+bytes per row (256-1024 for 8-32 blocks; the offsets are multiples of 32, so Triton can give each
+thread 16-byte loads), and the reduction is an elementwise fp32 multiply-add per row of x, summed
+either every step or once after the loop (``GemvConfig.reduce``; no ``tl.dot``: M is tiny).
+Split-K (forward) and split-N (input gradient) keep enough programs in flight; XLA sums the
+fp32 partials. The activations are read in place as ``[Mp, NB, hb, 2]`` (a free reshape of
+``[Mp, K]``; ``[..., 0]`` even columns, ``[..., 1]`` odd), so no XLA op runs before the kernel
+when M is a power of two (else rows are zero-padded to one).
 
 Decode, per byte: ``code[b >> 4]`` and ``code[b & 15]`` gathered from the 16-entry fp32
 codebook (``decode="gather16"``), or one gather from a 256-entry uint32 table of byte ->
