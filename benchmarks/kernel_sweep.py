@@ -56,7 +56,7 @@ L2_BYTES = 60 * 2**20
 G = gemv.GemvConfig
 D = dequant.DequantConfig
 
-# 12 forward, 5 input-gradient and 5 dequantize configs (~70 timed programs per shape): the
+# 13 forward, 5 input-gradient and 5 dequantize configs (~70 timed programs per shape): the
 # default run stays near 4 min on an H200; --budget-s cuts it off in any case.
 GEMV_CONFIGS = [
     G(),  # block_n=16, blocks_per_step=8 (256 B per row and step), split=4
@@ -71,6 +71,7 @@ GEMV_CONFIGS = [
     G(scales_in_kernel=False),
     G(reduce="step"),
     G(reduce="end"),
+    G(x_layout="strided"),
 ]
 GEMV_T_CONFIGS = [
     gemv.DEFAULT_T_CONFIG,  # block_n=16 rows per step, 4 blocks (128 B) per row, split=8

@@ -142,7 +142,8 @@ def test_kernels_lower_for_cuda_on_an_abstract_h100():
                 text = jax.jit(fn).trace(arg, w).lower(lowering_platforms=("cuda",)).as_text()
                 assert "xla.gpu.triton" in text
             for cfg in (gemv.GemvConfig(reduce="end"),
-                        gemv.GemvConfig(decode="pair256", scales_in_kernel=False, reduce="step", split=1)):
+                        gemv.GemvConfig(decode="pair256", scales_in_kernel=False, reduce="step", split=1,
+                                        x_layout="strided")):
                 for fn, arg in ((gemv.nf4_gemv, x), (gemv.nf4_gemv_t, dy)):
                     f = functools.partial(fn, config=cfg)
                     text = jax.jit(f).trace(arg, w).lower(lowering_platforms=("cuda",)).as_text()
@@ -159,7 +160,7 @@ def test_kernels_lower_for_cuda_on_an_abstract_h100():
 GEMV_CASES = [
     # (M, N, K, quant_type, double_quant, config)
     (1, 64, 128, "nf4", True, gemv.GemvConfig()),
-    (1, 64, 256, "nf4", True, gemv.GemvConfig(split=1, reduce="step")),  # output written in x.dtype
+    (1, 64, 256, "nf4", True, gemv.GemvConfig(split=1, reduce="step", x_layout="strided")),  # x.dtype out
     (3, 172, 640, "fp4", False, gemv.GemvConfig(block_n=8, blocks_per_step=4, split=3)),  # uneven K slices
     (8, 64, 512, "nf4", False, gemv.GemvConfig(decode="pair256", split=2, reduce="end")),
     (8, 96, 768, "fp4", True, gemv.GemvConfig(decode="pair256", scales_in_kernel=False, split=5, blocks_per_step=2)),

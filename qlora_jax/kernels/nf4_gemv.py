@@ -15,9 +15,9 @@ bytes per row (256-1024 for 8-32 blocks; the offsets are multiples of 32, so Tri
 thread 16-byte loads), and the reduction is an elementwise fp32 multiply-add per row of x, summed
 either every step or once after the loop (``GemvConfig.reduce``; no ``tl.dot``: M is tiny).
 Split-K (forward) and split-N (input gradient) keep enough programs in flight; XLA sums the
-fp32 partials. The activations are read in place as ``[Mp, NB, hb, 2]`` (a free reshape of
-``[Mp, K]``; ``[..., 0]`` even columns, ``[..., 1]`` odd), so no XLA op runs before the kernel
-when M is a power of two (else rows are zero-padded to one).
+fp32 partials. The activations are split into even and odd columns ``[Mp, NB, hb]`` by one small
+XLA op (contiguous, vectorizable loads in the kernel), or read in place with stride 2
+(``GemvConfig.x_layout``); rows are zero-padded to a power of two Mp.
 
 Decode, per byte: ``code[b >> 4]`` and ``code[b & 15]`` gathered from the 16-entry fp32
 codebook (``decode="gather16"``), or one gather from a 256-entry uint32 table of byte ->
@@ -75,6 +75,9 @@ class GemvConfig:
     but ``M * tile`` registers); ``"step"`` reduces every step into ``[block_n]`` (forward) or
     ``[blocks_per_step, hb]`` (gradient) accumulators; ``"auto"`` picks ``"end"`` while the
     accumulators need at most 64 fp32 registers per thread.
+    ``x_layout`` (forward): ``"split"`` de-interleaves x into even / odd columns with one small XLA
+    op first, so the kernel's activation loads are contiguous (vectorizable); ``"strided"`` reads
+    x in place with stride 2 (no op before the kernel, but scalar loads: one per weight and row of x).
     ``num_warps`` / ``num_stages``: Triton's.
     """
 
@@ -84,6 +87,7 @@ class GemvConfig:
     decode: str = "gather16"
     scales_in_kernel: bool = True
     reduce: str = "auto"
+    x_layout: str = "split"
     num_warps: int = 4
     num_stages: int = 3
 
@@ -150,12 +154,13 @@ def _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel):
     return nc_ref[a.astype(jnp.int32)] * na_ref[jax.lax.shift_right_logical(flat, _NESTED_SHIFT)] + off_ref[0]
 
 
-def _fwd_kernel(x_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
-                bn, g, steps, split, nb, mp, dq_in_kernel, decode, reduce_at_end):
+def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
+                bn, g, steps, split, nb, mp, dq_in_kernel, decode, reduce_at_end, x_strided):
     """Program (i, s): ``o[s, :, rows_i] = sum over K_s of W[rows_i, K_s] * x[:, K_s]``.
 
-    ``x_ref`` is x ``[Mp, NB, hb, 2]`` (a free reshape of ``[Mp, K]``): ``[..., 0]`` holds the even
-    columns, ``[..., 1]`` the odd ones, read with stride 2 (x is tiny and L2-resident).
+    ``x_strided``: ``xe_ref`` and ``xo_ref`` are both x ``[Mp, NB, hb, 2]`` (a free reshape of
+    ``[Mp, K]``; ``[..., 0]`` even columns, ``[..., 1]`` odd, read with stride 2); else they are the
+    even and odd columns ``[Mp, NB, hb]``, contiguous.
     """
     i, s = pl.program_id(0), pl.program_id(1)
     row0 = i * bn
@@ -174,8 +179,12 @@ def _fwd_kernel(x_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
         whi, wlo = hi * scale, lo * scale
         out = []
         for m in range(mp):
-            xe = x_ref[m, blocks, :, 0].astype(jnp.float32)[None]  # [1, g, hb]
-            xo = x_ref[m, blocks, :, 1].astype(jnp.float32)[None]
+            if x_strided:
+                xe, xo = xe_ref[m, blocks, :, 0], xo_ref[m, blocks, :, 1]
+            else:
+                xe, xo = xe_ref[m, blocks, :], xo_ref[m, blocks, :]
+            xe = xe.astype(jnp.float32)[None]  # [1, g, hb]
+            xo = xo.astype(jnp.float32)[None]
             prod = whi * xe + wlo * xo
             if not reduce_at_end:
                 # one axis at a time: Triton reduces one axis per op anyway, and a multi-axis
@@ -298,8 +307,15 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     steps = -(-(-(-nb // split)) // g)  # ceil(ceil(nb / split) / g)
     bn = _pow2_divisor(n, config.block_n)
     operands, dq = _weight_operands(w, config)
+    if config.x_layout == "strided":
+        x4 = x2.reshape(mp, nb, hb, 2)
+        xs = (x4, x4)
+    elif config.x_layout == "split":
+        xs = (x2[:, 0::2].reshape(mp, nb, hb), x2[:, 1::2].reshape(mp, nb, hb))
+    else:
+        raise ValueError(f"x_layout={config.x_layout!r} is not 'split' or 'strided'")
     kernel = functools.partial(_fwd_kernel, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
-                               dq_in_kernel=dq, decode=config.decode,
+                               dq_in_kernel=dq, decode=config.decode, x_strided=config.x_layout == "strided",
                                reduce_at_end=_reduce_at_end(config, mp, bn * g * hb))
     # one K slice: write x.dtype directly (no XLA epilogue); else fp32 partials summed by XLA
     out_dtype = x.dtype if split == 1 else jnp.float32
@@ -307,12 +323,12 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
         kernel,
         out_shape=jax.ShapeDtypeStruct((split, mp, n), out_dtype),
         grid=(n // bn, split),
-        in_specs=[pl.no_block_spec] * 7,
+        in_specs=[pl.no_block_spec] * 8,
         out_specs=pl.BlockSpec((1, mp, bn), lambda i, s: (s, 0, i)),
         compiler_params=_triton_params(config),
         interpret=interpret,
         name="nf4_gemv",
-    )(x2.reshape(mp, nb, hb, 2), *operands)
+    )(*xs, *operands)
     y = partial[0] if split == 1 else partial.sum(0)
     return y[:m].astype(x.dtype).reshape(*x.shape[:-1], n)
 
