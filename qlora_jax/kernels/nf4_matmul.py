@@ -72,3 +72,26 @@ def nf4_matmul_t_split(dy: jax.Array, w: QuantizedTensor) -> jax.Array:
     ge = jax.lax.dot_general(dy, even, dims, preferred_element_type=jnp.float32)
     go = jax.lax.dot_general(dy, odd, dims, preferred_element_type=jnp.float32)
     return jnp.stack([ge, go], axis=-1).reshape(*dy.shape[:-1], w.shape[1]).astype(dy.dtype)
+
+def nf4_matmul_reduce(x: jax.Array, w: QuantizedTensor) -> jax.Array:
+    """``x [..., in] @ dequant(w).T -> [..., out]`` as one fp32 multiply-and-reduce (meant for M <= 8).
+
+    ``sum(x[:, None, :] * W[None, :, :], -1)``: no dot, so XLA can fuse the decode (unpack,
+    codebook gather, scale) into the reduction and read the 4-bit weight once, where
+    dequantize-then-dot writes and re-reads a full-width W. Work grows with M; use it for GEMVs.
+    The weight is not rounded to ``x.dtype`` (fp32 throughout).
+    """
+    _check(x, w, 1, "nf4_matmul_reduce")
+    wd = dequantize(w, jnp.float32)  # [N, K]; fused into the reduction by XLA
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    y = jnp.sum(x2[:, None, :] * wd[None, :, :], axis=-1)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+def nf4_matmul_t_reduce(dy: jax.Array, w: QuantizedTensor) -> jax.Array:
+    """``dy [..., out] @ dequant(w) -> [..., in]`` as one fp32 multiply-and-reduce over ``out`` (M <= 8)."""
+    _check(dy, w, 0, "nf4_matmul_t_reduce")
+    wd = dequantize(w, jnp.float32)
+    d2 = dy.reshape(-1, dy.shape[-1]).astype(jnp.float32)
+    y = jnp.sum(d2[:, :, None] * wd[None, :, :], axis=1)
+    return y.astype(dy.dtype).reshape(*dy.shape[:-1], w.shape[1])
