@@ -143,6 +143,7 @@ def run_jax(args) -> list[dict]:
     import jax
     import numpy as np
 
+    from qlora_jax import kernels
     from qlora_jax.generate import Generator, _prefill_jit, SamplingConfig
 
     cfg = model_shape(args.size)
@@ -153,8 +154,11 @@ def run_jax(args) -> list[dict]:
         model = build_random_model(cfg, variant)
         build_s = time.perf_counter() - t0
         nbytes = model_bytes(model, skip_embeddings=not cfg["tie_word_embeddings"])
-        gen = Generator(model, eos_token_ids=())
-        for batch in args.batch:
+        for impl, unroll, batch in [(i, u, b) for i in args.implementation for u in args.unroll_layers for b in args.batch]:
+            jax.clear_caches()  # the kernel choice is made while tracing: no trace may be reused across impls
+            ctx = kernels.use_implementation(impl)
+            ctx.__enter__()
+            gen = Generator(model, eos_token_ids=(), unroll_layers=unroll)
             prompts = np.random.default_rng(batch).integers(3, cfg["vocab_size"], (batch, args.prompt_len)).tolist()
             kw = dict(max_new_tokens=args.new_tokens, sampling=SamplingConfig(), chunk_size=None)
             t0 = time.perf_counter()
@@ -165,7 +169,8 @@ def run_jax(args) -> list[dict]:
 
             def prefill():
                 return _prefill_jit(gen.graphdef, gen.state, ids, mask, jax.random.key(0), sampling=SamplingConfig(),
-                                    eos=(), cache_len=args.prompt_len + args.new_tokens, max_new=args.new_tokens)
+                                    eos=(), cache_len=args.prompt_len + args.new_tokens, max_new=args.new_tokens,
+                                    unroll_layers=unroll)
 
             jax.block_until_ready(prefill())
             prefill_s, total_s = [], []
@@ -177,8 +182,17 @@ def run_jax(args) -> list[dict]:
                 out = gen.generate_ids(prompts, **kw)
                 total_s.append(time.perf_counter() - t0)
                 assert all(len(c.tokens) == args.new_tokens for c in out)
+            extra = {"build_s": build_s, "compile_s": compile_s, "unroll_layers": unroll, "implementation": impl}
+            if args.profile:
+                trace = Path(args.profile) / f"{variant}_b{batch}_unroll{int(unroll)}"
+                with jax.profiler.trace(str(trace)):
+                    gen.generate_ids(prompts, **kw)
+                from benchmarks.profile_summary import summarize
+
+                extra["profile"] = summarize(trace, steps=args.new_tokens, top=15)
             rows.append(_row("qlora_jax", variant, batch, args, device, statistics.median(prefill_s),
-                             statistics.median(total_s), nbytes, cfg, extra={"build_s": build_s, "compile_s": compile_s}))
+                             statistics.median(total_s), nbytes, cfg, extra=extra))
+            ctx.__exit__(None, None, None)
         del gen, model
     return rows
 
@@ -287,7 +301,10 @@ def table(rows: list[dict]) -> str:
             continue
         fl = "n/a" if r["floor_ms"] is None else f"{r['floor_ms']:.2f}"
         xf = "n/a" if r["x_floor"] is None else f"{r['x_floor']:.1f}x"
-        lines.append(f"| {r['impl']} | {r['variant']} | {r['batch']} | {r['prefill_ms']:.1f} | "
+        variant = r["variant"] + (" (layers unrolled)" if r.get("unroll_layers") else "")
+        if r.get("implementation", "auto") != "auto":
+            variant += f" [{r['implementation']}]"
+        lines.append(f"| {r['impl']} | {variant} | {r['batch']} | {r['prefill_ms']:.1f} | "
                      f"{r['decode_ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | {fl} | {xf} |")
     return "\n".join(lines)
 
@@ -303,13 +320,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baselines", default=",".join(BASELINES), help=f"transformers baselines: {BASELINES} ('' for none)")
     ap.add_argument("--bandwidth-gbs", type=float, help="peak memory bandwidth for the floor (default: by card name)")
     ap.add_argument("--json", type=Path, default=Path("generate.json"))
-    ap.add_argument("--tmp-dir", help="where the bitsandbytes baseline writes its temporary bf16 checkpoint")
+    ap.add_argument("--tmp-dir", help="where the bitsandbytes baseline writes its temporary bf16 checkpoint (created)")
+    ap.add_argument("--implementation", default="auto",
+                    help="comma-separated qlora_jax.kernels implementations to decode with (e.g. auto,gemv,xla_reduce)")
+    ap.add_argument("--unroll-layers", default="0", help="comma-separated 0/1: decode with the layer loop unrolled")
+    ap.add_argument("--profile", help="write a profiler trace of one generate call per JAX row here; rows get a summary")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.batch = [int(b) for b in args.batch.split(",") if b]
     args.variants = [v for v in args.variants.split(",") if v]
     args.baselines = [b for b in args.baselines.split(",") if b]
+    args.unroll_layers = [bool(int(u)) for u in args.unroll_layers.split(",") if u]
+    args.implementation = [i for i in args.implementation.split(",") if i]
+    if args.tmp_dir:
+        Path(args.tmp_dir).mkdir(parents=True, exist_ok=True)
     bad = (set(args.variants) - set(JAX_VARIANTS)) | (set(args.baselines) - set(BASELINES))
     if bad:
         ap.error(f"unknown variants/baselines {sorted(bad)}")

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/train_step.py --size 7b --batch 4x512,1x2048 [--weights nf4,bf16]
         [--mesh 1x1,2x1,1x2] [--global-batch]
-        [--steps 10] [--warmup 2] [--remat full] [--unpaged | --page-size N] [--mem-limit-gb 48 [--card-mem-gb 141]]
+        [--steps 10] [--warmup 2] [--remat full] [--paged auto|on|off | --unpaged] [--page-size N] [--mem-limit-gb 48 [--card-mem-gb 141]]
         [--profile DIR] [--timeout 300] [--budget-s 480] [--no-fallback-unpaged] [--json out.json]
 
 ``--mesh DATAxFSDP[,...]`` runs the same step on ``DATA * FSDP`` devices of this host (the first
@@ -43,6 +43,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -118,7 +119,7 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
     from qlora_jax.memory import PlanInputs, format_plan, plan
     from qlora_jax.models.llama import LoRAConfig, QuantConfig
     from qlora_jax.models.random_init import build_random_model
-    from qlora_jax.trainer import make_optimizer, make_train_step
+    from qlora_jax.trainer import make_optimizer, make_train_step, resolve_paging
 
     dev = jax.devices()[0]
     data, fsdp = c.get("mesh", (1, 1))
@@ -131,6 +132,11 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
          f"XLA_PYTHON_CLIENT_MEM_FRACTION={os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', '-')}")
     cfg = model_config(c["size"])
     tc = train_config(c)
+    if tc.optim.paged == "auto":  # what train.py decides for this model on this device (per device on a mesh)
+        tc = resolve_paging(tc, SimpleNamespace(cfg=cfg, quant=QuantConfig(
+            quantize=tc.model.quantize, quant_type="nf4", blocksize=64, double_quant=True,
+            param_dtype="bfloat16", compute_dtype=tc.model.compute_dtype)))
+        c = {**c, "paged": tc.optim.paged}
     B, T = c["batch"], c["seq"]  # the global batch
     quant = QuantConfig(quantize=tc.model.quantize, quant_type="nf4", blocksize=64, double_quant=True,
                         param_dtype="bfloat16", compute_dtype=tc.model.compute_dtype)
@@ -235,9 +241,9 @@ def _ratio(a: Any, b: Any) -> str:
 
 def add_scaling(results: list[dict[str, Any]]) -> None:
     """``scaling`` (tokens/s over the 1x1 row of the same weights, per-device batch, sequence and
-    paging) and ``efficiency`` (scaling / devices) on every ok row that has such a reference."""
+    requested paging) and ``efficiency`` (scaling / devices) on every ok row that has such a reference."""
     def key(r: dict[str, Any]) -> tuple:
-        return r["weights"], r["device_batch"], r["seq"], r["paged"]
+        return r["weights"], r["device_batch"], r["seq"], r.get("paged_setting", r["paged"])
 
     refs = {key(r): r for r in results if r["status"] == "ok" and tuple(r.get("mesh", (1, 1))) == (1, 1)}
     for r in results:
@@ -264,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--remat", default="full", choices=("none", "full", "save_dots", "offload"))
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lora-dropout", type=float, default=0.05)
-    ap.add_argument("--unpaged", action="store_true", help="plain AdamW with the state on the device")
+    ap.add_argument("--paged", choices=("auto", "on", "off"), default="auto",
+                    help="Adam state: paged from host memory (on), on the device (off), or train.py's choice (auto)")
+    ap.add_argument("--unpaged", action="store_true", help="same as --paged off")
     ap.add_argument("--page-size", type=int, default=0,
                     help="optim.page_size: elements of one moment per page (0: one page per LoRA leaf, train.py's default)")
     ap.add_argument("--no-fallback-unpaged", dest="fallback_unpaged", action="store_false",
@@ -308,11 +316,12 @@ def main(argv: list[str] | None = None) -> int:
                 if args.global_batch and b % n:
                     raise SystemExit(f"error: --global-batch: batch {b} does not split over mesh {d}x{f} ({n} devices)")
                 batch = b if args.global_batch else b * n
+                paged = False if args.unpaged else {"auto": "auto", "on": True, "off": False}[args.paged]
                 configs.append(dict(
                     name=f"jax-{w}-{args.size}-{b}x{t}" + (f"-mesh{d}x{f}" if n > 1 else ""), impl="jax",
                     size=args.size, weights=w, batch=batch, device_batch=batch // n, seq=t, mesh=[d, f],
                     steps=args.steps, warmup=args.warmup, remat=args.remat, lora_r=args.lora_r,
-                    lora_dropout=args.lora_dropout, paged=not args.unpaged, page_size=args.page_size,
+                    lora_dropout=args.lora_dropout, paged=paged, paged_setting=paged, page_size=args.page_size,
                     mem_limit_gb=args.mem_limit_gb,
                     profile=args.profile,
                 ))
@@ -320,14 +329,15 @@ def main(argv: list[str] | None = None) -> int:
         # Host offload is the newest part of the stack: one failure there must not cost the run's
         # numbers. Same configuration with the optimizer state on the device, reported as its own row.
         if r["status"] in ("error", "crashed") and c["paged"] and args.fallback_unpaged:
-            return {**c, "name": c["name"] + "-unpaged", "paged": False}
+            return {**c, "name": c["name"] + "-unpaged", "paged": False, "paged_setting": False}
         return None
 
     results = run_configs(Path(__file__).resolve(), configs, timeout=args.timeout, budget_s=args.budget_s,
                           env=env, retry=unpaged_retry)
     add_scaling(results)
 
-    columns = [("config", lambda r: r["name"]), ("status", lambda r: r["status"])]
+    columns = [("config", lambda r: r["name"]), ("status", lambda r: r["status"]),
+               ("Adam state", lambda r: {True: "paged", False: "device"}.get(r.get("paged"), str(r.get("paged"))))]
     if len(meshes) > 1:
         columns += [("mesh", lambda r: "x".join(map(str, r["mesh"]))), ("global batch", lambda r: f"{r['batch']}x{r['seq']}")]
     columns += [("s/step", lambda r: fmt(r.get("step_s"), ".4f")), ("tok/s", lambda r: fmt(r.get("tokens_per_s"), ",.0f"))]
@@ -340,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("plan GiB", lambda r: gib(r.get("planned_bytes"))),
                 ("plan vs peak", lambda r: _ratio(r.get("planned_bytes"), r.get("peak_bytes")))]
     table = print_table(
-        f"train step, {args.size}, remat={args.remat}, {'unpaged' if args.unpaged else 'paged'} AdamW"
+        f"train step, {args.size}, remat={args.remat}"
         + (f", device pool {args.mem_limit_gb} GiB" if args.mem_limit_gb else "")
         + (f", meshes {','.join(f'{d}x{f}' for d, f in meshes)} ({'global' if args.global_batch else 'per-device'} "
            "batch; tok/s global, peak and plan per device)" if len(meshes) > 1 else ""),

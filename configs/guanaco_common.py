@@ -17,6 +17,6 @@ def guanaco(base_model: str, *, lora_dropout: float, learning_rate: float) -> Tr
                         group_by_length=True, eval_dataset_size=1024, max_eval_samples=1000,
                         batch_size=16, eval_batch_size=16),
         optim=OptimSection(learning_rate=learning_rate, schedule="constant", warmup_ratio=0.03, b2=0.999,
-                           weight_decay=0.0, max_grad_norm=0.3, paged=True),
+                           weight_decay=0.0, max_grad_norm=0.3, paged="auto"),
         train=TrainSection(steps=1875, grad_accum=16, seed=0, log_every=10, eval_every=187, save_every=500),
     )

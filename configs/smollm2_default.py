@@ -23,7 +23,7 @@ def get_config():
         data=DataConfig(dataset="python-docs", source_max_len=32, target_max_len=96, eval_dataset_size=16,
                         batch_size=4, eval_batch_size=8, pad_to_multiple=32),
         optim=OptimSection(learning_rate=1e-3, schedule="constant", warmup_ratio=0.05, max_grad_norm=0.3,
-                           paged=True),
+                           paged="auto"),
         train=TrainSection(steps=40, grad_accum=1, log_every=5, eval_every=20, save_every=20,
                            keep_checkpoints=1, sample_prompts=2, sample_tokens=48),
     )

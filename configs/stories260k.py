@@ -21,7 +21,7 @@ def get_config():
                         dataset_format="oasst1", source_max_len=64, target_max_len=192,
                         eval_dataset_size=16, batch_size=8, eval_batch_size=8),
         optim=OptimSection(learning_rate=3e-3, schedule="constant", warmup_ratio=0.03, max_grad_norm=1.0,
-                           paged=True),
+                           paged="auto"),
         train=TrainSection(steps=30, grad_accum=2, log_every=5, eval_every=10, save_every=10,
                            keep_checkpoints=2, sample_prompts=1, sample_tokens=16),
     )

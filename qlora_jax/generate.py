@@ -136,13 +136,15 @@ def _record(ds: DecodeState, tok: jax.Array, eos: tuple[int, ...], uses_seen: bo
 
 
 def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax.Array, key: jax.Array, *,
-             sampling: SamplingConfig, eos: tuple[int, ...], cache_len: int, max_new: int) -> DecodeState:
+             sampling: SamplingConfig, eos: tuple[int, ...], cache_len: int, max_new: int,
+             unroll_layers: bool = False) -> DecodeState:
     """Run the left-padded prompts ``ids, mask [B, P]`` through the model; sample token 0."""
     model = nnx.merge(graphdef, state, copy=True)
     B, P = ids.shape
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     cache = KVCache.init(model.cfg, B, cache_len, jnp.dtype(model.quant.compute_dtype))
-    logits, cache = model(ids, attention_mask=mask, positions=positions, cache=cache, deterministic=True)
+    logits, cache = model(ids, attention_mask=mask, positions=positions, cache=cache, deterministic=True,
+                          unroll_layers=unroll_layers)
     uses_seen = sampling.repetition_penalty != 1.0
     V = logits.shape[-1]
     if uses_seen:
@@ -157,7 +159,7 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax
 
 
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: jax.Array, *,
-            sampling: SamplingConfig, eos: tuple[int, ...]) -> DecodeState:
+            sampling: SamplingConfig, eos: tuple[int, ...], unroll_layers: bool = False) -> DecodeState:
     """Generate tokens ``ds.step .. stop_at - 1`` (fewer if every row finishes) in one ``while_loop``."""
     uses_seen = sampling.repetition_penalty != 1.0
 
@@ -170,14 +172,14 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: 
         model = nnx.merge(graphdef, state, copy=True)
         pos = ds.positions + 1
         logits, cache = model(ds.last[:, None], positions=pos[:, None], attention_mask=jnp.ones_like(ds.last)[:, None],
-                              cache=ds.cache, deterministic=True)
+                              cache=ds.cache, deterministic=True, unroll_layers=unroll_layers)
         tok = sample_logits(logits[:, 0], jax.random.fold_in(ds.key, ds.step), sampling, ds.seen if uses_seen else None)
         return _record(dataclasses.replace(ds, cache=cache, positions=pos), tok, eos, uses_seen)
 
     return jax.lax.while_loop(cond, body, ds)
 
 
-_STATIC = ("graphdef", "sampling", "eos")
+_STATIC = ("graphdef", "sampling", "eos", "unroll_layers")
 _prefill_jit = jax.jit(_prefill, static_argnames=(*_STATIC, "cache_len", "max_new"))
 _decode_jit = jax.jit(_decode, static_argnames=_STATIC, donate_argnames=("ds",))
 
@@ -199,10 +201,14 @@ class Generator:
       model: the model; its adapters are used as they are (unmerged).
       tokenizer: a transformers tokenizer, for :meth:`generate` on text and for stop strings.
       eos_token_ids: tokens that end a row; default the model config's ``eos_token_id``.
+      unroll_layers: run the layers as straight-line code in prefill and decode instead of a loop
+        (same tokens; longer compile).
     """
 
-    def __init__(self, model: Llama, tokenizer: Any = None, *, eos_token_ids: Sequence[int] | None = None):
+    def __init__(self, model: Llama, tokenizer: Any = None, *, eos_token_ids: Sequence[int] | None = None,
+                 unroll_layers: bool = False):
         self.model, self.tokenizer = model, tokenizer
+        self.unroll_layers = bool(unroll_layers)
         self.graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
         # The layers cast A and B to the compute dtype before every matmul; casting once here gives the
         # same numbers and halves the adapter bytes each decode step reads (fp32 -> bf16).
@@ -263,7 +269,8 @@ class Generator:
         for i, p in enumerate(prompts):
             ids[i, P - len(p):], mask[i, P - len(p):] = p, 1
         ds = _prefill_jit(self.graphdef, self.state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
-                          sampling=sampling, eos=self.eos, cache_len=P + max_new_tokens, max_new=max_new_tokens)
+                          sampling=sampling, eos=self.eos, cache_len=P + max_new_tokens, max_new=max_new_tokens,
+                          unroll_layers=self.unroll_layers)
         chunk = max_new_tokens if chunk_size is None else max(1, int(chunk_size))
         stopped: dict[int, tuple[list[int], str]] = {}
         step = 1
@@ -280,7 +287,8 @@ class Generator:
             if step >= max_new_tokens or done.all():
                 break
             step = min(step + chunk, max_new_tokens)
-            ds = _decode_jit(self.graphdef, self.state, ds, jnp.int32(step), sampling=sampling, eos=self.eos)
+            ds = _decode_jit(self.graphdef, self.state, ds, jnp.int32(step), sampling=sampling, eos=self.eos,
+                             unroll_layers=self.unroll_layers)
             step = int(ds.step)
         out = []
         for i, row in enumerate(rows):

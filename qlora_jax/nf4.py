@@ -335,13 +335,44 @@ def dequantize(qt: QuantizedTensor, dtype: Any = jnp.bfloat16) -> jax.Array:
     """
     n, bs = qt.size, qt.blocksize
     lead = qt.packed.shape[:-1]
-    codes = unpack_nibbles(qt.packed, n).astype(jnp.int32)
-    values = jnp.asarray(qt.code)[codes]
     absmax = block_absmax(qt)
     nb = absmax.shape[-1]
+    if n == nb * bs:  # whole blocks (always, for K % blocksize == 0): block-shaped decode, no pad/slice.
+        # Measured on an H200 (benchmarks/RESULTS.md): 1.2-1.9x faster in XLA than the general path.
+        pairs = qt.packed.reshape(*lead, nb, bs // 2)
+        code = jnp.asarray(qt.code)
+        values = jnp.stack([code[(pairs >> 4).astype(jnp.int32)], code[(pairs & 0x0F).astype(jnp.int32)]], axis=-1)
+        out = values.reshape(*lead, nb, bs) * absmax[..., None]
+        return out.reshape(*lead, *qt.shape).astype(dtype)
+    codes = unpack_nibbles(qt.packed, n).astype(jnp.int32)
+    values = jnp.asarray(qt.code)[codes]
     values = jnp.pad(values, [(0, 0)] * len(lead) + [(0, nb * bs - n)])
     out = (values.reshape(*lead, nb, bs) * absmax[..., None]).reshape(*lead, nb * bs)[..., :n]
     return out.reshape(*lead, *qt.shape).astype(dtype)
+
+
+def dequantize_halves(qt: QuantizedTensor, dtype: Any = jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
+    """The even and odd columns of a 2-D ``[N, K]`` tensor, ``W[:, 0::2]`` and ``W[:, 1::2]``
+    (each ``[..., N, K/2]`` in ``dtype``), decoded straight from the high and low nibbles.
+
+    Needs ``K % blocksize == 0`` (every row holds whole blocks). No interleave is built: XLA decodes
+    both halves in one pass over the packed bytes, and a matmul splits its contraction to match
+    (``x @ W.T = x[:, 0::2] @ even.T + x[:, 1::2] @ odd.T``). Values equal :func:`dequantize`'s.
+    """
+    if len(qt.shape) != 2 or qt.shape[1] % qt.blocksize:
+        raise ValueError(f"dequantize_halves needs a 2-D weight with K % blocksize == 0, got shape {qt.shape} "
+                         f"and blocksize {qt.blocksize}")
+    n, k = qt.shape
+    lead = qt.packed.shape[:-1]
+    nb = k // qt.blocksize
+    pairs = qt.packed.reshape(*lead, n, nb, qt.blocksize // 2)
+    scale = block_absmax(qt).reshape(*lead, n, nb, 1)
+    code = jnp.asarray(qt.code)
+
+    def half(codes: jax.Array) -> jax.Array:
+        return (code[codes.astype(jnp.int32)] * scale).reshape(*lead, n, k // 2).astype(dtype)
+
+    return half(pairs >> 4), half(pairs & 0x0F)
 
 
 # --- bitsandbytes' serialized form (Params4bit state-dict keys) -------------------------

@@ -89,7 +89,10 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float = 0.3
-    paged: bool = True
+    # Adam's moments: True = paged from host memory, False = on the device, "auto" = on the device
+    # when the memory plan fits the device (as bitsandbytes' paged optimizers stay in GPU memory
+    # until memory runs short), else paged. Resolved once at start-up (trainer.resolve_paging).
+    paged: bool | str = "auto"
     page_size: int = 0  # elements per page of one moment; 0: one page per parameter leaf
 
     def __post_init__(self):
@@ -99,6 +102,8 @@ class OptimSection:
             raise ConfigError(f"optim.learning_rate={self.learning_rate} must be > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"optim.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if self.paged not in (True, False, "auto"):
+            raise ConfigError(f"optim.paged={self.paged!r} must be true, false or 'auto'")
         if self.page_size < 0:
             raise ConfigError(f"optim.page_size={self.page_size} must be >= 0")
 

@@ -66,13 +66,21 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Paged (or device-resident) AdamW with the schedule; ``optim.paged`` must be resolved
+    (:func:`resolve_paging`) first."""
     o = cfg.optim
+    if not isinstance(o.paged, bool):
+        raise ValueError(f"optim.paged={o.paged!r} is not resolved yet: call resolve_paging(cfg, model) first")
     return paged_adamw(make_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                        paged=o.paged, page_size=o.page_size or None)
 
 
 def _lm_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    # Batches are right-padded (qlora_jax.data.pad_batch), so under the causal mask every real token
+    # already sees exactly the real tokens before it: the padding mask changes only the outputs at
+    # padded positions, which carry no loss (label IGNORE_INDEX) and hence no gradient. Leaving it out
+    # lets the GPU run cuDNN's fused causal attention instead of XLA attention over a [B, 1, T, T] mask.
+    logits = model(batch["input_ids"])
     return causal_lm_loss(logits, batch["labels"])
 
 
@@ -282,14 +290,59 @@ def _device_memory_gib() -> float | None:
     return None if peak is None else peak / 2**30
 
 
+AUTO_PAGING_FRACTION = 0.9  # "auto" keeps the optimizer on the device if the plan fits in this share
+
+
+def _plan_inputs(cfg: TrainConfig, model: nnx.Module):
+    from qlora_jax.memory import inputs_from_train_config
+
+    q = model.quant
+    return dataclasses.replace(inputs_from_train_config(cfg, model.cfg), quantize=q.quantize, blocksize=q.blocksize,
+                               double_quant=q.double_quant, param_dtype=q.param_dtype, compute_dtype=q.compute_dtype)
+
+
+def resolve_paging(cfg: TrainConfig, model: nnx.Module, device_bytes: int | None = None,
+                   previous: bool | None = None) -> TrainConfig:
+    """``cfg`` with ``optim.paged="auto"`` decided: the optimizer state stays on the device when the
+    memory plan with it there fits in ``AUTO_PAGING_FRACTION`` of ``device_bytes`` (default: the
+    first device's ``bytes_limit``); with no device figure (CPU) it is paged. ``previous`` (the value a
+    resumed run was started with) wins, so a checkpoint's optimizer state keeps its structure."""
+    if cfg.optim.paged != "auto":
+        return cfg
+    from qlora_jax.memory import plan
+
+    if previous is not None:
+        paged, why = bool(previous), "as the run being resumed"
+    else:
+        if device_bytes is None:
+            device_bytes = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+        if device_bytes is None:
+            paged, why = True, "no device memory figure on this backend"
+        else:
+            need = plan(dataclasses.replace(_plan_inputs(cfg, model), paged=False))["total"]
+            paged = need > AUTO_PAGING_FRACTION * device_bytes
+            why = (f"plan with Adam on the device {need / 2**30:.2f} GiB vs {AUTO_PAGING_FRACTION:.0%} of "
+                   f"{device_bytes / 2**30:.2f} GiB")
+    if jax.process_index() == 0:
+        print(f"optim.paged=auto -> {'paged from host memory' if paged else 'on the device'} ({why})", flush=True)
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, paged=paged))
+
+
+def _previous_paged(out: Path) -> bool | None:
+    """``optim.paged`` as resolved by the run that wrote ``out/config.json`` (``None`` if unknown)."""
+    try:
+        value = json.loads((out / "config.json").read_text())["optim"]["paged"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, bool) else None
+
+
 def print_memory_plan(cfg: TrainConfig, model: nnx.Module) -> None:
     """Print :mod:`qlora_jax.memory`'s predicted peak device memory of this run (never raises)."""
     try:
-        from qlora_jax.memory import format_plan, inputs_from_train_config, plan
+        from qlora_jax.memory import format_plan, plan
 
-        q = model.quant
-        p = dataclasses.replace(inputs_from_train_config(cfg, model.cfg), quantize=q.quantize, blocksize=q.blocksize,
-                                double_quant=q.double_quant, param_dtype=q.param_dtype, compute_dtype=q.compute_dtype)
+        p = _plan_inputs(cfg, model)
         limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
         print(format_plan(p, plan(p), gpu_mem=limit), flush=True)
     except Exception as e:  # a planning problem must not stop training
@@ -405,6 +458,10 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
     ckpts = Checkpoints(out / "checkpoints", cfg.train.keep_checkpoints)
     if not resume and ckpts.latest_step() is not None:
         raise TrainingError(f"{out} already has checkpoints (step {ckpts.latest_step()}): pass --resume or use a new --output-dir")
+    # Every process reads how the run being resumed resolved optim.paged before process 0 rewrites
+    # config.json: they must all build the same optimizer state.
+    previous_paged = _previous_paged(out) if resume else None
+    _barrier("qlora_jax: run directory read")
     if primary:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         model_dir = resolve_base_model(cfg, out)
@@ -414,7 +471,9 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
     tokenizer = load_tokenizer(model_dir)
     data = make_data(cfg.data, tokenizer)
     model = build_model(cfg, model_dir)
+    cfg = resolve_paging(cfg, model, previous=previous_paged)
     if primary:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))  # as run
         print_memory_plan(cfg, model)
     model.train()
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)

@@ -70,6 +70,13 @@ def test_batched_equals_one_by_one(gen):
     assert [c.text for c in batch] == [c.text for c in alone]
 
 
+def test_unrolled_layers_give_the_same_tokens(gen):
+    """``unroll_layers=True`` (the decode loop without a loop over layers) generates the same batch."""
+    unrolled = Generator(gen.model, gen.tokenizer, unroll_layers=True)
+    kw = dict(max_new_tokens=12, chunk_size=6)
+    assert [c.tokens for c in unrolled.generate(PROMPTS, **kw)] == [c.tokens for c in gen.generate(PROMPTS, **kw)]
+
+
 def test_seeded_sampling_is_reproducible_and_chunking_free(gen):
     """Same seed -> same samples (whatever the chunk size); another seed -> other samples."""
     s = SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.1)

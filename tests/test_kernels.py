@@ -16,7 +16,10 @@ import pytest
 from jax._src import mesh as mesh_lib
 
 from qlora_jax import kernels, nf4_dense, quantize
+from qlora_jax.kernels import nf4_dequant as dequant
+from qlora_jax.kernels import nf4_gemv as gemv
 from qlora_jax.kernels import nf4_matmul_small_m as small_m
+from qlora_jax.nf4 import dequantize
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -138,9 +141,169 @@ def test_kernels_lower_for_cuda_on_an_abstract_h100():
             for fn, arg in ((small_m.nf4_matmul_small_m, x), (small_m.nf4_matmul_t_small_m, dy)):
                 text = jax.jit(fn).trace(arg, w).lower(lowering_platforms=("cuda",)).as_text()
                 assert "xla.gpu.triton" in text
+            for cfg in (gemv.GemvConfig(reduce="end"),
+                        gemv.GemvConfig(decode="pair256", scales_in_kernel=False, reduce="step", split=1,
+                                        x_layout="strided")):
+                for fn, arg in ((gemv.nf4_gemv, x), (gemv.nf4_gemv_t, dy)):
+                    f = functools.partial(fn, config=cfg)
+                    text = jax.jit(f).trace(arg, w).lower(lowering_platforms=("cuda",)).as_text()
+                    assert "xla.gpu.triton" in text
+            for cfg in (dequant.DequantConfig(), dequant.DequantConfig(scales_in_kernel=True)):
+                for dtype in (jnp.bfloat16, jnp.float16):
+                    f = functools.partial(dequant.dequantize_pallas, dtype=dtype, config=cfg)
+                    text = jax.jit(f).trace(w).lower(lowering_platforms=("cuda",)).as_text()
+                    assert "xla.gpu.triton" in text
+
+
+# --- GEMV (M <= 8), Pallas dequantize, XLA multiply-and-reduce -------------------------------
+
+GEMV_CASES = [
+    # (M, N, K, quant_type, double_quant, config)
+    (1, 64, 128, "nf4", True, gemv.GemvConfig()),
+    (1, 64, 256, "nf4", True, gemv.GemvConfig(split=1, reduce="step", x_layout="strided")),  # x.dtype out
+    (3, 172, 640, "fp4", False, gemv.GemvConfig(block_n=8, blocks_per_step=4, split=3)),  # uneven K slices
+    (8, 64, 512, "nf4", False, gemv.GemvConfig(decode="pair256", split=2, reduce="end")),
+    (8, 96, 768, "fp4", True, gemv.GemvConfig(decode="pair256", scales_in_kernel=False, split=5, blocks_per_step=2)),
+    (3, 128, 256, "nf4", True, gemv.GemvConfig(block_n=64, blocks_per_step=32, split=1)),
+]
+
+
+@pytest.mark.parametrize("m, n, k, quant_type, double_quant, config", GEMV_CASES)
+def test_gemv_forward_and_backward_equal_reference(m, n, k, quant_type, double_quant, config):
+    w = _weight(n, k, quant_type, double_quant, seed=n + k)
+    x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(2), (m, n), jnp.bfloat16)
+    y = gemv.nf4_gemv(x, w, config=config, interpret=INTERPRET)
+    dx = gemv.nf4_gemv_t(dy, w, config=config, interpret=INTERPRET)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    assert dx.shape == (m, k) and dx.dtype == jnp.bfloat16
+    assert _rel_err(y, kernels.nf4_matmul_reference(x, w)) < 1e-2
+    assert _rel_err(dx, kernels.nf4_matmul_t_reference(dy, w)) < 1e-2
+
+
+def test_gemv_float32_and_lead_dims():
+    w = _weight(64, 192)  # K/64 = 3 blocks: not a power of two
+    x = jax.random.normal(jax.random.key(3), (2, 1, 192), jnp.float32)
+    y = gemv.nf4_gemv(x, w, interpret=INTERPRET)
+    assert y.shape == (2, 1, 64) and y.dtype == jnp.float32
+    assert _rel_err(y, kernels.nf4_matmul_reference(x, w)) < 1e-5  # fp32 end to end
+
+
+def test_gemv_rejects_what_it_does_not_handle():
+    assert "multiple of blocksize" in gemv.supports(_weight(64, 172), 1)
+    assert "M=9" in gemv.supports(_weight(64, 128), 9)
+    with pytest.raises(ValueError, match="M=16"):
+        gemv.nf4_gemv(jnp.ones((16, 128), jnp.bfloat16), _weight(64, 128), interpret=True)
+
+
+def test_gemv_llama7b_size():
+    """down_proj-sized weight [N=4096, K=11008] (K/64 = 172 blocks), M = 1, default configs."""
+    w = _weight(4096, 11008)
+    x = jax.random.normal(jax.random.key(5), (1, 11008), jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(6), (1, 4096), jnp.bfloat16)
+    assert _rel_err(gemv.nf4_gemv(x, w, config=gemv.GemvConfig(block_n=256, blocks_per_step=32, split=2),
+                                  interpret=INTERPRET), kernels.nf4_matmul_reference(x, w)) < 1e-2
+    assert _rel_err(gemv.nf4_gemv_t(dy, w, config=gemv.GemvConfig(block_n=256, blocks_per_step=4, split=2),
+                                    interpret=INTERPRET), kernels.nf4_matmul_t_reference(dy, w)) < 1e-2
+
+
+@pytest.mark.parametrize("n, k, quant_type, double_quant, blocksize", [
+    (64, 128, "nf4", True, 64), (172, 64, "fp4", False, 64), (64, 172, "nf4", True, 64),  # blocks span rows
+    (96, 768, "fp4", True, 128), (1, 64, "nf4", False, 64),
+])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_pallas_dequantize_is_bit_exact(n, k, quant_type, double_quant, blocksize, dtype):
+    w = quantize(jax.random.normal(jax.random.key(n * k), (n, k)) * 0.05, quant_type=quant_type,
+                 double_quant=double_quant, blocksize=blocksize)
+    want = np.asarray(jax.lax.bitcast_convert_type(dequantize(w, dtype), jnp.uint16))
+    for config in (dequant.DequantConfig(block_rows=16), dequant.DequantConfig(scales_in_kernel=True)):
+        got = dequant.dequantize_pallas(w, dtype, config=config, interpret=INTERPRET)
+        assert got.shape == (n, k) and got.dtype == dtype
+        # in-kernel scale decoding may round differently on a GPU (FMA); in interpret mode it is XLA's
+        if not (config.scales_in_kernel and double_quant and not INTERPRET):
+            np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(got, jnp.uint16)), want)
+    x = jax.random.normal(jax.random.key(1), (5, k), dtype)
+    dy = jax.random.normal(jax.random.key(2), (5, n), dtype)
+    dq = functools.partial(dequant.nf4_matmul_dequant, interpret=INTERPRET)
+    dq_t = functools.partial(dequant.nf4_matmul_t_dequant, interpret=INTERPRET)
+    np.testing.assert_array_equal(np.asarray(dq(x, w)), np.asarray(kernels.nf4_matmul_reference(x, w)))
+    np.testing.assert_array_equal(np.asarray(dq_t(dy, w)), np.asarray(kernels.nf4_matmul_t_reference(dy, w)))
+    assert "float32" in dequant.supports(w, jnp.float32)
+
+
+@pytest.mark.parametrize("n, k", [(64, 172), (172, 64), (128, 256)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_xla_reduce_equals_reference(n, k, m):
+    w = _weight(n, k, double_quant=n != 172)
+    x = jax.random.normal(jax.random.key(7), (m, k), jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(8), (m, n), jnp.bfloat16)
+    with kernels.use_implementation("xla_reduce"):
+        assert kernels.select_implementation(x, w) == "xla_reduce"
+        y, dx = jax.jit(kernels.nf4_matmul)(x, w), jax.jit(kernels.nf4_matmul_t)(dy, w)
+        assert kernels.select_implementation(jnp.ones((9, k)), w) == "xla"  # M > 8
+    assert _rel_err(y, kernels.nf4_matmul_reference(x, w)) < 1e-2
+    assert _rel_err(dx, kernels.nf4_matmul_t_reference(dy, w)) < 1e-2
+
+
+@pytest.mark.parametrize("impl", ["gemv", "pallas_dequant", "xla_reduce"])
+def test_grad_through_nf4_dense_with_new_implementations(monkeypatch, impl):
+    """jax.grad through nf4_dense with each new implementation forced (interpret mode on CPU)
+    equals the gradient through the XLA path."""
+    w = _weight(64, 256)
+    x = jax.random.normal(jax.random.key(9), (2, 3, 256), jnp.bfloat16)  # M = 6 <= 8
+    a = jax.random.normal(jax.random.key(10), (256, 8)) * 0.1
+    b = jax.random.normal(jax.random.key(11), (8, 64)) * 0.1
+
+    def loss(x, a, b):
+        return jnp.sum(nf4_dense(x, w, a, b, scaling=2.0).astype(jnp.float32) ** 2)
+
+    with kernels.use_implementation("xla"):
+        ref = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
+    calls = []
+    monkeypatch.setattr(kernels, "select_implementation", lambda x, w: calls.append(x.shape) or impl)
+    for mod, name in ((gemv, "nf4_gemv"), (gemv, "nf4_gemv_t"),
+                      (dequant, "nf4_matmul_dequant"), (dequant, "nf4_matmul_t_dequant")):
+        monkeypatch.setattr(mod, name, functools.partial(getattr(mod, name), interpret=INTERPRET))
+    got = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
+    assert len(calls) == 2
+    for g, r in zip(got, ref):
+        assert _rel_err(g, r) < 2e-2
+
+
+def test_select_implementation_falls_back_off_gpu_and_on_unsupported_shapes():
+    w, x = _weight(64, 128), jnp.ones((1, 128), jnp.bfloat16)
+    for name in ("gemv", "pallas_dequant", "pallas"):
+        with kernels.use_implementation(name):
+            expected = "xla" if jax.default_backend() != "gpu" else ("pallas_dequant" if name == "pallas_dequant" else "gemv")
+            assert kernels.select_implementation(x, w) == expected
+            # K not a multiple of the blocksize: the GEMV does not apply
+            w172 = _weight(64, 172)
+            assert kernels.select_implementation(jnp.ones((1, 172), jnp.bfloat16), w172) in ("xla", "pallas_dequant")
+    with kernels.use_implementation("auto"):
+        assert kernels.select_implementation(x, w) == "xla"
 
 
 def test_use_implementation_rejects_unknown_names():
     with pytest.raises(ValueError, match="not one of"):
         with kernels.use_implementation("cuda-magic"):
             pass
+
+
+@pytest.mark.parametrize("lead,n,k,quant_type,double_quant", [
+    ((1,), 64, 128, "nf4", True), ((2, 5), 172, 64, "fp4", False), ((3,), 64, 172, "nf4", True), ((7,), 96, 256, "nf4", False),
+])
+def test_split_xla_path_equals_the_reference(lead, n, k, quant_type, double_quant):
+    """The dispatcher's XLA path (even/odd columns decoded apart, contraction split) equals dequantize +
+    dot: to fp32 rounding in fp32, at bf16 level in bf16, forward and input gradient, with leading axes;
+    K = 172 (blocks spanning rows) takes the reference path."""
+    from qlora_jax.kernels.nf4_matmul import nf4_matmul_split, nf4_matmul_t_split
+
+    w = quantize(jax.random.normal(jax.random.key(1), (n, k)) * 0.05, quant_type=quant_type, double_quant=double_quant)
+    for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
+        x = jax.random.normal(jax.random.key(2), (*lead, k), dtype)
+        dy = jax.random.normal(jax.random.key(3), (*lead, n), dtype)
+        y = nf4_matmul_split(x, w)
+        dx = nf4_matmul_t_split(dy, w)
+        assert y.shape == (*lead, n) and y.dtype == dtype and dx.shape == (*lead, k) and dx.dtype == dtype
+        assert _rel_err(y, kernels.nf4_matmul_reference(x, w)) < tol
+        assert _rel_err(dx, kernels.nf4_matmul_t_reference(dy, w)) < tol

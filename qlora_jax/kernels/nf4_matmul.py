@@ -2,9 +2,14 @@
 
 ``W`` is a :class:`~qlora_jax.nf4.QuantizedTensor` of shape ``[out, in]``
 (PyTorch's ``Linear`` layout, so blocks run along the input dimension, as in
-bitsandbytes checkpoints). This file holds the pure-jnp path: dequantize to the
-compute dtype, then one ``dot_general`` with fp32 accumulation. It is both the
-reference the fused kernels are tested against and the XLA fallback.
+bitsandbytes checkpoints). This file holds the pure-jnp paths:
+
+* ``*_reference``: dequantize to the compute dtype, then one ``dot_general`` with fp32
+  accumulation — the reference every kernel is tested against;
+* ``*_split``: the XLA path the dispatcher runs: the weight's even and odd columns are decoded
+  straight from the high and low nibbles (:func:`~qlora_jax.nf4.dequantize_halves`, one pass, no
+  interleave) and the contraction is split to match. On an H200 this is 1.1-1.3x faster than the
+  reference at M = 2048 and ~2x at M <= 8 (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qlora_jax.nf4 import QuantizedTensor, dequantize
+from qlora_jax.nf4 import QuantizedTensor, dequantize, dequantize_halves
 
 
 def _check(x: jax.Array, w: QuantizedTensor, dim: int, name: str) -> None:
@@ -36,3 +41,57 @@ def nf4_matmul_t_reference(dy: jax.Array, w: QuantizedTensor) -> jax.Array:
     wd = dequantize(w, dy.dtype)
     y = jax.lax.dot_general(dy, wd, (((dy.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return y.astype(dy.dtype)
+
+
+def _splittable(w: QuantizedTensor) -> bool:
+    return len(w.shape) == 2 and w.shape[1] % w.blocksize == 0
+
+
+def nf4_matmul_split(x: jax.Array, w: QuantizedTensor) -> jax.Array:
+    """``x [..., in] @ dequant(w).T`` as ``x[..., 0::2] @ even.T + x[..., 1::2] @ odd.T`` (fp32
+    accumulation, result in ``x.dtype``); the reference path where ``in % blocksize != 0``."""
+    _check(x, w, 1, "nf4_matmul")
+    if not _splittable(w):
+        return nf4_matmul_reference(x, w)
+    even, odd = dequantize_halves(w, x.dtype)
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    y = jax.lax.dot_general(x[..., 0::2], even, dims, preferred_element_type=jnp.float32)
+    y = y + jax.lax.dot_general(x[..., 1::2], odd, dims, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+def nf4_matmul_t_split(dy: jax.Array, w: QuantizedTensor) -> jax.Array:
+    """``dy [..., out] @ dequant(w)`` with the even and odd output columns computed apart and
+    interleaved (fp32 accumulation, result in ``dy.dtype``); the reference path where
+    ``in % blocksize != 0``."""
+    _check(dy, w, 0, "nf4_matmul_t")
+    if not _splittable(w):
+        return nf4_matmul_t_reference(dy, w)
+    even, odd = dequantize_halves(w, dy.dtype)
+    dims = (((dy.ndim - 1,), (0,)), ((), ()))
+    ge = jax.lax.dot_general(dy, even, dims, preferred_element_type=jnp.float32)
+    go = jax.lax.dot_general(dy, odd, dims, preferred_element_type=jnp.float32)
+    return jnp.stack([ge, go], axis=-1).reshape(*dy.shape[:-1], w.shape[1]).astype(dy.dtype)
+
+def nf4_matmul_reduce(x: jax.Array, w: QuantizedTensor) -> jax.Array:
+    """``x [..., in] @ dequant(w).T -> [..., out]`` as one fp32 multiply-and-reduce (meant for M <= 8).
+
+    ``sum(x[:, None, :] * W[None, :, :], -1)``: no dot, so XLA can fuse the decode (unpack,
+    codebook gather, scale) into the reduction and read the 4-bit weight once, where
+    dequantize-then-dot writes and re-reads a full-width W. Work grows with M; use it for GEMVs.
+    The weight is not rounded to ``x.dtype`` (fp32 throughout).
+    """
+    _check(x, w, 1, "nf4_matmul_reduce")
+    wd = dequantize(w, jnp.float32)  # [N, K]; fused into the reduction by XLA
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    y = jnp.sum(x2[:, None, :] * wd[None, :, :], axis=-1)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+def nf4_matmul_t_reduce(dy: jax.Array, w: QuantizedTensor) -> jax.Array:
+    """``dy [..., out] @ dequant(w) -> [..., in]`` as one fp32 multiply-and-reduce over ``out`` (M <= 8)."""
+    _check(dy, w, 0, "nf4_matmul_t_reduce")
+    wd = dequantize(w, jnp.float32)
+    d2 = dy.reshape(-1, dy.shape[-1]).astype(jnp.float32)
+    y = jnp.sum(d2[:, :, None] * wd[None, :, :], axis=1)
+    return y.astype(dy.dtype).reshape(*dy.shape[:-1], w.shape[1])

@@ -462,6 +462,7 @@ class Llama(nnx.Module):
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         deterministic: bool | None = None,
+        unroll_layers: bool = False,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits for every position.
 
@@ -471,6 +472,8 @@ class Llama(nnx.Module):
           attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding (keys at padded slots are ignored).
           cache: a :class:`KVCache`; the new tokens are written at ``cache.index``.
           deterministic: disable LoRA dropout (default: the modules' ``train()`` / ``eval()`` mode).
+          unroll_layers: unroll the loop over layers (same numbers; one straight-line program, which
+            decoding one token at a time wants: no loop bookkeeping between layers' small kernels).
 
         Returns:
           fp32 logits ``[B, T, vocab]``, and the updated cache when one was passed.
@@ -506,7 +509,7 @@ class Llama(nnx.Module):
         policy = REMAT_POLICIES[self.remat]
         if policy is not None:
             body = jax.checkpoint(body, policy=policy(), prevent_cse=False)
-        x, (rng_state, new_kv) = jax.lax.scan(body, x, (state, kv))
+        x, (rng_state, new_kv) = jax.lax.scan(body, x, (state, kv), unroll=bool(unroll_layers))
         nnx.update(self.layers, rng_state)
 
         x = self.norm(x)

@@ -1,0 +1,101 @@
+"""Where device time goes: summarize a JAX profiler trace (``*.xplane.pb``) by XLA op.
+
+    python benchmarks/profile_summary.py TRACE_DIR [--top 40] [--steps N] [--json out.json]
+
+Reads every ``*.xplane.pb`` under ``TRACE_DIR`` (``jax.profiler.trace`` output), takes the GPU
+planes' "XLA Ops" lines (one event per executed HLO op, with its device time) and prints the
+ops sorted by total time, their share, count, and a category (``--steps`` divides totals into
+per-step figures). Categories come from the op's HLO name and the profiler's ``hlo_category``
+stat where present: matmul (dots, cuBLAS/cuDNN GEMMs), attention (cuDNN fused attention),
+collective, copy/transfer (host offload, copies), dequant-like fusions and other fusions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+
+def _stats(ev) -> dict:
+    out = {}
+    for item in getattr(ev, "stats", []) or []:
+        try:
+            k, v = item
+        except (TypeError, ValueError):
+            continue
+        out[str(k)] = v
+    return out
+
+
+def category(name: str, stats: dict) -> str:
+    n = name.lower()
+    cat = str(stats.get("hlo_category", "")).lower()
+    if "cudnn" in n or "fmha" in n or "flash" in n or "attention" in n:
+        return "attention"
+    if any(s in n for s in ("all-gather", "all-reduce", "reduce-scatter", "collective", "all-to-all")):
+        return "collective"
+    if "gemm" in n or "cublas" in n or n.startswith("dot") or "convolution" in cat or "triton_gemm" in n:
+        return "matmul"
+    if "copy" in n or "transpose" in n or "dynamic-update-slice" in n or "memcpy" in n:
+        return "copy/layout"
+    if "fusion" in n or "fusion" in cat:
+        return "fusion (" + (cat or "?") + ")"
+    return cat or "other"
+
+
+def summarize(trace_dir: str | Path, steps: int = 1, top: int = 40) -> dict:
+    from jax.profiler import ProfileData
+
+    files = sorted(Path(trace_dir).rglob("*.xplane.pb"))
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
+    by_name: dict[str, list] = collections.defaultdict(lambda: [0.0, 0, ""])
+    lines_seen = set()
+    datas = [ProfileData.from_file(str(f)) for f in files]
+    gpu_lines = [(p.name, line) for d in datas for p in d.planes if p.name.startswith("/device:GPU") for line in p.lines]
+    names = {line.name for _, line in gpu_lines}
+    # "XLA Ops" has one event per HLO op; without it, fall back to the raw CUDA stream lines.
+    wanted = {"XLA Ops"} if "XLA Ops" in names else {n for n in names if n.startswith("Stream")}
+    for plane_name, line in gpu_lines:
+        lines_seen.add(f"{plane_name}:{line.name}")
+        if line.name in wanted:
+            for ev in line.events:
+                st = _stats(ev)
+                rec = by_name[ev.name]
+                rec[0] += ev.duration_ns
+                rec[1] += 1
+                rec[2] = rec[2] or category(ev.name, st)
+    total = sum(v[0] for v in by_name.values())
+    ops = sorted(({"name": k, "ms": v[0] / 1e6 / steps, "count": v[1] / steps, "category": v[2]}
+                  for k, v in by_name.items()), key=lambda r: -r["ms"])
+    cats: dict[str, float] = collections.defaultdict(float)
+    for r in ops:
+        cats[r["category"]] += r["ms"]
+    return {"total_ms_per_step": total / 1e6 / steps, "lines": sorted(lines_seen),
+            "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "top": ops[:top], "num_ops": len(ops)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("trace_dir")
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=1, help="divide totals by this many profiled steps")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    s = summarize(a.trace_dir, a.steps, a.top)
+    t = s["total_ms_per_step"]
+    print(f"device op time per step: {t:.2f} ms over {s['num_ops']} distinct ops")
+    for c, ms in s["categories"].items():
+        print(f"  {c:<32} {ms:9.2f} ms  {100 * ms / max(t, 1e-9):5.1f}%")
+    print(f"{'op':<70} {'ms/step':>9} {'%':>6} {'count':>7}  category")
+    for r in s["top"]:
+        print(f"{r['name'][:70]:<70} {r['ms']:9.3f} {100 * r['ms'] / max(t, 1e-9):6.1f} {r['count']:7.1f}  {r['category']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(s, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

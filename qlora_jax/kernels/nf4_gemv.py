@@ -1,0 +1,365 @@
+"""4-bit GEMV kernels for M <= 8 rows (token-by-token decoding), Pallas/Triton, built for bandwidth.
+
+Layout (bitsandbytes'): ``W [N, K]`` with ``K % blocksize == 0`` is stored row-major as
+``packed`` uint8 ``[N*K/2]``; byte ``j`` of a row holds ``W[n, 2j]`` in the high nibble and
+``W[n, 2j+1]`` in the low nibble. The kernels view it as ``[N, NB, hb]`` bytes with
+``NB = K / blocksize`` quantization blocks per row and ``hb = blocksize / 2`` bytes per block
+(32 for blocksize 64), and the block scales as ``[N, NB]`` (fp32, or uint8 codes when
+double-quantized: ``nested_code[q] * nested_absmax[(n*NB + b) // 256] + nested_offset``).
+
+Why this shape of program: the earlier small-M kernels (``nf4_matmul_small_m.py``) load
+``[block_n, 32*g]`` tiles with g = 1..4 (32-128 bytes per row and step) and use ``tl.dot``;
+they stream at 100-200 GB/s, bounded by load-issue latency, not by HBM. Here every loop step
+loads a ``[block_n, blocks_per_step, hb]`` byte tile, i.e. ``blocks_per_step * hb`` contiguous
+bytes per row (256-1024 for 8-32 blocks; the offsets are multiples of 32, so Triton can give each
+thread 16-byte loads), and the reduction is an elementwise fp32 multiply-add per row of x, summed
+either every step or once after the loop (``GemvConfig.reduce``; no ``tl.dot``: M is tiny).
+Split-K (forward) and split-N (input gradient) keep enough programs in flight; XLA sums the
+fp32 partials. The activations are split into even and odd columns ``[Mp, NB, hb]`` by one small
+XLA op (contiguous, vectorizable loads in the kernel), or read in place with stride 2
+(``GemvConfig.x_layout``); rows are zero-padded to a power of two Mp.
+
+Decode, per byte: ``code[b >> 4]`` and ``code[b & 15]`` gathered from the 16-entry fp32
+codebook (``decode="gather16"``), or one gather from a 256-entry uint32 table of byte ->
+``(bf16(code[hi]) << 16 | bf16(code[lo]))`` whose halves become fp32 by a shift and a bitcast
+(``decode="pair256"``: half the gathers; the code values are rounded to bf16, a relative error
+of at most 2^-9 per weight, the same order as the reference's own bf16 rounding of W).
+The block scale multiplies the decoded values as a ``[block_n, blocks_per_step, 1]`` broadcast;
+everything after the gather is fp32.
+
+* forward ``y [M, N] = x [M, K] @ W.T``: program ``(i, s)`` owns rows ``i*block_n ..`` and the
+  ``s``-th of ``split`` K slices; partials ``[split, Mp, N]`` fp32 (``split == 1``: the output
+  in ``x.dtype`` directly, no XLA epilogue).
+* input gradient ``dx [M, K] = dy [M, N] @ W``: program ``(j, s)`` owns quantization blocks
+  ``j*blocks_per_step ..`` of K and the ``s``-th of ``split`` N slices, looping over ``block_n``
+  rows at a time; partials ``[split, Mp, NB, hb, 2]`` (even / odd columns; a free reshape of
+  ``[split, Mp, K]``).
+
+K slices (forward) and N slices (gradient) need not divide evenly into steps: the last step of
+a slice is moved back so it stays inside the slice and the blocks / rows already counted get
+a zero weight (no masked loads, no reads out of bounds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from qlora_jax.nf4 import NESTED_BLOCKSIZE, QuantizedTensor, block_absmax, codebook
+
+MAX_M = 8
+DECODES = ("gather16", "pair256")
+
+_NESTED_SHIFT = NESTED_BLOCKSIZE.bit_length() - 1  # index // 256 as a shift (indices are >= 0)
+assert 1 << _NESTED_SHIFT == NESTED_BLOCKSIZE
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Tile sizes and variants.
+
+    ``block_n``: rows of W per program (forward) or per loop step (gradient); rounded down to a
+    power of two dividing N (forward). ``blocks_per_step``: quantization blocks per row and loop
+    step (forward; ``* blocksize/2`` contiguous bytes per row) or owned by one program (gradient;
+    rounded down to a power of two dividing K/blocksize). ``split``: K slices (forward) or N
+    slices (gradient). ``decode``: ``"gather16"`` or ``"pair256"`` (module docstring).
+    ``scales_in_kernel``: decode double-quantized scales in the kernel (else one small XLA op
+    makes fp32 ``[N, NB]`` scales first: 4 extra bytes read per 32 code bytes).
+    ``reduce``: ``"end"`` keeps one elementwise fp32 accumulator per row of x the size of the byte
+    tile and reduces it once after the loop (no shuffles / shared-memory reductions in the loop,
+    but ``M * tile`` registers); ``"step"`` reduces every step into ``[block_n]`` (forward) or
+    ``[blocks_per_step, hb]`` (gradient) accumulators; ``"auto"`` picks ``"end"`` while the
+    accumulators need at most 64 fp32 registers per thread.
+    ``x_layout`` (forward): ``"split"`` de-interleaves x into even / odd columns with one small XLA
+    op first, so the kernel's activation loads are contiguous (vectorizable); ``"strided"`` reads
+    x in place with stride 2 (no op before the kernel, but scalar loads: one per weight and row of x).
+    ``num_warps`` / ``num_stages``: Triton's.
+    """
+
+    block_n: int = 16
+    blocks_per_step: int = 8
+    split: int = 4
+    decode: str = "gather16"
+    scales_in_kernel: bool = True
+    reduce: str = "auto"
+    x_layout: str = "split"
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+DEFAULT_CONFIG = GemvConfig()
+DEFAULT_T_CONFIG = GemvConfig(block_n=16, blocks_per_step=4, split=8)
+
+
+def supports(w: QuantizedTensor, m: int) -> str | None:
+    """``None`` if the GEMV kernels handle this weight and row count, else the reason."""
+    if len(w.shape) != 2:
+        return f"weight is not 2-D: {w.shape}"
+    if w.packed.ndim != 1:
+        return "stacked weight leaves"
+    n, k = w.shape
+    if m > MAX_M:
+        return f"M={m} > {MAX_M}"
+    if k % w.blocksize:
+        return f"K={k} is not a multiple of blocksize {w.blocksize} (blocks span rows)"
+    return None
+
+
+def _pow2_at_most(v: int) -> int:
+    return 1 << (max(int(v), 1).bit_length() - 1)
+
+
+def _pow2_divisor(n: int, want: int) -> int:
+    """Largest power of two <= want that divides n."""
+    d = _pow2_at_most(want)
+    while n % d:
+        d //= 2
+    return d
+
+
+@functools.cache
+def pair_table(quant_type: str) -> np.ndarray:
+    """uint32 ``[256]``: byte ``b`` -> ``bf16(code[b >> 4]) << 16 | bf16(code[b & 15])`` (bit patterns)."""
+    import ml_dtypes
+
+    bits = codebook(quant_type).astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
+    b = np.arange(256)
+    return ((bits[b >> 4] << 16) | bits[b & 15]).astype(np.uint32)
+
+
+def _decode(tile, table_ref, decode: str):
+    """uint8 tile -> (high-nibble values, low-nibble values), fp32, unscaled."""
+    b = tile.astype(jnp.int32)
+    if decode == "gather16":
+        return table_ref[b >> 4], table_ref[b & 0xF]
+    v = table_ref[b]  # uint32 pair
+    hi = jax.lax.bitcast_convert_type(v & jnp.uint32(0xFFFF0000), jnp.float32)
+    lo = jax.lax.bitcast_convert_type(v << 16, jnp.float32)
+    return hi, lo
+
+
+def _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel):
+    """fp32 ``[len(rows), len(blocks)]`` scales; ``rows``/``blocks`` are ``pl.ds`` slices."""
+    a = a_ref[rows, blocks]
+    if not dq_in_kernel:
+        return a
+    r = rows.start + jnp.arange(rows.size, dtype=jnp.int32)
+    c = blocks.start + jnp.arange(blocks.size, dtype=jnp.int32)
+    flat = r[:, None] * nb + c[None, :]
+    return nc_ref[a.astype(jnp.int32)] * na_ref[jax.lax.shift_right_logical(flat, _NESTED_SHIFT)] + off_ref[0]
+
+
+def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
+                bn, g, steps, split, nb, mp, dq_in_kernel, decode, reduce_at_end, x_strided):
+    """Program (i, s): ``o[s, :, rows_i] = sum over K_s of W[rows_i, K_s] * x[:, K_s]``.
+
+    ``x_strided``: ``xe_ref`` and ``xo_ref`` are both x ``[Mp, NB, hb, 2]`` (a free reshape of
+    ``[Mp, K]``; ``[..., 0]`` even columns, ``[..., 1]`` odd, read with stride 2); else they are the
+    even and odd columns ``[Mp, NB, hb]``, contiguous.
+    """
+    i, s = pl.program_id(0), pl.program_id(1)
+    row0 = i * bn
+    lo_b = (s * nb) // split
+    hi_b = ((s + 1) * nb) // split
+    rows = pl.ds(row0, bn)
+
+    def body(c, accs):
+        start = lo_b + c * g
+        kb0 = jnp.minimum(start, hi_b - g)  # stay inside the slice; blocks < start were counted
+        blocks = pl.ds(kb0, g)
+        scale = _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel)
+        fresh = (kb0 + jnp.arange(g, dtype=jnp.int32)) >= start
+        scale = jnp.where(fresh[None, :], scale, 0.0)[:, :, None]  # [bn, g, 1]
+        hi, lo = _decode(p_ref[rows, blocks, :], t_ref, decode)  # [bn, g, hb] each
+        whi, wlo = hi * scale, lo * scale
+        out = []
+        for m in range(mp):
+            if x_strided:
+                xe, xo = xe_ref[m, blocks, :, 0], xo_ref[m, blocks, :, 1]
+            else:
+                xe, xo = xe_ref[m, blocks, :], xo_ref[m, blocks, :]
+            xe = xe.astype(jnp.float32)[None]  # [1, g, hb]
+            xo = xo.astype(jnp.float32)[None]
+            prod = whi * xe + wlo * xo
+            if not reduce_at_end:
+                # one axis at a time: Triton reduces one axis per op anyway, and a multi-axis
+                # reduce trips a sharding check when lowered under an abstract mesh
+                prod = jnp.sum(jnp.sum(prod, axis=2), axis=1)
+            out.append(accs[m] + prod)
+        return tuple(out)
+
+    acc_shape = (bn, g, p_ref.shape[2]) if reduce_at_end else (bn,)
+    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(mp)))
+    for m in range(mp):
+        acc = jnp.sum(jnp.sum(accs[m], axis=2), axis=1) if reduce_at_end else accs[m]
+        o_ref[0, m, :] = acc.astype(o_ref.dtype)
+
+
+def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
+                bn, g, steps, split, n, nb, mp, dq_in_kernel, decode, reduce_at_end):
+    """Program (j, s): ``o[s, :, blocks_j, :, 0 / 1] = sum over N_s of dy[:, N_s] * W[N_s, blocks_j]``
+    for the even / odd columns (``o [split, Mp, NB, hb, 2]`` is a free reshape of ``[split, Mp, K]``)."""
+    j, s = pl.program_id(0), pl.program_id(1)
+    blocks = pl.ds(j * g, g)
+    lo_r = (s * n) // split
+    hi_r = ((s + 1) * n) // split
+
+    def body(c, accs):
+        start = lo_r + c * bn
+        r0 = jnp.minimum(start, hi_r - bn)
+        rows = pl.ds(r0, bn)
+        fresh = (r0 + jnp.arange(bn, dtype=jnp.int32)) >= start
+        scale = _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel)
+        scale = jnp.where(fresh[:, None], scale, 0.0)[:, :, None]  # [bn, g, 1]
+        hi, lo = _decode(p_ref[rows, blocks, :], t_ref, decode)
+        whi, wlo = hi * scale, lo * scale
+        out = []
+        for m in range(mp):
+            d = dy_ref[m, rows].astype(jnp.float32)[:, None, None]  # [bn, 1, 1]
+            pe, po = whi * d, wlo * d
+            if not reduce_at_end:  # reduce over the rows every step (crosses warps)
+                pe, po = jnp.sum(pe, axis=0), jnp.sum(po, axis=0)
+            out += [accs[2 * m] + pe, accs[2 * m + 1] + po]
+        return tuple(out)
+
+    hb = p_ref.shape[2]
+    acc_shape = (bn, g, hb) if reduce_at_end else (g, hb)
+    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(2 * mp)))
+    for m in range(mp):
+        e, o = accs[2 * m], accs[2 * m + 1]
+        if reduce_at_end:
+            e, o = jnp.sum(e, axis=0), jnp.sum(o, axis=0)
+        o_ref[0, m, :, :, 0] = e.astype(o_ref.dtype)
+        o_ref[0, m, :, :, 1] = o.astype(o_ref.dtype)
+
+
+def _reduce_at_end(config: GemvConfig, mp: int, tile_elems: int) -> bool:
+    if config.reduce not in ("auto", "end", "step"):
+        raise ValueError(f"reduce={config.reduce!r} is not one of ('auto', 'end', 'step')")
+    if config.reduce == "auto":
+        return mp * tile_elems <= 64 * 32 * config.num_warps
+    return config.reduce == "end"
+
+
+def _weight_operands(w: QuantizedTensor, config: GemvConfig):
+    """(packed [N, NB, hb] u8, scales [N, NB], nested_absmax, nested_code, offset [1], table),
+    and whether the scales are double-quant codes to decode in the kernel."""
+    n, k = w.shape
+    nb, hb = k // w.blocksize, w.blocksize // 2
+    packed = w.packed.reshape(n, nb, hb)
+    dq_in_kernel = w.double_quant and config.scales_in_kernel
+    if dq_in_kernel:
+        absmax = w.absmax.reshape(n, nb)
+        extra = (w.nested_absmax, w.nested_code, w.nested_offset.reshape(1))
+    else:
+        absmax = block_absmax(w).astype(jnp.float32).reshape(n, nb)
+        extra = tuple(jnp.zeros((1,), jnp.float32) for _ in range(3))  # unused placeholders
+    if config.decode == "gather16":
+        table = jnp.asarray(codebook(w.quant_type))
+    elif config.decode == "pair256":
+        table = jnp.asarray(pair_table(w.quant_type))
+    else:
+        raise ValueError(f"decode={config.decode!r} is not one of {DECODES}")
+    return (packed, absmax, *extra, table), dq_in_kernel
+
+
+def _validate(name: str, a: jax.Array, w: QuantizedTensor, dim: int) -> int:
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise TypeError(f"{name}: expected a floating operand, got {a.dtype}")
+    if len(w.shape) != 2 or a.shape[-1] != w.shape[dim]:
+        raise ValueError(f"{name}: operand shape {a.shape} does not fit weight shape {w.shape}")
+    m = int(np.prod(a.shape[:-1], dtype=np.int64))
+    if (reason := supports(w, m)) is not None:
+        raise ValueError(f"{name}: {reason}")
+    return m
+
+
+def _pad_m(a2: jax.Array) -> jax.Array:
+    m = a2.shape[0]
+    return jnp.pad(a2, ((0, _pow2_at_most(2 * m - 1) - m), (0, 0)))  # next power of two >= m
+
+
+def _triton_params(config: GemvConfig):
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_CONFIG,
+             interpret: bool = False) -> jax.Array:
+    """``x [..., K] @ dequant(w [N, K]).T -> [..., N]`` in ``x.dtype``; M = prod(...) <= 8.
+
+    fp32 decode and accumulation (the weight is never rounded to ``x.dtype``).
+    """
+    m = _validate("nf4_gemv", x, w, 1)
+    n, k = w.shape
+    nb, hb = k // w.blocksize, w.blocksize // 2
+    x2 = _pad_m(x.reshape(m, k))
+    mp = x2.shape[0]
+    split = max(1, min(config.split, nb))
+    g = min(_pow2_at_most(config.blocks_per_step), _pow2_at_most(nb // split))
+    steps = -(-(-(-nb // split)) // g)  # ceil(ceil(nb / split) / g)
+    bn = _pow2_divisor(n, config.block_n)
+    operands, dq = _weight_operands(w, config)
+    if config.x_layout == "strided":
+        x4 = x2.reshape(mp, nb, hb, 2)
+        xs = (x4, x4)
+    elif config.x_layout == "split":
+        xs = (x2[:, 0::2].reshape(mp, nb, hb), x2[:, 1::2].reshape(mp, nb, hb))
+    else:
+        raise ValueError(f"x_layout={config.x_layout!r} is not 'split' or 'strided'")
+    kernel = functools.partial(_fwd_kernel, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
+                               dq_in_kernel=dq, decode=config.decode, x_strided=config.x_layout == "strided",
+                               reduce_at_end=_reduce_at_end(config, mp, bn * g * hb))
+    # one K slice: write x.dtype directly (no XLA epilogue); else fp32 partials summed by XLA
+    out_dtype = x.dtype if split == 1 else jnp.float32
+    partial = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((split, mp, n), out_dtype),
+        grid=(n // bn, split),
+        in_specs=[pl.no_block_spec] * 8,
+        out_specs=pl.BlockSpec((1, mp, bn), lambda i, s: (s, 0, i)),
+        compiler_params=_triton_params(config),
+        interpret=interpret,
+        name="nf4_gemv",
+    )(*xs, *operands)
+    y = partial[0] if split == 1 else partial.sum(0)
+    return y[:m].astype(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def nf4_gemv_t(dy: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_T_CONFIG,
+               interpret: bool = False) -> jax.Array:
+    """``dy [..., N] @ dequant(w [N, K]) -> [..., K]`` in ``dy.dtype``; M = prod(...) <= 8."""
+    m = _validate("nf4_gemv_t", dy, w, 0)
+    n, k = w.shape
+    nb, hb = k // w.blocksize, w.blocksize // 2
+    dy2 = _pad_m(dy.reshape(m, n))
+    mp = dy2.shape[0]
+    g = _pow2_divisor(nb, config.blocks_per_step)
+    split = max(1, min(config.split, n))
+    bn = min(_pow2_at_most(config.block_n), _pow2_at_most(n // split))
+    steps = -(-(-(-n // split)) // bn)
+    operands, dq = _weight_operands(w, config)
+    kernel = functools.partial(_bwd_kernel, bn=bn, g=g, steps=steps, split=split, n=n, nb=nb, mp=mp,
+                               dq_in_kernel=dq, decode=config.decode,
+                               reduce_at_end=_reduce_at_end(config, 2 * mp, bn * g * hb))
+    out_dtype = dy.dtype if split == 1 else jnp.float32
+    partial = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((split, mp, nb, hb, 2), out_dtype),
+        grid=(nb // g, split),
+        in_specs=[pl.no_block_spec] * 7,
+        out_specs=pl.BlockSpec((1, mp, g, hb, 2), lambda j, s: (s, 0, j, 0, 0)),
+        compiler_params=_triton_params(config),
+        interpret=interpret,
+        name="nf4_gemv_t",
+    )(dy2, *operands)
+    dx = (partial[0] if split == 1 else partial.sum(0)).reshape(mp, k)
+    return dx[:m].astype(dy.dtype).reshape(*dy.shape[:-1], k)
