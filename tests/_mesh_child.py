@@ -63,7 +63,9 @@ def step_collectives(model: str, data: int, fsdp: int, layers: int = 4) -> list[
     from qlora_jax.models.llama import Llama, LlamaConfig, LoRAConfig, QuantConfig
     from qlora_jax.trainer import make_optimizer, make_train_step
 
-    tc = cfg(model, data, fsdp)
+    from qlora_jax.train_config import apply_overrides
+
+    tc = apply_overrides(cfg(model, data, fsdp), ["optim.paged=true"])  # what train.py resolves "auto" to on CPU
     arch = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=4, head_dim=64)
     abstract = nnx.eval_shape(lambda: Llama(arch, lora=LoRAConfig(r=8, alpha=16.0, dropout=0.05),
