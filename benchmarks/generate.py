@@ -193,6 +193,7 @@ def run_jax(args) -> list[dict]:
             rows.append(_row("qlora_jax", variant, batch, args, device, statistics.median(prefill_s),
                              statistics.median(total_s), nbytes, cfg, extra=extra))
             ctx.__exit__(None, None, None)
+            print(table([rows[-1]]).splitlines()[-1], file=sys.stderr, flush=True)  # progress, if later rows time out
         del gen, model
     return rows
 

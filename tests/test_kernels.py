@@ -120,7 +120,7 @@ def test_grad_through_nf4_dense_uses_the_kernels_and_equals_reference(monkeypatc
     with kernels.use_implementation("xla"):
         ref = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
     calls = []
-    monkeypatch.setattr(kernels, "select_implementation", lambda x, w: calls.append(x.shape) or "small_m")
+    monkeypatch.setattr(kernels, "select_implementation", lambda x, w, **kw: calls.append(x.shape) or "small_m")
     monkeypatch.setattr(small_m, "nf4_matmul_small_m", functools.partial(small_m.nf4_matmul_small_m, interpret=INTERPRET))
     monkeypatch.setattr(small_m, "nf4_matmul_t_small_m", functools.partial(small_m.nf4_matmul_t_small_m, interpret=INTERPRET))
     got = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
@@ -260,7 +260,7 @@ def test_grad_through_nf4_dense_with_new_implementations(monkeypatch, impl):
     with kernels.use_implementation("xla"):
         ref = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
     calls = []
-    monkeypatch.setattr(kernels, "select_implementation", lambda x, w: calls.append(x.shape) or impl)
+    monkeypatch.setattr(kernels, "select_implementation", lambda x, w, **kw: calls.append(x.shape) or impl)
     for mod, name in ((gemv, "nf4_gemv"), (gemv, "nf4_gemv_t"),
                       (dequant, "nf4_matmul_dequant"), (dequant, "nf4_matmul_t_dequant")):
         monkeypatch.setattr(mod, name, functools.partial(getattr(mod, name), interpret=INTERPRET))
@@ -280,7 +280,24 @@ def test_select_implementation_falls_back_off_gpu_and_on_unsupported_shapes():
             w172 = _weight(64, 172)
             assert kernels.select_implementation(jnp.ones((1, 172), jnp.bfloat16), w172) in ("xla", "pallas_dequant")
     with kernels.use_implementation("auto"):
-        assert kernels.select_implementation(x, w) == "xla"
+        assert kernels.select_implementation(x, w) == ("xla" if jax.default_backend() != "gpu" else "gemv")
+
+
+def test_auto_picks_the_measured_kernels_on_a_gpu(monkeypatch):
+    """``auto`` on a GPU (backend faked here): the GEMV for a one-row forward, the Pallas dequantize
+    for more rows and every input gradient, XLA for fp32, stacked leaves and off-GPU."""
+    w, wodd = _weight(64, 128), _weight(64, 172)
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    pick = kernels.select_implementation
+    assert pick(jnp.ones((1, 128), jnp.bfloat16), w) == "gemv"
+    assert pick(jnp.ones((1, 1, 64), jnp.bfloat16), w, transpose=True) == "pallas_dequant"
+    assert pick(jnp.ones((4, 512, 128), jnp.bfloat16), w) == "pallas_dequant"
+    assert pick(jnp.ones((1, 172), jnp.bfloat16), wodd) == "pallas_dequant"  # whole blocks overall, K % 64 != 0
+    assert pick(jnp.ones((1, 128), jnp.float32), w) == "xla"
+    stacked = jax.vmap(lambda a: quantize(a))(jnp.ones((2, 64, 128)))
+    assert pick(jnp.ones((3, 128), jnp.bfloat16), stacked) == "xla"
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "cpu")
+    assert pick(jnp.ones((1, 128), jnp.bfloat16), w) == "xla"
 
 
 def test_use_implementation_rejects_unknown_names():

@@ -86,7 +86,7 @@ class GemvConfig:
     split: int = 4
     decode: str = "gather16"
     scales_in_kernel: bool = True
-    reduce: str = "auto"
+    reduce: str = "step"  # fastest at M = 1 on both 7B shapes (H200 sweep, benchmarks/RESULTS.md)
     x_layout: str = "split"
     num_warps: int = 4
     num_stages: int = 3
