@@ -106,29 +106,6 @@ def test_entry_point_equals_reference_on_any_shape(n, k, lead):
     assert _rel_err(kernels.nf4_matmul_t(dy, w), kernels.nf4_matmul_t_reference(dy, w)) < 1e-2
 
 
-def test_grad_through_nf4_dense_uses_the_kernels_and_equals_reference(monkeypatch):
-    """jax.grad through nf4_dense with the small-M kernels (forced on, interpret mode on CPU)
-    equals the gradient through the XLA path."""
-    w = _weight(64, 256)
-    x = jax.random.normal(jax.random.key(9), (2, 4, 256), jnp.bfloat16)
-    a = jax.random.normal(jax.random.key(10), (256, 8)) * 0.1
-    b = jax.random.normal(jax.random.key(11), (8, 64)) * 0.1
-
-    def loss(x, a, b):
-        return jnp.sum(nf4_dense(x, w, a, b, scaling=2.0).astype(jnp.float32) ** 2)
-
-    with kernels.use_implementation("xla"):
-        ref = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
-    calls = []
-    monkeypatch.setattr(kernels, "select_implementation", lambda x, w, **kw: calls.append(x.shape) or "small_m")
-    monkeypatch.setattr(small_m, "nf4_matmul_small_m", functools.partial(small_m.nf4_matmul_small_m, interpret=INTERPRET))
-    monkeypatch.setattr(small_m, "nf4_matmul_t_small_m", functools.partial(small_m.nf4_matmul_t_small_m, interpret=INTERPRET))
-    got = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
-    assert len(calls) == 2  # forward and input-gradient kernels both ran
-    for g, r in zip(got, ref):
-        assert _rel_err(g, r) < 2e-2
-
-
 def test_kernels_lower_for_cuda_on_an_abstract_h100():
     """Pallas -> Triton lowering of every kernel for CUDA, without a GPU."""
     device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
@@ -245,10 +222,10 @@ def test_xla_reduce_equals_reference(n, k, m):
     assert _rel_err(dx, kernels.nf4_matmul_t_reference(dy, w)) < 1e-2
 
 
-@pytest.mark.parametrize("impl", ["gemv", "pallas_dequant", "xla_reduce"])
-def test_grad_through_nf4_dense_with_new_implementations(monkeypatch, impl):
-    """jax.grad through nf4_dense with each new implementation forced (interpret mode on CPU)
-    equals the gradient through the XLA path."""
+@pytest.mark.parametrize("impl", ["gemv", "pallas_dequant", "xla_reduce", "small_m"])
+def test_grad_through_nf4_dense_with_each_implementation(monkeypatch, impl):
+    """jax.grad through nf4_dense with each implementation forced (Pallas in interpret mode on CPU)
+    runs its forward and input-gradient kernels and equals the gradient through the XLA path."""
     w = _weight(64, 256)
     x = jax.random.normal(jax.random.key(9), (2, 3, 256), jnp.bfloat16)  # M = 6 <= 8
     a = jax.random.normal(jax.random.key(10), (256, 8)) * 0.1
@@ -261,8 +238,8 @@ def test_grad_through_nf4_dense_with_new_implementations(monkeypatch, impl):
         ref = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
     calls = []
     monkeypatch.setattr(kernels, "select_implementation", lambda x, w, **kw: calls.append(x.shape) or impl)
-    for mod, name in ((gemv, "nf4_gemv"), (gemv, "nf4_gemv_t"),
-                      (dequant, "nf4_matmul_dequant"), (dequant, "nf4_matmul_t_dequant")):
+    for mod, name in ((gemv, "nf4_gemv"), (gemv, "nf4_gemv_t"), (dequant, "nf4_matmul_dequant"),
+                      (dequant, "nf4_matmul_t_dequant"), (small_m, "nf4_matmul_small_m"), (small_m, "nf4_matmul_t_small_m")):
         monkeypatch.setattr(mod, name, functools.partial(getattr(mod, name), interpret=INTERPRET))
     got = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
     assert len(calls) == 2
