@@ -193,6 +193,7 @@ def run_jax(args) -> list[dict]:
             rows.append(_row("qlora_jax", variant, batch, args, device, statistics.median(prefill_s),
                              statistics.median(total_s), nbytes, cfg, extra=extra))
             ctx.__exit__(None, None, None)
+            print(table([rows[-1]]).splitlines()[-1], file=sys.stderr, flush=True)  # progress, if later rows time out
         del gen, model
     return rows
 
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tmp-dir", help="where the bitsandbytes baseline writes its temporary bf16 checkpoint (created)")
     ap.add_argument("--implementation", default="auto",
                     help="comma-separated qlora_jax.kernels implementations to decode with (e.g. auto,gemv,xla_reduce)")
-    ap.add_argument("--unroll-layers", default="0", help="comma-separated 0/1: decode with the layer loop unrolled")
+    ap.add_argument("--unroll-layers", default="1", help="comma-separated 0/1: decode with the layer loop unrolled")
     ap.add_argument("--profile", help="write a profiler trace of one generate call per JAX row here; rows get a summary")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)

@@ -1,4 +1,5 @@
-"""4-bit matmul speed: the fused kernels (where they apply) vs XLA dequant+dot vs a bf16 dot.
+"""4-bit matmul speed: what the dispatcher runs (``auto``: Pallas GEMV / Pallas dequantize + dot on a GPU)
+vs the plain XLA dequantize + dot vs a bf16 dot.
 
     python benchmarks/kernels.py [--m 1,16,64,2048] [--shapes 4096x11008,...] [--json out.json]
 
@@ -72,9 +73,8 @@ def bench_shape(k: int, n: int, m: int, runs: int) -> list[dict]:
         else:
             fused, xla = kernels.nf4_matmul_t, kernels.nf4_matmul_t_reference
             dense = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-        with kernels.use_implementation("small_m"):
-            impl = kernels.select_implementation(xs[0], qw)
-        with kernels.use_implementation("small_m"):  # "fused" columns: the kernel wherever it applies
+        impl = kernels.select_implementation(xs[0], qw, transpose=direction == "bwd")
+        with kernels.use_implementation("auto"):  # "fused" columns: what the dispatcher runs here
             t_fused = _timeit(_calls(fused, reps), xs, qws, runs=runs) / (reps * len(qws))
             y_f = fused(xs[0], qw)
         t_xla = _timeit(_calls(xla, reps), xs, qws, runs=runs) / (reps * len(qws))

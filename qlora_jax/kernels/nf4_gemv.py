@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from qlora_jax.kernels.nf4_matmul import operand_rows
 from qlora_jax.nf4 import NESTED_BLOCKSIZE, QuantizedTensor, block_absmax, codebook
 
 MAX_M = 8
@@ -86,7 +87,7 @@ class GemvConfig:
     split: int = 4
     decode: str = "gather16"
     scales_in_kernel: bool = True
-    reduce: str = "auto"
+    reduce: str = "step"  # fastest at M = 1 on both 7B shapes (H200 sweep, benchmarks/RESULTS.md)
     x_layout: str = "split"
     num_warps: int = 4
     num_stages: int = 3
@@ -271,12 +272,7 @@ def _weight_operands(w: QuantizedTensor, config: GemvConfig):
 def _validate(name: str, a: jax.Array, w: QuantizedTensor, dim: int) -> int:
     if not jnp.issubdtype(a.dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating operand, got {a.dtype}")
-    if len(w.shape) != 2 or a.shape[-1] != w.shape[dim]:
-        raise ValueError(f"{name}: operand shape {a.shape} does not fit weight shape {w.shape}")
-    m = int(np.prod(a.shape[:-1], dtype=np.int64))
-    if (reason := supports(w, m)) is not None:
-        raise ValueError(f"{name}: {reason}")
-    return m
+    return operand_rows(name, a, w, dim, supports)
 
 
 def _pad_m(a2: jax.Array) -> jax.Array:

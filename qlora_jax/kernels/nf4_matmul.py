@@ -14,6 +14,8 @@ bitsandbytes checkpoints). This file holds the pure-jnp paths:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -25,6 +27,16 @@ def _check(x: jax.Array, w: QuantizedTensor, dim: int, name: str) -> None:
         raise ValueError(f"{name}: weight must be 2-D [out, in], got shape {w.shape}")
     if x.shape[-1] != w.shape[dim]:
         raise ValueError(f"{name}: x.shape[-1]={x.shape[-1]} does not match weight shape {w.shape} (dim {dim})")
+
+
+def operand_rows(name: str, a: jax.Array, w: QuantizedTensor, dim: int, supports) -> int:
+    """Rows M of operand ``a`` (``[..., w.shape[dim]]``) after checking it against ``w`` and a
+    kernel's ``supports(w, m)`` (``None`` or the reason it does not apply)."""
+    _check(a, w, dim, name)
+    m = int(math.prod(a.shape[:-1]))
+    if (reason := supports(w, m)) is not None:
+        raise ValueError(f"{name}: {reason}")
+    return m
 
 
 def nf4_matmul_reference(x: jax.Array, w: QuantizedTensor) -> jax.Array:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from qlora_jax.kernels.nf4_matmul import operand_rows
 from qlora_jax.nf4 import NESTED_BLOCKSIZE, QuantizedTensor, codebook
 
 MAX_M = 64
@@ -164,12 +165,7 @@ def _pad_rows(x2: jax.Array) -> jax.Array:
 def _validate(name: str, a: jax.Array, w: QuantizedTensor, dim: int) -> int:
     if jnp.dtype(a.dtype).itemsize != 2:
         raise NotImplementedError(f"{name}: small-M 4-bit kernels run in bfloat16 or float16, not {jnp.dtype(a.dtype).name}")
-    if len(w.shape) != 2 or a.shape[-1] != w.shape[dim]:
-        raise ValueError(f"{name}: operand shape {a.shape} does not fit weight shape {w.shape}")
-    m = int(np.prod(a.shape[:-1], dtype=np.int64))
-    if (reason := supports(w, m)) is not None:
-        raise ValueError(f"{name}: {reason}")
-    return m
+    return operand_rows(name, a, w, dim, supports)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
