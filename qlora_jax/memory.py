@@ -10,16 +10,18 @@ without one (``huggyllama/llama-65b``), from the LLaMA preset named by its trail
 * frozen weights: NF4 / FP4 codes (n/2 bytes), block scales (uint8 codes n/64 with double
   quantization, else fp32), nested fp32 scales (one per 256 blocks), the offset and the 256-entry
   map per tensor; or 16-bit weights; plus the 16-bit embeddings, ``lm_head`` and norms;
-* LoRA: fp32 parameters, gradients and updates; Adam's two fp32 moments on the device, or (paged)
-  on the host with ``pages_in_flight`` pages of both moments on the device;
+* LoRA: fp32 parameters and gradients (on the CPU backend also the update tree; on the GPU XLA fuses
+  the AdamW update into the parameter write); Adam's two fp32 moments on the device, or (paged) on
+  the host with ``pages_in_flight`` pages of both moments on the device;
 * activations: the per-layer scan inputs ``[B, T, D]`` saved for the backward pass (remat
   ``full``), or every layer's activations (``none``) / matmul outputs (``save_dots``); plus one
   layer's recomputed activations during the backward pass (their gradients reuse buffers);
-* attention: XLA attention (the step passes an attention mask) materializes ``[B, H, T, T]``
-  probabilities in fp32 and 16 bits, and the ``[B, T, T]`` mask;
-* logits ``[B, T, V]`` in fp32, their gradient and one fp32 temporary of the loss;
-* the dequantized 16-bit copy of the largest weight (XLA dequant + dot, forward and backward);
-* a workspace allowance: 512 MiB + 3 % of the rest (cuBLAS/cuDNN workspaces, allocator slack).
+* attention: nothing with cuDNN's fused attention (a GPU, 16-bit compute: the training step passes
+  no padding mask); XLA attention materializes ``[B, H, T, T]`` probabilities in fp32 and 16 bits,
+  and the ``[B, T, T]`` mask;
+* logits ``[B, T, V]`` in fp32 (on the CPU backend also their gradient and a loss temporary at once);
+* the dequantized 16-bit copy of the largest weight (dequantize + dot, forward and backward);
+* on the GPU a 64 MiB allowance for allocator rounding.
 
 On a ``data x fsdp`` mesh (``mesh`` section, :mod:`qlora_jax.sharding`) the plan is per device:
 the NF4 codes and scales that the sharding rules split (whole quantization blocks per shard) count
@@ -33,10 +35,13 @@ per-device buffer assignment of the real step at the 7B shape (4 x 512 rows per 
 (``tests/test_mesh.py``).
 
 The per-token activation counts are written out in :func:`layer_activation_bytes_per_token`.
-Calibration: on the CPU backend, XLA's buffer assignment for the real jitted step (compiled from
-abstract inputs, ``tests/test_memory.py``) agrees with the plan within a few percent at the 7B and
-65B benchmark shapes, counting the paged optimizer state as device memory there (the CPU has one
-memory space). On GPU the benchmark prints the plan next to ``peak_bytes_in_use``.
+Calibration (``backend``): ``"gpu"`` (the default, what a training run needs) against the measured
+``peak_bytes_in_use`` of the H200 benchmark runs of 2026-11-28 (``benchmarks/RESULTS.md``): 7B 4x512 and
+1x2048 with Adam on the device (measured 7.53 GiB, planned 7.61: +1.1%), 65B 1x2048 paged in a 48 GiB
+pool (44.38 / 44.51: +0.3%) and 7B on a 1x2 FSDP mesh (4.90 / 5.26 per GPU: +7.4%). ``"cpu"``: XLA's
+CPU buffer assignment of the real jitted step compiled from abstract inputs (``tests/test_memory.py``,
+``tests/test_mesh.py``), within 10% at the 7B shape, counting the paged optimizer state as device
+memory (the CPU has one memory space).
 """
 
 from __future__ import annotations
@@ -54,8 +59,8 @@ from qlora_jax.nf4 import NESTED_BLOCKSIZE
 
 GiB = 2**30
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-WORKSPACE_FIXED = 512 * 2**20
-WORKSPACE_FRACTION = 0.03
+BACKENDS = ("gpu", "cpu")
+GPU_SLACK = 64 * 2**20  # allocator rounding and small buffers (the GPU runs' XLA estimate equals their peak)
 PAGES_IN_FLIGHT = 2  # qlora_jax.paged_adam.paged_adamw's default
 
 
@@ -117,10 +122,20 @@ class PlanInputs:
     page_size: int = 0
     data: int = 1  # mesh.data
     fsdp: int = 1  # mesh.fsdp
+    backend: str = "gpu"  # "gpu": calibrated on H200 measurements; "cpu": XLA's CPU buffer assignment
 
     def __post_init__(self):
         if self.data < 1 or self.fsdp < 1:
             raise ValueError(f"mesh data={self.data} and fsdp={self.fsdp} must be >= 1")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not one of {BACKENDS}")
+
+    @property
+    def flash_attention(self) -> bool:
+        """Whether the step's attention is cuDNN's fused kernel (no ``[B, H, T, T]`` buffers): a GPU,
+        16-bit compute and a head size cuDNN takes (``qlora_jax.models.llama._attention``)."""
+        hd = self.cfg.head_dim
+        return self.backend == "gpu" and DTYPE_BYTES[self.compute_dtype] == 2 and hd % 8 == 0 and hd <= 128
 
     @property
     def devices(self) -> int:
@@ -198,7 +213,10 @@ def plan(p: PlanInputs) -> dict[str, int]:
 
     n_lora = lora_params(cfg, p.lora_r, p.lora_targets)
     shard = -(-n_lora // p.fsdp)  # the LoRA leaves split over fsdp along their in/out axis
-    out["lora_params_grads_updates"] = 4 * n_lora + 2 * 4 * shard  # whole gradients; params, updates sharded
+    if p.backend == "gpu":  # whole gradients, sharded params; the AdamW update is fused into the param write
+        out["lora_params_grads_updates"] = 4 * n_lora + 4 * shard
+    else:  # XLA CPU keeps the update tree as well
+        out["lora_params_grads_updates"] = 4 * n_lora + 2 * 4 * shard
     if p.paged:
         leaf = largest_lora_leaf(cfg, p.lora_r, p.lora_targets)
         # page_size 0: one page per leaf. Else paged_adam packs leaves up to page_size elements and cuts
@@ -225,12 +243,16 @@ def plan(p: PlanInputs) -> dict[str, int]:
     # Backward of one layer: its recomputed activations (their gradients reuse freed buffers).
     out["layer_recompute_and_grads"] = layer_bytes
     scores = p.device_batch * cfg.num_attention_heads * p.seq * p.seq
-    out["attention_scores"] = scores * (4 + c) * (1 if p.remat != "none" else L) + p.device_batch * p.seq * p.seq
-    out["logits_and_loss"] = 3 * tokens * cfg.vocab_size * 4
+    if p.flash_attention:
+        out["attention_scores"] = 0
+    else:  # XLA attention: fp32 and 16-bit probabilities, and the causal mask
+        out["attention_scores"] = scores * (4 + c) * (1 if p.remat != "none" else L) + p.device_batch * p.seq * p.seq
+    # fp32 logits (and on the CPU their gradient and a loss temporary at the same time; on the GPU the
+    # logits' backward is over before the layers' recompute peak)
+    out["logits_and_loss"] = (1 if p.backend == "gpu" else 3) * tokens * cfg.vocab_size * 4
     largest = max(i * o for i, o in shapes.values())
     out["dequantized_weight"] = 2 * largest * c if p.quantize else 0
-    subtotal = sum(out.values())
-    out["workspace"] = WORKSPACE_FIXED + int(WORKSPACE_FRACTION * subtotal)
+    out["workspace"] = GPU_SLACK if p.backend == "gpu" else 0
     out["total"] = sum(out.values())
     out["host_optimizer"] = host
     return out
@@ -288,14 +310,14 @@ LABELS = {
     "frozen_linear_weights": "frozen linear weights (NF4 codes, scales, DQ constants)",
     "fsdp_gathered_layer": "one layer's 4-bit weights gathered (FSDP)",
     "embeddings_head_norms": "embeddings, lm_head, norms (16-bit)",
-    "lora_params_grads_updates": "LoRA params + grads + updates (fp32)",
+    "lora_params_grads_updates": "LoRA params + grads (+ updates on CPU) (fp32)",
     "optimizer_on_device": "Adam moments on device",
     "saved_activations": "saved activations (layer inputs, remat)",
     "layer_recompute_and_grads": "one layer's recomputed activations",
-    "attention_scores": "attention scores/probs (XLA attention)",
-    "logits_and_loss": "logits fp32 + grad + loss temp",
+    "attention_scores": "attention scores/probs (XLA attention; 0 with cuDNN)",
+    "logits_and_loss": "logits fp32 (+ grad + loss temp on CPU)",
     "dequantized_weight": "dequantized largest weight (fwd + bwd)",
-    "workspace": "workspace allowance (512 MiB + 3%)",
+    "workspace": "allocator allowance (GPU)",
 }
 
 
@@ -347,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), help="architecture preset (default: from model.path)")
     ap.add_argument("--seq", type=int, help="sequence length (default: data.source_max_len + data.target_max_len)")
     ap.add_argument("--gpu-mem", help="device memory to check the plan against, e.g. 48GB")
+    ap.add_argument("--backend", choices=BACKENDS, default="gpu",
+                    help="plan for a GPU run (default) or XLA's CPU buffer assignment")
     ap.add_argument("--json", help="write the plan (bytes per component) here")
     args = ap.parse_args(argv)
     try:
@@ -356,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    p = inputs_from_train_config(tc, cfg, args.seq)
+    p = dataclasses.replace(inputs_from_train_config(tc, cfg, args.seq), backend=args.backend)
     result = plan(p)
     print(format_plan(p, result, gpu_mem))
     if args.json:

@@ -298,7 +298,8 @@ def _plan_inputs(cfg: TrainConfig, model: nnx.Module):
 
     q = model.quant
     return dataclasses.replace(inputs_from_train_config(cfg, model.cfg), quantize=q.quantize, blocksize=q.blocksize,
-                               double_quant=q.double_quant, param_dtype=q.param_dtype, compute_dtype=q.compute_dtype)
+                               double_quant=q.double_quant, param_dtype=q.param_dtype, compute_dtype=q.compute_dtype,
+                               backend="cpu" if jax.default_backend() == "cpu" else "gpu")
 
 
 def resolve_paging(cfg: TrainConfig, model: nnx.Module, device_bytes: int | None = None,

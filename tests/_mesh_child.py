@@ -114,7 +114,7 @@ def step_memory_7b(data: int, fsdp: int) -> dict[str, float]:
     step = make_train_step(graphdef, tx, tc, shardings)
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32) for k in ("input_ids", "labels", "attention_mask")}
     ma = step.lower(lora, opt_state, rest, batch, 0, jax.random.key(0)).compile().memory_analysis()
-    p = plan(PlanInputs(cfg=arch, batch=B, seq=T, data=data, fsdp=fsdp))
+    p = plan(PlanInputs(cfg=arch, batch=B, seq=T, data=data, fsdp=fsdp, backend="cpu"))
     return {"xla": ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
             - ma.alias_size_in_bytes, "xla_temp": ma.temp_size_in_bytes,
             "plan": p["total"] - p["workspace"] - p["optimizer_on_device"] + p["host_optimizer"]}

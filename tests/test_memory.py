@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,13 +56,20 @@ def test_plan_arithmetic_by_hand(size, layers, d, f, lin_params, lora_n):
     assert p["frozen_linear_weights"] == by_hand
     assert 8 * by_hand / lin_params == pytest.approx(4.127, abs=5e-4)  # QLoRA's 4.127 bits per parameter
     assert p["embeddings_head_norms"] == 2 * (2 * 32000 * d + (2 * layers + 1) * d)
-    assert p["lora_params_grads_updates"] == 3 * 4 * lora_n
+    assert p["lora_params_grads_updates"] == 2 * 4 * lora_n  # GPU: params + grads (update fused into the write)
     assert p["host_optimizer"] == 2 * 4 * lora_n  # paged: both Adam moments on the host
     largest_leaf = layers * 64 * f  # [L, F, r] / [L, r, F]
     assert p["optimizer_on_device"] == 2 * 2 * 4 * largest_leaf  # two pages of both moments
     assert p["saved_activations"] == layers * 512 * d * 2  # remat full: bf16 layer inputs
-    assert p["logits_and_loss"] == 3 * 512 * 32000 * 4
+    assert p["logits_and_loss"] == 512 * 32000 * 4
+    assert p["attention_scores"] == 0  # cuDNN's fused attention
+    assert p["workspace"] == 64 * 2**20
     assert p["total"] == sum(v for k, v in p.items() if k not in ("total", "host_optimizer"))
+    cpu = plan(PlanInputs(cfg=cfg, batch=1, seq=512, backend="cpu"))  # XLA CPU: update tree, XLA attention
+    assert cpu["lora_params_grads_updates"] == 3 * 4 * lora_n and cpu["logits_and_loss"] == 3 * 512 * 32000 * 4
+    assert cpu["attention_scores"] == cfg.num_attention_heads * 512 * 512 * 6 + 512 * 512 and cpu["workspace"] == 0
+    fp32 = plan(PlanInputs(cfg=cfg, batch=1, seq=512, compute_dtype="float32"))  # no cuDNN: XLA attention
+    assert fp32["attention_scores"] == cfg.num_attention_heads * 512 * 512 * 8 + 512 * 512
     one_layer = plan(PlanInputs(cfg=cfg, batch=1, seq=512, page_size=1000))  # pages of one layer's rows
     assert one_layer["optimizer_on_device"] == 2 * 2 * 4 * 64 * f
     unpaged = plan(PlanInputs(cfg=cfg, batch=1, seq=512, paged=False))
@@ -103,7 +112,7 @@ def test_plan_matches_xla_buffer_assignment_at_7b():
         pytest.skip("calibration test for the CPU backend")
     cfg = LlamaConfig.preset("7b")
     xla = _xla_step_bytes(cfg, 4, 512)
-    p = plan(PlanInputs(cfg=cfg, batch=4, seq=512))
+    p = plan(PlanInputs(cfg=cfg, batch=4, seq=512, backend="cpu"))
     cpu_equivalent = p["total"] - p["workspace"] - p["optimizer_on_device"] + p["host_optimizer"]
     assert cpu_equivalent == pytest.approx(xla, rel=0.10), (cpu_equivalent / GiB, xla / GiB)
 
@@ -191,11 +200,11 @@ def test_plan_per_device_on_a_mesh_by_hand():
     assert r["frozen_linear_weights"] == L * (4 * shard(d * d) + 3 * shard(d * f))
     assert r["fsdp_gathered_layer"] == 4 * _nf4_dq_bytes_by_hand(d * d) + 3 * _nf4_dq_bytes_by_hand(d * f)
     assert r["embeddings_head_norms"] == 2 * (2 * V * d + (2 * L + 1) * d)  # replicated
-    assert r["lora_params_grads_updates"] == 4 * lora_n + 2 * 4 * (lora_n // 4)  # whole grads; params, updates / 4
+    assert r["lora_params_grads_updates"] == 4 * lora_n + 4 * (lora_n // 4)  # whole grads; params / 4
     assert r["optimizer_on_device"] == 2 * 2 * 4 * (L * 64 * f // 4)  # two pages of both moments, sharded
     assert r["host_optimizer"] == 2 * 4 * lora_n // 4
     assert r["saved_activations"] == L * 1 * 512 * d * 2  # one row per device
-    assert r["logits_and_loss"] == 3 * 512 * V * 4
+    assert r["logits_and_loss"] == 512 * V * 4
     one = plan(PlanInputs(cfg=cfg, batch=1, seq=512))  # one GPU with that device's micro-batch
     assert r["saved_activations"] == one["saved_activations"] and r["attention_scores"] == one["attention_scores"]
     assert r["frozen_linear_weights"] < one["frozen_linear_weights"] / 3.9
@@ -227,3 +236,27 @@ def test_cli_reads_the_mesh(capsys):
     capsys.readouterr()
     assert main(["--config", cfg, "--gpu-mem", "24GB", "--set", "mesh.fsdp=4"]) == 0
     assert "fits in 24.0 GiB on each of the 4 GPUs" in capsys.readouterr().out
+
+
+MEASURED = [  # H200 runs of benchmarks/train_step.py, 2026-11-28 (benchmarks/RESULTS.md)
+    "2026-11-28-s2-h200-train-7b-final.json",
+    "2026-11-28-s2-h200-train-65b-1x2048-final.json",
+    "2026-11-28-s2-h200x2-train-7b-mesh.json",
+]
+
+
+@pytest.mark.parametrize("name", MEASURED)
+def test_gpu_plan_is_within_10_percent_of_the_measured_h200_peaks(name):
+    """The GPU plan (default backend) of every configuration the benchmark measured on an H200 —
+    7B 4x512 / 1x2048 with Adam on the device, 65B 1x2048 paged in a 48 GiB pool, 7B on 2x1 and 1x2
+    meshes — is within 10% of the runtime's measured peak (``peak_bytes_in_use``, max over GPUs)."""
+    from pathlib import Path
+
+    rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name).read_text())["results"]
+    assert rows
+    for r in rows:
+        data, fsdp = r.get("mesh", (1, 1))
+        p = PlanInputs(cfg=LlamaConfig.preset(r["size"]), batch=r["batch"], seq=r["seq"], remat=r["remat"],
+                       lora_r=r["lora_r"], lora_dropout=r["lora_dropout"], paged=r["paged"], data=data, fsdp=fsdp)
+        planned = plan(p)["total"]
+        assert planned == pytest.approx(r["peak_bytes"], rel=0.10), (r["name"], planned / GiB, r["peak_bytes"] / GiB)
