@@ -95,7 +95,8 @@ def train_config(c: dict[str, Any]):
     return TrainConfig(
         model=ModelSection(path=f"random:{c['size']}", quantize=c["weights"] == "nf4", quant_type="nf4",
                            blocksize=64, double_quant=True, compute_dtype="bfloat16", remat=c["remat"]),
-        lora=LoRASection(r=c["lora_r"], alpha=16.0, dropout=c["lora_dropout"]),
+        lora=LoRASection(r=c["lora_r"], alpha=16.0, dropout=c["lora_dropout"],
+                         param_dtype=c.get("lora_dtype", "float32")),
         data=DataConfig(dataset="random", source_max_len=1, target_max_len=c["seq"] - 1, batch_size=c["batch"],
                         eval_batch_size=c["batch"]),
         optim=OptimSection(learning_rate=2e-4, schedule="constant", warmup_ratio=0.0, max_grad_norm=0.3,
@@ -140,11 +141,12 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
     B, T = c["batch"], c["seq"]  # the global batch
     quant = QuantConfig(quantize=tc.model.quantize, quant_type="nf4", blocksize=64, double_quant=True,
                         param_dtype="bfloat16", compute_dtype=tc.model.compute_dtype)
-    lora = LoRAConfig(r=tc.lora.r, alpha=tc.lora.alpha, dropout=tc.lora.dropout, targets=tuple(tc.lora.targets))
+    lora = LoRAConfig(r=tc.lora.r, alpha=tc.lora.alpha, dropout=tc.lora.dropout, targets=tuple(tc.lora.targets),
+                      param_dtype=tc.lora.param_dtype)
     p = PlanInputs(cfg=cfg, batch=B, seq=T, quantize=quant.quantize, blocksize=64, double_quant=True,
                    param_dtype="bfloat16", compute_dtype=quant.compute_dtype, lora_r=lora.r, lora_targets=lora.targets,
                    lora_dropout=lora.dropout, remat=tc.model.remat, paged=tc.optim.paged, page_size=tc.optim.page_size,
-                   data=data, fsdp=fsdp)
+                   data=data, fsdp=fsdp, lora_param_dtype=lora.param_dtype)
     planned = plan(p)  # per device
     result: dict[str, Any] = {**c, "status": "error", "planned_bytes": planned["total"], "plan": planned,
                               "devices": n_dev, "device": dev.device_kind, "backend": jax.default_backend(),
@@ -270,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--remat", default="full", choices=("none", "full", "save_dots", "offload"))
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lora-dropout", type=float, default=0.05)
+    ap.add_argument("--lora-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="LoRA A/B storage (bfloat16: fp32 master copy in the optimizer)")
     ap.add_argument("--paged", choices=("auto", "on", "off"), default="auto",
                     help="Adam state: paged from host memory (on), on the device (off), or train.py's choice (auto)")
     ap.add_argument("--unpaged", action="store_true", help="same as --paged off")
@@ -321,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                     name=f"jax-{w}-{args.size}-{b}x{t}" + (f"-mesh{d}x{f}" if n > 1 else ""), impl="jax",
                     size=args.size, weights=w, batch=batch, device_batch=batch // n, seq=t, mesh=[d, f],
                     steps=args.steps, warmup=args.warmup, remat=args.remat, lora_r=args.lora_r,
-                    lora_dropout=args.lora_dropout, paged=paged, paged_setting=paged, page_size=args.page_size,
+                    lora_dropout=args.lora_dropout, lora_dtype=args.lora_dtype, paged=paged, paged_setting=paged,
+                    page_size=args.page_size,
                     mem_limit_gb=args.mem_limit_gb,
                     profile=args.profile,
                 ))

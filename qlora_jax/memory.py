@@ -123,6 +123,7 @@ class PlanInputs:
     data: int = 1  # mesh.data
     fsdp: int = 1  # mesh.fsdp
     backend: str = "gpu"  # "gpu": calibrated on H200 measurements; "cpu": XLA's CPU buffer assignment
+    lora_param_dtype: str = "float32"  # bfloat16: 16-bit A/B and gradients, fp32 master copy in the optimizer
 
     def __post_init__(self):
         if self.data < 1 or self.fsdp < 1:
@@ -213,19 +214,21 @@ def plan(p: PlanInputs) -> dict[str, int]:
 
     n_lora = lora_params(cfg, p.lora_r, p.lora_targets)
     shard = -(-n_lora // p.fsdp)  # the LoRA leaves split over fsdp along their in/out axis
+    lb = DTYPE_BYTES[p.lora_param_dtype]
     if p.backend == "gpu":  # whole gradients, sharded params; the AdamW update is fused into the param write
-        out["lora_params_grads_updates"] = 4 * n_lora + 4 * shard
-    else:  # XLA CPU keeps the update tree as well
-        out["lora_params_grads_updates"] = 4 * n_lora + 2 * 4 * shard
+        out["lora_params_grads_updates"] = lb * n_lora + lb * shard
+    else:  # XLA CPU keeps the (fp32) update tree as well
+        out["lora_params_grads_updates"] = lb * n_lora + lb * shard + 4 * shard
+    state_words = 2 if lb == 4 else 3  # Adam's two moments, plus the fp32 master copy of 16-bit LoRA weights
     if p.paged:
         leaf = largest_lora_leaf(cfg, p.lora_r, p.lora_targets)
         # page_size 0: one page per leaf. Else paged_adam packs leaves up to page_size elements and cuts
         # bigger leaves into whole layers (rows of the stacked leaf); a row never splits.
         page = leaf if p.page_size <= 0 else min(n_lora, max(p.page_size, leaf // L))
-        out["optimizer_on_device"] = PAGES_IN_FLIGHT * 2 * 4 * (-(-page // p.fsdp))
-        host = 2 * 4 * shard
+        out["optimizer_on_device"] = PAGES_IN_FLIGHT * state_words * 4 * (-(-page // p.fsdp))
+        host = state_words * 4 * shard
     else:
-        out["optimizer_on_device"] = 2 * 4 * shard
+        out["optimizer_on_device"] = state_words * 4 * shard
         host = 0
 
     per_tok = layer_activation_bytes_per_token(p)
@@ -299,7 +302,7 @@ def inputs_from_train_config(tc: Any, cfg: LlamaConfig, seq: int | None = None) 
         quantize=m.quantize, blocksize=m.blocksize, double_quant=m.double_quant,
         param_dtype="bfloat16", compute_dtype=m.compute_dtype,
         lora_r=tc.lora.r, lora_targets=tuple(tc.lora.targets), lora_dropout=tc.lora.dropout,
-        remat=m.remat, paged=tc.optim.paged, page_size=tc.optim.page_size,
+        remat=m.remat, paged=tc.optim.paged, page_size=tc.optim.page_size, lora_param_dtype=tc.lora.param_dtype,
         data=tc.mesh.data, fsdp=tc.mesh.fsdp,
     )
 
@@ -310,7 +313,7 @@ LABELS = {
     "frozen_linear_weights": "frozen linear weights (NF4 codes, scales, DQ constants)",
     "fsdp_gathered_layer": "one layer's 4-bit weights gathered (FSDP)",
     "embeddings_head_norms": "embeddings, lm_head, norms (16-bit)",
-    "lora_params_grads_updates": "LoRA params + grads (+ updates on CPU) (fp32)",
+    "lora_params_grads_updates": "LoRA params + grads (+ fp32 updates on CPU)",
     "optimizer_on_device": "Adam moments on device",
     "saved_activations": "saved activations (layer inputs, remat)",
     "layer_recompute_and_grads": "one layer's recomputed activations",

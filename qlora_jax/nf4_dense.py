@@ -166,6 +166,8 @@ class LoRADense(nnx.Module):
       weight: ``[out, in]`` float array; ``None`` draws torch's default ``nn.Linear`` init.
       param_dtype: storage dtype of the frozen float weight.
       compute_dtype: dtype of the matmuls and output.
+      lora_dtype: storage dtype of ``lora_a`` / ``lora_b`` (fp32, or bf16 as the original QLoRA
+        trains them; the optimizer then keeps an fp32 master copy, ``paged_adamw(fp32_master=True)``).
     """
 
     def __init__(
@@ -182,6 +184,7 @@ class LoRADense(nnx.Module):
         bias: jax.Array | np.ndarray | None = None,
         param_dtype: Any = jnp.bfloat16,
         compute_dtype: Any = jnp.bfloat16,
+        lora_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         if r < 0:
@@ -199,8 +202,8 @@ class LoRADense(nnx.Module):
         else:
             self.bias = None
         if r > 0:
-            self.lora_a = nnx.LoRAParam(torch_linear_init(rngs.params(), (in_features, r), in_features))
-            self.lora_b = nnx.LoRAParam(jnp.zeros((r, out_features), jnp.float32))
+            self.lora_a = nnx.LoRAParam(torch_linear_init(rngs.params(), (in_features, r), in_features).astype(lora_dtype))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((r, out_features), lora_dtype))
         else:
             self.lora_a = self.lora_b = None
         self.deterministic = False

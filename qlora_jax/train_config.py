@@ -69,10 +69,15 @@ class LoRASection:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # Storage of A and B on the device: float32, or bfloat16 (the original QLoRA's bf16 LoRA weights; half
+    # the device bytes of parameters and gradients) with an fp32 master copy kept by the optimizer.
+    param_dtype: str = "float32"
 
     def __post_init__(self):
         if self.r <= 0:
             raise ConfigError(f"lora.r={self.r} must be > 0")
+        if self.param_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"lora.param_dtype={self.param_dtype!r} must be float32 or bfloat16")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
 

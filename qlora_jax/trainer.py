@@ -72,7 +72,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     if not isinstance(o.paged, bool):
         raise ValueError(f"optim.paged={o.paged!r} is not resolved yet: call resolve_paging(cfg, model) first")
     return paged_adamw(make_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                       paged=o.paged, page_size=o.page_size or None)
+                       paged=o.paged, page_size=o.page_size or None, fp32_master=cfg.lora.param_dtype != "float32")
 
 
 def _lm_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -168,7 +168,8 @@ def build_model(cfg: TrainConfig, model_dir: Path) -> nnx.Module:
     from qlora_jax.models.checkpoint import load_model
     from qlora_jax.models.llama import LoRAConfig
 
-    lora = LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=tuple(cfg.lora.targets))
+    lora = LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=tuple(cfg.lora.targets),
+                      param_dtype=cfg.lora.param_dtype)
     return load_model(model_dir, lora=lora, remat=cfg.model.remat, compute_dtype=cfg.model.compute_dtype,
                       seed=cfg.train.seed)
 

@@ -68,6 +68,10 @@ def test_plan_arithmetic_by_hand(size, layers, d, f, lin_params, lora_n):
     cpu = plan(PlanInputs(cfg=cfg, batch=1, seq=512, backend="cpu"))  # XLA CPU: update tree, XLA attention
     assert cpu["lora_params_grads_updates"] == 3 * 4 * lora_n and cpu["logits_and_loss"] == 3 * 512 * 32000 * 4
     assert cpu["attention_scores"] == cfg.num_attention_heads * 512 * 512 * 6 + 512 * 512 and cpu["workspace"] == 0
+    b16 = plan(PlanInputs(cfg=cfg, batch=1, seq=512, lora_param_dtype="bfloat16"))  # 16-bit A/B, fp32 master
+    assert b16["lora_params_grads_updates"] == 2 * 2 * lora_n
+    assert b16["host_optimizer"] == 3 * 4 * lora_n  # both moments and the master copy, paged
+    assert b16["optimizer_on_device"] == 2 * 3 * 4 * largest_leaf
     fp32 = plan(PlanInputs(cfg=cfg, batch=1, seq=512, compute_dtype="float32"))  # no cuDNN: XLA attention
     assert fp32["attention_scores"] == cfg.num_attention_heads * 512 * 512 * 8 + 512 * 512
     one_layer = plan(PlanInputs(cfg=cfg, batch=1, seq=512, page_size=1000))  # pages of one layer's rows

@@ -225,3 +225,35 @@ def test_orbax_round_trip_restores_the_state_into_host_memory(tmp_path):
     assert state_memory_kinds(restored) == {"pinned_host"}
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  restored, state)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_fp32_master_follows_the_fp32_trajectory_with_bf16_params(paged):
+    """16-bit parameters with ``fp32_master=True``: the master copy equals plain fp32 AdamW on the same
+    gradients step for step, the parameters are that master rounded to bf16, and the gradients may be
+    bf16; without the master, tiny updates vanish in bf16 (the reason it exists)."""
+    from qlora_jax.paged_adam import with_fp32_master
+
+    p32 = {"a": jax.random.normal(jax.random.key(0), (8, 4)), "b": jnp.full((3,), 1.0)}
+    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
+    p32 = jax.tree.map(lambda x: x.astype(jnp.float32), p16)  # the same starting values
+    ref_tx, tx = optax.adamw(1e-4), paged_adamw(1e-4, paged=paged, page_size=16 if paged else None, fp32_master=True)
+    ref_state, state = ref_tx.init(p32), tx.init(p16)
+    plain_tx = optax.adamw(1e-4)
+    plain_state, plain16 = plain_tx.init(p16), p16
+    for i in range(5):
+        g = {"a": jax.random.normal(jax.random.key(10 + i), (8, 4)).astype(jnp.bfloat16),
+             "b": jnp.ones((3,), jnp.bfloat16)}  # a steady push: Adam moves b by ~lr per step
+        u, ref_state = ref_tx.update(jax.tree.map(lambda x: x.astype(jnp.float32), g), ref_state, p32)
+        p32 = optax.apply_updates(p32, u)
+        u, state = jax.jit(tx.update)(g, state, p16)
+        p16 = optax.apply_updates(p16, u)
+        u, plain_state = plain_tx.update(g, plain_state, plain16)
+        plain16 = optax.apply_updates(plain16, u)
+    for k in p32:
+        assert p16[k].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(p16[k]), np.asarray(p32[k].astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(np.asarray(plain16["b"]), np.ones(3))  # 5e-4 below bf16's step at 1.0
+    assert float(p32["b"][0]) < 1.0 - 4e-4
+    with pytest.raises(ValueError, match="needs the parameters"):
+        with_fp32_master(optax.adamw(1e-4)).update(p16, with_fp32_master(optax.adamw(1e-4)).init(p16))

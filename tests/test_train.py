@@ -196,3 +196,23 @@ def test_auto_paging_keeps_adam_on_the_device_only_when_the_plan_fits(base, caps
         make_optimizer(cfg)
     with pytest.raises(ConfigError, match="optim.paged"):
         apply_overrides(cfg, ["optim.paged=sometimes"])
+
+
+def test_bf16_lora_with_fp32_master_tracks_fp32_lora(base, tmp_path):
+    """lora.param_dtype=bfloat16 (the original QLoRA's bf16 adapters; half the device bytes of LoRA
+    parameters and gradients): the optimizer keeps an fp32 master copy, the loss curve follows the fp32
+    run's, and the exported (fp32) adapter holds the trained bf16 values."""
+    import safetensors
+
+    over = ("train.steps=4", "train.log_every=1", "train.eval_every=100")
+    b16 = train(_cfg(base, *over, "lora.param_dtype=bfloat16"), tmp_path / "b", progress=False).metrics
+    f32 = train(_cfg(base, *over), tmp_path / "f", progress=False).metrics
+    losses = lambda ms: [r["loss"] for r in ms if "loss" in r]  # noqa: E731
+    np.testing.assert_allclose(losses(b16), losses(f32), rtol=2e-2)
+    with safetensors.safe_open(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"), "np") as f:
+        tensors = [f.get_tensor(name) for name in f.keys()]
+    assert tensors and any(np.abs(t).max() > 0 for t in tensors)
+    for t in tensors:  # exported as PEFT's fp32, holding the trained bf16 values exactly
+        np.testing.assert_array_equal(t, np.asarray(jax.numpy.asarray(t).astype(jax.numpy.bfloat16).astype("float32")))
+    with pytest.raises(ConfigError, match="lora.param_dtype"):
+        _cfg(base, "lora.param_dtype=float16")

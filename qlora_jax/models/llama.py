@@ -176,7 +176,8 @@ class LoRAConfig:
     """LoRA on the linear projections (QLoRA: r=64, alpha=16, all seven projections).
 
     ``scaling`` is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora`` (PEFT's rank-stabilized LoRA).
-    ``r=0`` builds the model without adapters.
+    ``r=0`` builds the model without adapters. ``param_dtype``: storage of ``A`` and ``B`` (``float32``, or
+    ``bfloat16`` as the original QLoRA trains them, with an fp32 master copy in the optimizer).
     """
 
     r: int = 64
@@ -184,6 +185,7 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = LORA_TARGETS
     use_rslora: bool = False
+    param_dtype: str = "float32"
 
     @property
     def scaling(self) -> float:
@@ -195,6 +197,8 @@ class LoRAConfig:
         bad = set(self.targets) - set(LORA_TARGETS)
         if bad:
             raise ValueError(f"unknown LoRA targets {sorted(bad)}; choose from {LORA_TARGETS}")
+        if self.param_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"LoRA param_dtype={self.param_dtype!r} must be float32 or bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,7 +324,8 @@ def _linear(cfg: LlamaConfig, lora: LoRAConfig, quant: QuantConfig, name: str, n
     r = lora.r if name in lora.targets else 0
     common = dict(
         r=r, alpha=lora.alpha, rslora=lora.use_rslora, dropout=lora.dropout, use_bias=bias,
-        param_dtype=jnp.dtype(quant.param_dtype), compute_dtype=jnp.dtype(quant.compute_dtype), rngs=rngs,
+        param_dtype=jnp.dtype(quant.param_dtype), compute_dtype=jnp.dtype(quant.compute_dtype),
+        lora_dtype=jnp.dtype(lora.param_dtype), rngs=rngs,
     )
     # Random init (torch's nn.Linear); loading replaces it. Drawn in param_dtype so that a quantized
     # weight records the dtype the checkpoint's weights have.
