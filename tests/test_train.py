@@ -94,12 +94,22 @@ def test_killed_run_resumes_bit_exactly(base, tmp_path):
     assert key(resumed) == key(straight)
 
 
-def test_paged_equals_unpaged(base, tmp_path):
-    over = ("train.steps=4", "train.log_every=1", "train.eval_every=100")
-    paged = train(_cfg(base, *over, "optim.paged=true"), tmp_path / "p", progress=False).metrics
-    plain = train(_cfg(base, *over, "optim.paged=false"), tmp_path / "u", progress=False).metrics
-    np.testing.assert_allclose([r["loss"] for r in paged if "loss" in r], [r["loss"] for r in plain if "loss" in r],
-                               rtol=1e-5)
+SHORT = ("train.steps=4", "train.log_every=1", "train.eval_every=100")
+
+
+@pytest.fixture(scope="module")
+def short_paged_run(base, tmp_path_factory) -> list[dict]:
+    """4 logged steps of the stories260K config with paged AdamW (fp32 LoRA): the reference of the tests below."""
+    return train(_cfg(base, *SHORT, "optim.paged=true"), tmp_path_factory.mktemp("short") / "p", progress=False).metrics
+
+
+def _losses(metrics: list[dict]) -> list[float]:
+    return [r["loss"] for r in metrics if "loss" in r]
+
+
+def test_paged_equals_unpaged(base, short_paged_run, tmp_path):
+    plain = train(_cfg(base, *SHORT, "optim.paged=false"), tmp_path / "u", progress=False).metrics
+    np.testing.assert_allclose(_losses(short_paged_run), _losses(plain), rtol=1e-5)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(base, tmp_path):
@@ -198,17 +208,15 @@ def test_auto_paging_keeps_adam_on_the_device_only_when_the_plan_fits(base, caps
         apply_overrides(cfg, ["optim.paged=sometimes"])
 
 
-def test_bf16_lora_with_fp32_master_tracks_fp32_lora(base, tmp_path):
+def test_bf16_lora_with_fp32_master_tracks_fp32_lora(base, short_paged_run, tmp_path):
     """lora.param_dtype=bfloat16 (the original QLoRA's bf16 adapters; half the device bytes of LoRA
     parameters and gradients): the optimizer keeps an fp32 master copy, the loss curve follows the fp32
     run's, and the exported (fp32) adapter holds the trained bf16 values."""
     import safetensors
 
-    over = ("train.steps=4", "train.log_every=1", "train.eval_every=100")
-    b16 = train(_cfg(base, *over, "lora.param_dtype=bfloat16"), tmp_path / "b", progress=False).metrics
-    f32 = train(_cfg(base, *over), tmp_path / "f", progress=False).metrics
-    losses = lambda ms: [r["loss"] for r in ms if "loss" in r]  # noqa: E731
-    np.testing.assert_allclose(losses(b16), losses(f32), rtol=2e-2)
+    b16 = train(_cfg(base, *SHORT, "optim.paged=true", "lora.param_dtype=bfloat16"), tmp_path / "b",
+                progress=False).metrics
+    np.testing.assert_allclose(_losses(b16), _losses(short_paged_run), rtol=2e-2)
     with safetensors.safe_open(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"), "np") as f:
         tensors = [f.get_tensor(name) for name in f.keys()]
     assert tensors and any(np.abs(t).max() > 0 for t in tensors)
