@@ -141,10 +141,8 @@ def model_bytes(model, *, skip_embeddings: bool) -> int:
 
 def run_jax(args) -> list[dict]:
     import jax
-    import numpy as np
 
     from qlora_jax import kernels
-    from qlora_jax.generate import Generator, _prefill_jit, SamplingConfig
 
     cfg = model_shape(args.size)
     device = jax.devices()[0].device_kind
@@ -156,46 +154,55 @@ def run_jax(args) -> list[dict]:
         nbytes = model_bytes(model, skip_embeddings=not cfg["tie_word_embeddings"])
         for impl, unroll, batch in [(i, u, b) for i in args.implementation for u in args.unroll_layers for b in args.batch]:
             jax.clear_caches()  # the kernel choice is made while tracing: no trace may be reused across impls
-            ctx = kernels.use_implementation(impl)
-            ctx.__enter__()
-            gen = Generator(model, eos_token_ids=(), unroll_layers=unroll)
-            prompts = np.random.default_rng(batch).integers(3, cfg["vocab_size"], (batch, args.prompt_len)).tolist()
-            kw = dict(max_new_tokens=args.new_tokens, sampling=SamplingConfig(), chunk_size=None)
-            t0 = time.perf_counter()
-            gen.generate_ids(prompts, **kw)  # compiles prefill and the decode loop
-            compile_s = time.perf_counter() - t0
-            ids = jax.numpy.asarray(np.asarray(prompts, np.int32))
-            mask = jax.numpy.ones_like(ids)
-
-            def prefill():
-                return _prefill_jit(gen.graphdef, gen.state, ids, mask, jax.random.key(0), sampling=SamplingConfig(),
-                                    eos=(), cache_len=args.prompt_len + args.new_tokens, max_new=args.new_tokens,
-                                    unroll_layers=unroll)
-
-            jax.block_until_ready(prefill())
-            prefill_s, total_s = [], []
-            for _ in range(args.runs):
-                t0 = time.perf_counter()
-                jax.block_until_ready(prefill())
-                prefill_s.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                out = gen.generate_ids(prompts, **kw)
-                total_s.append(time.perf_counter() - t0)
-                assert all(len(c.tokens) == args.new_tokens for c in out)
-            extra = {"build_s": build_s, "compile_s": compile_s, "unroll_layers": unroll, "implementation": impl}
-            if args.profile:
-                trace = Path(args.profile) / f"{variant}_b{batch}_unroll{int(unroll)}"
-                with jax.profiler.trace(str(trace)):
-                    gen.generate_ids(prompts, **kw)
-                from benchmarks.profile_summary import summarize
-
-                extra["profile"] = summarize(trace, steps=args.new_tokens, top=15)
-            rows.append(_row("qlora_jax", variant, batch, args, device, statistics.median(prefill_s),
-                             statistics.median(total_s), nbytes, cfg, extra=extra))
-            ctx.__exit__(None, None, None)
+            with kernels.use_implementation(impl):
+                rows.append(_jax_row(model, variant, impl, unroll, batch, args, cfg, device, build_s, nbytes))
             print(table([rows[-1]]).splitlines()[-1], file=sys.stderr, flush=True)  # progress, if later rows time out
-        del gen, model
+        del model
     return rows
+
+
+def _jax_row(model, variant: str, impl: str, unroll: bool, batch: int, args, cfg: dict, device: str, build_s: float,
+             nbytes: int) -> dict:
+    """One JAX row: compile, then time prefill and whole generate calls (and profile one, if asked)."""
+    import jax
+    import numpy as np
+
+    from qlora_jax.generate import Generator, _prefill_jit, SamplingConfig
+
+    gen = Generator(model, eos_token_ids=(), unroll_layers=unroll)
+    prompts = np.random.default_rng(batch).integers(3, cfg["vocab_size"], (batch, args.prompt_len)).tolist()
+    kw = dict(max_new_tokens=args.new_tokens, sampling=SamplingConfig(), chunk_size=None)
+    t0 = time.perf_counter()
+    gen.generate_ids(prompts, **kw)  # compiles prefill and the decode loop
+    compile_s = time.perf_counter() - t0
+    ids = jax.numpy.asarray(np.asarray(prompts, np.int32))
+    mask = jax.numpy.ones_like(ids)
+
+    def prefill():
+        return _prefill_jit(gen.graphdef, gen.state, ids, mask, jax.random.key(0), sampling=SamplingConfig(),
+                            eos=(), cache_len=args.prompt_len + args.new_tokens, max_new=args.new_tokens,
+                            unroll_layers=unroll)
+
+    jax.block_until_ready(prefill())
+    prefill_s, total_s = [], []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(prefill())
+        prefill_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out = gen.generate_ids(prompts, **kw)
+        total_s.append(time.perf_counter() - t0)
+        assert all(len(c.tokens) == args.new_tokens for c in out)
+    extra = {"build_s": build_s, "compile_s": compile_s, "unroll_layers": unroll, "implementation": impl}
+    if args.profile:
+        trace = Path(args.profile) / f"{variant}_{impl}_b{batch}_unroll{int(unroll)}"
+        with jax.profiler.trace(str(trace)):
+            gen.generate_ids(prompts, **kw)
+        from benchmarks.profile_summary import summarize
+
+        extra["profile"] = summarize(trace, steps=args.new_tokens, top=15)
+    return _row("qlora_jax", variant, batch, args, device, statistics.median(prefill_s),
+                statistics.median(total_s), nbytes, cfg, extra=extra)
 
 
 # --- transformers baselines -----------------------------------------------------------------------------

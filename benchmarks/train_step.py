@@ -117,10 +117,9 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     from flax import nnx
 
-    from qlora_jax.memory import PlanInputs, format_plan, plan
-    from qlora_jax.models.llama import LoRAConfig, QuantConfig
+    from qlora_jax.memory import format_plan, inputs_from_train_config, plan
     from qlora_jax.models.random_init import build_random_model
-    from qlora_jax.trainer import make_optimizer, make_train_step, resolve_paging
+    from qlora_jax.trainer import lora_config, make_optimizer, make_train_step, resolve_paging
 
     dev = jax.devices()[0]
     data, fsdp = c.get("mesh", (1, 1))
@@ -133,20 +132,13 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
          f"XLA_PYTHON_CLIENT_MEM_FRACTION={os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', '-')}")
     cfg = model_config(c["size"])
     tc = train_config(c)
-    if tc.optim.paged == "auto":  # what train.py decides for this model on this device (per device on a mesh)
-        tc = resolve_paging(tc, SimpleNamespace(cfg=cfg, quant=QuantConfig(
-            quantize=tc.model.quantize, quant_type="nf4", blocksize=64, double_quant=True,
-            param_dtype="bfloat16", compute_dtype=tc.model.compute_dtype)))
-        c = {**c, "paged": tc.optim.paged}
+    quant = tc.model.quant_config()
+    # what train.py decides for this model on this device (per device on a mesh)
+    tc = resolve_paging(tc, SimpleNamespace(cfg=cfg, quant=quant))
+    c = {**c, "paged": tc.optim.paged}
     B, T = c["batch"], c["seq"]  # the global batch
-    quant = QuantConfig(quantize=tc.model.quantize, quant_type="nf4", blocksize=64, double_quant=True,
-                        param_dtype="bfloat16", compute_dtype=tc.model.compute_dtype)
-    lora = LoRAConfig(r=tc.lora.r, alpha=tc.lora.alpha, dropout=tc.lora.dropout, targets=tuple(tc.lora.targets),
-                      param_dtype=tc.lora.param_dtype)
-    p = PlanInputs(cfg=cfg, batch=B, seq=T, quantize=quant.quantize, blocksize=64, double_quant=True,
-                   param_dtype="bfloat16", compute_dtype=quant.compute_dtype, lora_r=lora.r, lora_targets=lora.targets,
-                   lora_dropout=lora.dropout, remat=tc.model.remat, paged=tc.optim.paged, page_size=tc.optim.page_size,
-                   data=data, fsdp=fsdp, lora_param_dtype=lora.param_dtype)
+    lora = lora_config(tc)
+    p = inputs_from_train_config(tc, cfg, seq=T)
     planned = plan(p)  # per device
     result: dict[str, Any] = {**c, "status": "error", "planned_bytes": planned["total"], "plan": planned,
                               "devices": n_dev, "device": dev.device_kind, "backend": jax.default_backend(),

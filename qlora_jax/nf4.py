@@ -335,20 +335,25 @@ def dequantize(qt: QuantizedTensor, dtype: Any = jnp.bfloat16) -> jax.Array:
     """
     n, bs = qt.size, qt.blocksize
     lead = qt.packed.shape[:-1]
-    absmax = block_absmax(qt)
-    nb = absmax.shape[-1]
-    if n == nb * bs:  # whole blocks (always, for K % blocksize == 0): block-shaped decode, no pad/slice.
-        # Measured on an H200 (benchmarks/RESULTS.md): 1.2-1.9x faster in XLA than the general path.
-        pairs = qt.packed.reshape(*lead, nb, bs // 2)
-        code = jnp.asarray(qt.code)
-        values = jnp.stack([code[(pairs >> 4).astype(jnp.int32)], code[(pairs & 0x0F).astype(jnp.int32)]], axis=-1)
-        out = values.reshape(*lead, nb, bs) * absmax[..., None]
-        return out.reshape(*lead, *qt.shape).astype(dtype)
+    if n % bs == 0:  # whole blocks (always, for K % blocksize == 0): block-shaped decode, no pad/slice
+        high, low = _nibble_values(qt)
+        return jnp.stack([high, low], axis=-1).reshape(*lead, *qt.shape).astype(dtype)
     codes = unpack_nibbles(qt.packed, n).astype(jnp.int32)
     values = jnp.asarray(qt.code)[codes]
+    absmax = block_absmax(qt)
+    nb = absmax.shape[-1]
     values = jnp.pad(values, [(0, 0)] * len(lead) + [(0, nb * bs - n)])
     out = (values.reshape(*lead, nb, bs) * absmax[..., None]).reshape(*lead, nb * bs)[..., :n]
     return out.reshape(*lead, *qt.shape).astype(dtype)
+
+
+def _nibble_values(qt: QuantizedTensor) -> tuple[jax.Array, jax.Array]:
+    """fp32 values of the high and low nibbles, ``[..., nblocks, blocksize/2]`` each (the even and odd
+    positions of every block), for a tensor of whole blocks."""
+    pairs = qt.packed.reshape(*qt.packed.shape[:-1], -1, qt.blocksize // 2)
+    scale = block_absmax(qt)[..., None]
+    code = jnp.asarray(qt.code)
+    return code[(pairs >> 4).astype(jnp.int32)] * scale, code[(pairs & 0x0F).astype(jnp.int32)] * scale
 
 
 def dequantize_halves(qt: QuantizedTensor, dtype: Any = jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
@@ -364,15 +369,8 @@ def dequantize_halves(qt: QuantizedTensor, dtype: Any = jnp.bfloat16) -> tuple[j
                          f"and blocksize {qt.blocksize}")
     n, k = qt.shape
     lead = qt.packed.shape[:-1]
-    nb = k // qt.blocksize
-    pairs = qt.packed.reshape(*lead, n, nb, qt.blocksize // 2)
-    scale = block_absmax(qt).reshape(*lead, n, nb, 1)
-    code = jnp.asarray(qt.code)
-
-    def half(codes: jax.Array) -> jax.Array:
-        return (code[codes.astype(jnp.int32)] * scale).reshape(*lead, n, k // 2).astype(dtype)
-
-    return half(pairs >> 4), half(pairs & 0x0F)
+    high, low = _nibble_values(qt)
+    return high.reshape(*lead, n, k // 2).astype(dtype), low.reshape(*lead, n, k // 2).astype(dtype)
 
 
 # --- bitsandbytes' serialized form (Params4bit state-dict keys) -------------------------

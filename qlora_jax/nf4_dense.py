@@ -134,6 +134,14 @@ def dropout_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> tu
     return keep, 1.0 - threshold / 65536
 
 
+def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rank-stabilized LoRA; 0 without
+    an adapter (``r = 0``)."""
+    if not r:
+        return 0.0
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
 class Frozen(nnx.Variable):
     """Base-model state that is never trained (quantized weights, biases): not a ``Param``."""
 
@@ -224,10 +232,8 @@ class LoRADense(nnx.Module):
 
     @property
     def scaling(self) -> float:
-        """The factor on ``x @ A @ B``: ``alpha / r``, or ``alpha / sqrt(r)`` with ``rslora``."""
-        if not self.r:
-            return 0.0
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        """The factor on ``x @ A @ B`` (:func:`lora_scaling`)."""
+        return lora_scaling(self.alpha, self.r, self.rslora)
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
         """``x [..., in] -> [..., out]`` in ``compute_dtype``."""

@@ -23,6 +23,7 @@ above except the checkpoints, which all processes write together through orbax.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -118,13 +119,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     lora_sh, opt_sh, rest_sh, batch_sh, rep = shardings
 
     def meshed_step_fn(*args):
-        # The mesh in context at trace time: the 4-bit matmuls gather each layer's weight where
-        # they use it (FSDP inside the layer loop, qlora_jax.sharding.gather_for_compute).
-        with jax.sharding.use_abstract_mesh(rep.mesh.abstract_mesh):
+        with _tracing_mesh(rep.mesh):
             return step_fn(*args)
 
     return jax.jit(meshed_step_fn, donate_argnums=(0, 1),
                    in_shardings=(lora_sh, opt_sh, rest_sh, batch_sh, rep, rep), out_shardings=(lora_sh, opt_sh, rep))
+
+
+def _tracing_mesh(mesh: Any) -> Any:
+    """The mesh in context while a step is traced (``None``: no mesh): the 4-bit matmuls then gather
+    each layer's weight where they use it (FSDP inside the layer loop, ``sharding.gather_for_compute``)."""
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Any = None) -> Callable:
@@ -134,9 +139,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Any = None) -> Callable:
     train step); the batch is placed by the caller."""
 
     def eval_fn(lora, rest, batch):
-        if mesh is None:
-            return _lm_loss(nnx.merge(graphdef, lora, rest, copy=True), batch)
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        with _tracing_mesh(mesh):
             return _lm_loss(nnx.merge(graphdef, lora, rest, copy=True), batch)
 
     return jax.jit(eval_fn)
@@ -164,13 +167,18 @@ def resolve_base_model(cfg: TrainConfig, output_dir: Path) -> Path:
     return target
 
 
-def build_model(cfg: TrainConfig, model_dir: Path) -> nnx.Module:
-    from qlora_jax.models.checkpoint import load_model
+def lora_config(cfg: TrainConfig) -> Any:
+    """The model's :class:`~qlora_jax.models.llama.LoRAConfig` for the run's ``lora`` section."""
     from qlora_jax.models.llama import LoRAConfig
 
-    lora = LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=tuple(cfg.lora.targets),
+    return LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=tuple(cfg.lora.targets),
                       param_dtype=cfg.lora.param_dtype)
-    return load_model(model_dir, lora=lora, remat=cfg.model.remat, compute_dtype=cfg.model.compute_dtype,
+
+
+def build_model(cfg: TrainConfig, model_dir: Path) -> nnx.Module:
+    from qlora_jax.models.checkpoint import load_model
+
+    return load_model(model_dir, lora=lora_config(cfg), remat=cfg.model.remat, compute_dtype=cfg.model.compute_dtype,
                       seed=cfg.train.seed)
 
 

@@ -4,11 +4,11 @@
 
 * on a GPU, 16-bit activations, one 2-D weight:
   - forward with M = 1 (decoding one sequence): the Pallas GEMV ``nf4_gemv.py`` — it streams the
-    4-bit weight once (41-50 us on the 7B MLP shapes: 1.1-1.3x faster than a bf16 dot, ~2x
+    4-bit weight once (49-50 us on the 7B MLP shapes: 0.93-1.16x a bf16 dot's time, 2.0-2.1x
     faster than XLA dequantize + dot);
   - everything else (M >= 2, and every input gradient): the Pallas dequantize ``nf4_dequant.py``
-    (2-2.5x faster than XLA's dequantize fusion) followed by XLA's dot — at M = 2048 within
-    1.0-1.02x of a bf16 dot's time;
+    (2.1-2.6x faster than XLA's dequantize fusion) followed by XLA's dot — at M = 2048 on
+    4096x11008, 0.98x (forward) and 0.88x (input gradient) of a bf16 dot's time;
 * otherwise (CPU, fp32, stacked leaves, weights that are not whole blocks): the XLA path of
   ``nf4_matmul.py`` (even/odd halves decoded straight from the nibbles, contraction split).
 
@@ -36,14 +36,13 @@ import numpy as np
 
 from qlora_jax.kernels import nf4_dequant as dequant
 from qlora_jax.kernels import nf4_gemv as gemv
+from qlora_jax.kernels import nf4_matmul as xla_paths
 from qlora_jax.kernels import nf4_matmul_small_m as small_m
 from qlora_jax.kernels.nf4_matmul import (
     nf4_matmul_reduce,
     nf4_matmul_reference,
-    nf4_matmul_split,
     nf4_matmul_t_reduce,
     nf4_matmul_t_reference,
-    nf4_matmul_t_split,
 )
 from qlora_jax.nf4 import QuantizedTensor
 
@@ -91,42 +90,36 @@ def select_implementation(x: jax.Array, w: QuantizedTensor, *, transpose: bool =
     half = np.dtype(x.dtype).itemsize == 2
     if forced == "small_m":
         return "small_m" if half and small_m.supports(w, m) is None else "xla"
+    can_gemv = gemv.supports(w, m) is None
+    can_dequant = len(w.shape) == 2 and dequant.supports(w, x.dtype) is None
     if forced == "auto":  # measured choices, see the module docstring
-        if half and not transpose and m == 1 and gemv.supports(w, m) is None:
+        if half and not transpose and m == 1 and can_gemv:
             return "gemv"
-        if half and len(w.shape) == 2 and dequant.supports(w, x.dtype) is None:
-            return "pallas_dequant"
-        return "xla"
-    if forced in ("gemv", "pallas") and gemv.supports(w, m) is None:
+        return "pallas_dequant" if half and can_dequant else "xla"
+    if forced in ("gemv", "pallas") and can_gemv:
         return "gemv"
-    if forced in ("pallas_dequant", "pallas") and len(w.shape) == 2 and dequant.supports(w, x.dtype) is None:
+    if forced in ("pallas_dequant", "pallas") and can_dequant:
         return "pallas_dequant"
     return "xla"
 
 
+# implementation -> (module, forward function, input-gradient function), looked up when called
+_FUNCTIONS = {
+    "xla": (xla_paths, "nf4_matmul_split", "nf4_matmul_t_split"),
+    "xla_reduce": (xla_paths, "nf4_matmul_reduce", "nf4_matmul_t_reduce"),
+    "small_m": (small_m, "nf4_matmul_small_m", "nf4_matmul_t_small_m"),
+    "gemv": (gemv, "nf4_gemv", "nf4_gemv_t"),
+    "pallas_dequant": (dequant, "nf4_matmul_dequant", "nf4_matmul_t_dequant"),
+}
+
+
 def nf4_matmul(x: jax.Array, w: QuantizedTensor) -> jax.Array:
     """``x [..., in] @ dequant(w [out, in]).T -> [..., out]``, in ``x.dtype``."""
-    impl = select_implementation(x, w)
-    if impl == "small_m":
-        return small_m.nf4_matmul_small_m(x, w)
-    if impl == "gemv":
-        return gemv.nf4_gemv(x, w)
-    if impl == "pallas_dequant":
-        return dequant.nf4_matmul_dequant(x, w)
-    if impl == "xla_reduce":
-        return nf4_matmul_reduce(x, w)
-    return nf4_matmul_split(x, w)
+    module, forward, _ = _FUNCTIONS[select_implementation(x, w)]
+    return getattr(module, forward)(x, w)
 
 
 def nf4_matmul_t(dy: jax.Array, w: QuantizedTensor) -> jax.Array:
     """``dy [..., out] @ dequant(w [out, in]) -> [..., in]``, in ``dy.dtype`` (the input gradient)."""
-    impl = select_implementation(dy, w, transpose=True)
-    if impl == "small_m":
-        return small_m.nf4_matmul_t_small_m(dy, w)
-    if impl == "gemv":
-        return gemv.nf4_gemv_t(dy, w)
-    if impl == "pallas_dequant":
-        return dequant.nf4_matmul_t_dequant(dy, w)
-    if impl == "xla_reduce":
-        return nf4_matmul_t_reduce(dy, w)
-    return nf4_matmul_t_split(dy, w)
+    module, _, transposed = _FUNCTIONS[select_implementation(dy, w, transpose=True)]
+    return getattr(module, transposed)(dy, w)

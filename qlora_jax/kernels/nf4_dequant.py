@@ -33,12 +33,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from qlora_jax.nf4 import NESTED_BLOCKSIZE, QuantizedTensor, block_absmax, codebook
+from qlora_jax.kernels.nf4_matmul import check_operand, dot_dequantized
+from qlora_jax.kernels.triton_common import decode_scales, pow2_divisor, scale_operands, triton_params
+from qlora_jax.nf4 import QuantizedTensor, codebook
 
 OUT_DTYPES = ("bfloat16", "float16")
-
-_NESTED_SHIFT = NESTED_BLOCKSIZE.bit_length() - 1  # index // 256 as a shift (indices are >= 0)
-assert 1 << _NESTED_SHIFT == NESTED_BLOCKSIZE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +67,6 @@ def supports(w: QuantizedTensor, dtype) -> str | None:
     return None
 
 
-def _pow2_divisor(n: int, want: int) -> int:
-    d = 1 << (max(int(want), 1).bit_length() - 1)
-    while n % d:
-        d //= 2
-    return d
-
-
 def _bits32(v: jax.Array, dtype) -> jax.Array:
     """fp32 -> the 16-bit pattern of ``v.astype(dtype)`` in the low half of a uint32."""
     return jax.lax.bitcast_convert_type(v.astype(dtype), jnp.uint16).astype(jnp.uint32)
@@ -85,7 +77,7 @@ def _kernel(p_ref, a_ref, na_ref, nc_ref, off_ref, code_ref, o_ref, *, rows, dq_
     s = a_ref[...]  # [rows]
     if dq_in_kernel:
         blk = pl.program_id(0) * rows + jnp.arange(rows, dtype=jnp.int32)
-        s = nc_ref[s.astype(jnp.int32)] * na_ref[jax.lax.shift_right_logical(blk, _NESTED_SHIFT)] + off_ref[0]
+        s = decode_scales(s, blk, na_ref, nc_ref, off_ref)
     s = s[:, None]
     even = code_ref[b >> 4] * s
     odd = code_ref[b & 0xF] * s
@@ -101,16 +93,8 @@ def dequantize_pallas(w: QuantizedTensor, dtype=jnp.bfloat16, *, config: Dequant
     hb = w.blocksize // 2
     nbt = w.size // w.blocksize
     packed = w.packed.reshape(nbt, hb)
-    dq_in_kernel = w.double_quant and config.scales_in_kernel
-    if dq_in_kernel:
-        scales = w.absmax
-        extra = (w.nested_absmax, w.nested_code, w.nested_offset.reshape(1))
-    else:
-        scales = block_absmax(w).astype(jnp.float32)
-        extra = tuple(jnp.zeros((1,), jnp.float32) for _ in range(3))  # unused placeholders
-    rows = _pow2_divisor(nbt, config.block_rows)
-    from jax.experimental.pallas import triton as pltriton
-
+    scales, extra, dq_in_kernel = scale_operands(w, config.scales_in_kernel)
+    rows = pow2_divisor(nbt, config.block_rows)
     words = pl.pallas_call(
         functools.partial(_kernel, rows=rows, dq_in_kernel=dq_in_kernel, dtype=jnp.dtype(dtype)),
         out_shape=jax.ShapeDtypeStruct((nbt, hb), jnp.uint32),
@@ -118,32 +102,25 @@ def dequantize_pallas(w: QuantizedTensor, dtype=jnp.bfloat16, *, config: Dequant
         in_specs=[pl.BlockSpec((rows, hb), lambda i: (i, 0)), pl.BlockSpec((rows,), lambda i: (i,))]
         + [pl.no_block_spec] * 4,
         out_specs=pl.BlockSpec((rows, hb), lambda i: (i, 0)),
-        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        compiler_params=triton_params(config),
         interpret=interpret,
         name="nf4_dequantize",
     )(packed, scales, *extra, jnp.asarray(codebook(w.quant_type)))
     return jax.lax.bitcast_convert_type(words, dtype).reshape(w.shape)
 
 
-def _dot(a: jax.Array, wd: jax.Array, contract: int) -> jax.Array:
-    y = jax.lax.dot_general(a, wd, (((a.ndim - 1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
-    return y.astype(a.dtype)
-
-
 def nf4_matmul_dequant(x: jax.Array, w: QuantizedTensor, *, config: DequantConfig = DEFAULT_CONFIG,
                        interpret: bool = False) -> jax.Array:
     """``x [..., K] @ dequantize_pallas(w [N, K]).T -> [..., N]`` in ``x.dtype`` (bf16/fp16), fp32 accumulation."""
-    if len(w.shape) != 2 or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"nf4_matmul_dequant: x {x.shape} does not fit weight {w.shape}")
-    return _dot(x, dequantize_pallas(w, x.dtype, config=config, interpret=interpret), 1)
+    check_operand(x, w, 1, "nf4_matmul_dequant")
+    return dot_dequantized(x, dequantize_pallas(w, x.dtype, config=config, interpret=interpret), 1)
 
 
 def nf4_matmul_t_dequant(dy: jax.Array, w: QuantizedTensor, *, config: DequantConfig = DEFAULT_CONFIG,
                          interpret: bool = False) -> jax.Array:
     """``dy [..., N] @ dequantize_pallas(w [N, K]) -> [..., K]`` in ``dy.dtype`` (bf16/fp16)."""
-    if len(w.shape) != 2 or dy.shape[-1] != w.shape[0]:
-        raise ValueError(f"nf4_matmul_t_dequant: dy {dy.shape} does not fit weight {w.shape}")
-    return _dot(dy, dequantize_pallas(w, dy.dtype, config=config, interpret=interpret), 0)
+    check_operand(dy, w, 0, "nf4_matmul_t_dequant")
+    return dot_dequantized(dy, dequantize_pallas(w, dy.dtype, config=config, interpret=interpret), 0)
 
 
 __all__ = ["DequantConfig", "dequantize_pallas", "nf4_matmul_dequant", "nf4_matmul_t_dequant", "supports"]

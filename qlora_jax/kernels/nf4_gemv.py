@@ -51,13 +51,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from qlora_jax.kernels.nf4_matmul import operand_rows
-from qlora_jax.nf4 import NESTED_BLOCKSIZE, QuantizedTensor, block_absmax, codebook
+from qlora_jax.kernels.triton_common import decode_scales, pow2_at_most, pow2_divisor, scale_operands, triton_params
+from qlora_jax.nf4 import QuantizedTensor, codebook
 
 MAX_M = 8
 DECODES = ("gather16", "pair256")
-
-_NESTED_SHIFT = NESTED_BLOCKSIZE.bit_length() - 1  # index // 256 as a shift (indices are >= 0)
-assert 1 << _NESTED_SHIFT == NESTED_BLOCKSIZE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,18 +109,6 @@ def supports(w: QuantizedTensor, m: int) -> str | None:
     return None
 
 
-def _pow2_at_most(v: int) -> int:
-    return 1 << (max(int(v), 1).bit_length() - 1)
-
-
-def _pow2_divisor(n: int, want: int) -> int:
-    """Largest power of two <= want that divides n."""
-    d = _pow2_at_most(want)
-    while n % d:
-        d //= 2
-    return d
-
-
 @functools.cache
 def pair_table(quant_type: str) -> np.ndarray:
     """uint32 ``[256]``: byte ``b`` -> ``bf16(code[b >> 4]) << 16 | bf16(code[b & 15])`` (bit patterns)."""
@@ -152,7 +138,7 @@ def _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel):
     r = rows.start + jnp.arange(rows.size, dtype=jnp.int32)
     c = blocks.start + jnp.arange(blocks.size, dtype=jnp.int32)
     flat = r[:, None] * nb + c[None, :]
-    return nc_ref[a.astype(jnp.int32)] * na_ref[jax.lax.shift_right_logical(flat, _NESTED_SHIFT)] + off_ref[0]
+    return decode_scales(a, flat, na_ref, nc_ref, off_ref)
 
 
 def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
@@ -253,13 +239,8 @@ def _weight_operands(w: QuantizedTensor, config: GemvConfig):
     n, k = w.shape
     nb, hb = k // w.blocksize, w.blocksize // 2
     packed = w.packed.reshape(n, nb, hb)
-    dq_in_kernel = w.double_quant and config.scales_in_kernel
-    if dq_in_kernel:
-        absmax = w.absmax.reshape(n, nb)
-        extra = (w.nested_absmax, w.nested_code, w.nested_offset.reshape(1))
-    else:
-        absmax = block_absmax(w).astype(jnp.float32).reshape(n, nb)
-        extra = tuple(jnp.zeros((1,), jnp.float32) for _ in range(3))  # unused placeholders
+    scales, extra, dq_in_kernel = scale_operands(w, config.scales_in_kernel)
+    absmax = scales.reshape(n, nb)
     if config.decode == "gather16":
         table = jnp.asarray(codebook(w.quant_type))
     elif config.decode == "pair256":
@@ -277,13 +258,7 @@ def _validate(name: str, a: jax.Array, w: QuantizedTensor, dim: int) -> int:
 
 def _pad_m(a2: jax.Array) -> jax.Array:
     m = a2.shape[0]
-    return jnp.pad(a2, ((0, _pow2_at_most(2 * m - 1) - m), (0, 0)))  # next power of two >= m
-
-
-def _triton_params(config: GemvConfig):
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    return jnp.pad(a2, ((0, pow2_at_most(2 * m - 1) - m), (0, 0)))  # next power of two >= m
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -299,9 +274,9 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     x2 = _pad_m(x.reshape(m, k))
     mp = x2.shape[0]
     split = max(1, min(config.split, nb))
-    g = min(_pow2_at_most(config.blocks_per_step), _pow2_at_most(nb // split))
+    g = min(pow2_at_most(config.blocks_per_step), pow2_at_most(nb // split))
     steps = -(-(-(-nb // split)) // g)  # ceil(ceil(nb / split) / g)
-    bn = _pow2_divisor(n, config.block_n)
+    bn = pow2_divisor(n, config.block_n)
     operands, dq = _weight_operands(w, config)
     if config.x_layout == "strided":
         x4 = x2.reshape(mp, nb, hb, 2)
@@ -321,7 +296,7 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
         grid=(n // bn, split),
         in_specs=[pl.no_block_spec] * 8,
         out_specs=pl.BlockSpec((1, mp, bn), lambda i, s: (s, 0, i)),
-        compiler_params=_triton_params(config),
+        compiler_params=triton_params(config),
         interpret=interpret,
         name="nf4_gemv",
     )(*xs, *operands)
@@ -338,9 +313,9 @@ def nf4_gemv_t(dy: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAUL
     nb, hb = k // w.blocksize, w.blocksize // 2
     dy2 = _pad_m(dy.reshape(m, n))
     mp = dy2.shape[0]
-    g = _pow2_divisor(nb, config.blocks_per_step)
+    g = pow2_divisor(nb, config.blocks_per_step)
     split = max(1, min(config.split, n))
-    bn = min(_pow2_at_most(config.block_n), _pow2_at_most(n // split))
+    bn = min(pow2_at_most(config.block_n), pow2_at_most(n // split))
     steps = -(-(-(-n // split)) // bn)
     operands, dq = _weight_operands(w, config)
     kernel = functools.partial(_bwd_kernel, bn=bn, g=g, steps=steps, split=split, n=n, nb=nb, mp=mp,
@@ -353,7 +328,7 @@ def nf4_gemv_t(dy: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAUL
         grid=(nb // g, split),
         in_specs=[pl.no_block_spec] * 7,
         out_specs=pl.BlockSpec((1, mp, g, hb, 2), lambda j, s: (s, 0, j, 0, 0)),
-        compiler_params=_triton_params(config),
+        compiler_params=triton_params(config),
         interpret=interpret,
         name="nf4_gemv_t",
     )(dy2, *operands)

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from qlora_jax.nf4 import QuantizedTensor, dequantize, dequantize_halves
 
 
-def _check(x: jax.Array, w: QuantizedTensor, dim: int, name: str) -> None:
+def check_operand(x: jax.Array, w: QuantizedTensor, dim: int, name: str) -> None:
+    """``w`` is 2-D and ``x [..., d]`` fits its axis ``dim``, else a ValueError naming both shapes."""
     if len(w.shape) != 2:
         raise ValueError(f"{name}: weight must be 2-D [out, in], got shape {w.shape}")
     if x.shape[-1] != w.shape[dim]:
@@ -32,27 +33,30 @@ def _check(x: jax.Array, w: QuantizedTensor, dim: int, name: str) -> None:
 def operand_rows(name: str, a: jax.Array, w: QuantizedTensor, dim: int, supports) -> int:
     """Rows M of operand ``a`` (``[..., w.shape[dim]]``) after checking it against ``w`` and a
     kernel's ``supports(w, m)`` (``None`` or the reason it does not apply)."""
-    _check(a, w, dim, name)
+    check_operand(a, w, dim, name)
     m = int(math.prod(a.shape[:-1]))
     if (reason := supports(w, m)) is not None:
         raise ValueError(f"{name}: {reason}")
     return m
 
 
+def dot_dequantized(a: jax.Array, wd: jax.Array, contract: int) -> jax.Array:
+    """``a [..., d]`` contracted with axis ``contract`` of a dequantized ``wd [out, in]``, fp32
+    accumulation, result in ``a.dtype``."""
+    y = jax.lax.dot_general(a, wd, (((a.ndim - 1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
+    return y.astype(a.dtype)
+
+
 def nf4_matmul_reference(x: jax.Array, w: QuantizedTensor) -> jax.Array:
     """``x [..., in] @ dequant(w).T -> [..., out]`` in ``x.dtype`` (fp32 accumulation)."""
-    _check(x, w, 1, "nf4_matmul")
-    wd = dequantize(w, x.dtype)
-    y = jax.lax.dot_general(x, wd, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
+    check_operand(x, w, 1, "nf4_matmul")
+    return dot_dequantized(x, dequantize(w, x.dtype), 1)
 
 
 def nf4_matmul_t_reference(dy: jax.Array, w: QuantizedTensor) -> jax.Array:
     """``dy [..., out] @ dequant(w) -> [..., in]`` in ``dy.dtype`` (fp32 accumulation)."""
-    _check(dy, w, 0, "nf4_matmul_t")
-    wd = dequantize(w, dy.dtype)
-    y = jax.lax.dot_general(dy, wd, (((dy.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return y.astype(dy.dtype)
+    check_operand(dy, w, 0, "nf4_matmul_t")
+    return dot_dequantized(dy, dequantize(w, dy.dtype), 0)
 
 
 def _splittable(w: QuantizedTensor) -> bool:
@@ -62,7 +66,7 @@ def _splittable(w: QuantizedTensor) -> bool:
 def nf4_matmul_split(x: jax.Array, w: QuantizedTensor) -> jax.Array:
     """``x [..., in] @ dequant(w).T`` as ``x[..., 0::2] @ even.T + x[..., 1::2] @ odd.T`` (fp32
     accumulation, result in ``x.dtype``); the reference path where ``in % blocksize != 0``."""
-    _check(x, w, 1, "nf4_matmul")
+    check_operand(x, w, 1, "nf4_matmul")
     if not _splittable(w):
         return nf4_matmul_reference(x, w)
     even, odd = dequantize_halves(w, x.dtype)
@@ -76,7 +80,7 @@ def nf4_matmul_t_split(dy: jax.Array, w: QuantizedTensor) -> jax.Array:
     """``dy [..., out] @ dequant(w)`` with the even and odd output columns computed apart and
     interleaved (fp32 accumulation, result in ``dy.dtype``); the reference path where
     ``in % blocksize != 0``."""
-    _check(dy, w, 0, "nf4_matmul_t")
+    check_operand(dy, w, 0, "nf4_matmul_t")
     if not _splittable(w):
         return nf4_matmul_t_reference(dy, w)
     even, odd = dequantize_halves(w, dy.dtype)
@@ -93,7 +97,7 @@ def nf4_matmul_reduce(x: jax.Array, w: QuantizedTensor) -> jax.Array:
     dequantize-then-dot writes and re-reads a full-width W. Work grows with M; use it for GEMVs.
     The weight is not rounded to ``x.dtype`` (fp32 throughout).
     """
-    _check(x, w, 1, "nf4_matmul_reduce")
+    check_operand(x, w, 1, "nf4_matmul_reduce")
     wd = dequantize(w, jnp.float32)  # [N, K]; fused into the reduction by XLA
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     y = jnp.sum(x2[:, None, :] * wd[None, :, :], axis=-1)
@@ -102,7 +106,7 @@ def nf4_matmul_reduce(x: jax.Array, w: QuantizedTensor) -> jax.Array:
 
 def nf4_matmul_t_reduce(dy: jax.Array, w: QuantizedTensor) -> jax.Array:
     """``dy [..., out] @ dequant(w) -> [..., in]`` as one fp32 multiply-and-reduce over ``out`` (M <= 8)."""
-    _check(dy, w, 0, "nf4_matmul_t_reduce")
+    check_operand(dy, w, 0, "nf4_matmul_t_reduce")
     wd = dequantize(w, jnp.float32)
     d2 = dy.reshape(-1, dy.shape[-1]).astype(jnp.float32)
     y = jnp.sum(d2[:, :, None] * wd[None, :, :], axis=1)

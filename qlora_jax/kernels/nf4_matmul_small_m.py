@@ -34,7 +34,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from qlora_jax.kernels.nf4_matmul import operand_rows
-from qlora_jax.nf4 import NESTED_BLOCKSIZE, QuantizedTensor, codebook
+from qlora_jax.kernels.triton_common import decode_scales, scale_operands, triton_params
+from qlora_jax.nf4 import QuantizedTensor, codebook
 
 MAX_M = 64
 
@@ -93,7 +94,7 @@ def _block_scale(absmax_ref, nested_ref, ncode_ref, offset_ref, row0, bn, kb, bl
     if not dq:
         return a
     flat = (row0 + jnp.arange(bn, dtype=jnp.int32)) * blocks_per_row + kb
-    return ncode_ref[a.astype(jnp.int32)] * nested_ref[flat // NESTED_BLOCKSIZE] + offset_ref[0]
+    return decode_scales(a, flat, nested_ref, ncode_ref, offset_ref)
 
 
 def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, code_ref, o_ref, *,
@@ -147,13 +148,8 @@ def _weight_operands(w: QuantizedTensor):
     n, k = w.shape
     nbr = k // w.blocksize
     packed = w.packed.reshape(n, k // 2)
-    if w.double_quant:
-        absmax = w.absmax.reshape(n, nbr)
-        extra = (w.nested_absmax, w.nested_code, w.nested_offset.reshape(1))
-    else:  # unused placeholders keep one kernel signature
-        absmax = w.absmax.reshape(n, nbr)
-        extra = (jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.float32))
-    return (packed, absmax, *extra, jnp.asarray(codebook(w.quant_type)))
+    scales, extra, _ = scale_operands(w, in_kernel=True)  # double-quant codes are decoded in the kernel
+    return (packed, scales.reshape(n, nbr), *extra, jnp.asarray(codebook(w.quant_type)))
 
 
 def _pad_rows(x2: jax.Array) -> jax.Array:
@@ -190,7 +186,7 @@ def nf4_matmul_small_m(x: jax.Array, w: QuantizedTensor, *, config: SmallMConfig
         grid=(n // bn, split),
         in_specs=[pl.no_block_spec] * 8,
         out_specs=pl.BlockSpec((1, bn, mp), lambda i, s: (s, i, 0)),
-        compiler_params=_triton_params(config),
+        compiler_params=triton_params(config),
         interpret=interpret,
         name="nf4_matmul_small_m",
     )(xt[0::2], xt[1::2], *_weight_operands(w))
@@ -222,7 +218,7 @@ def nf4_matmul_t_small_m(dy: jax.Array, w: QuantizedTensor, *, config: SmallMCon
         grid=(nbr // g, split),
         in_specs=[pl.no_block_spec] * 7,
         out_specs=[out_block, out_block],
-        compiler_params=_triton_params(config),
+        compiler_params=triton_params(config),
         interpret=interpret,
         name="nf4_matmul_t_small_m",
     )(dyt, *_weight_operands(w))
@@ -230,7 +226,3 @@ def nf4_matmul_t_small_m(dy: jax.Array, w: QuantizedTensor, *, config: SmallMCon
     return dx[:m].astype(dy.dtype).reshape(*dy.shape[:-1], k)
 
 
-def _triton_params(config: SmallMConfig):
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax.nf4 import MAX_BLOCKSIZE, MIN_BLOCKSIZE, QUANT_TYPES
-from qlora_jax.nf4_dense import Frozen, LoRADense, NF4Dense, torch_linear_init
+from qlora_jax.nf4_dense import Frozen, LoRADense, NF4Dense, lora_scaling, torch_linear_init
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
@@ -189,9 +189,7 @@ class LoRAConfig:
 
     @property
     def scaling(self) -> float:
-        if not self.r:
-            return 0.0
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scaling(self.alpha, self.r, self.use_rslora)
 
     def __post_init__(self):
         bad = set(self.targets) - set(LORA_TARGETS)

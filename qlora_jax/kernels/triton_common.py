@@ -1,0 +1,53 @@
+"""What the Pallas/Triton 4-bit kernels share: block-scale operands and their in-kernel decode,
+power-of-two tile sizes, and Triton's compiler parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qlora_jax.nf4 import NESTED_BLOCKSIZE, QuantizedTensor, block_absmax
+
+NESTED_SHIFT = NESTED_BLOCKSIZE.bit_length() - 1  # block index // 256 as a shift (indices are >= 0)
+assert 1 << NESTED_SHIFT == NESTED_BLOCKSIZE
+
+
+def pow2_at_most(v: int) -> int:
+    """The largest power of two <= ``v`` (1 for ``v <= 1``)."""
+    return 1 << (max(int(v), 1).bit_length() - 1)
+
+
+def pow2_divisor(n: int, want: int) -> int:
+    """The largest power of two <= ``want`` that divides ``n``."""
+    d = pow2_at_most(want)
+    while n % d:
+        d //= 2
+    return d
+
+
+def scale_operands(w: QuantizedTensor, in_kernel: bool) -> tuple[jax.Array, tuple[jax.Array, ...], bool]:
+    """``(scales [nblocks], (nested_absmax, nested_code, offset [1]), decode_in_kernel)`` for a kernel.
+
+    With double quantization and ``in_kernel``, ``scales`` are the uint8 codes and the kernel decodes
+    them (:func:`decode_scales`); otherwise they are fp32 (``block_absmax``, one small XLA op) and the
+    three nested operands are unused placeholders that keep one kernel signature.
+    """
+    if w.double_quant and in_kernel:
+        return w.absmax, (w.nested_absmax, w.nested_code, w.nested_offset.reshape(1)), True
+    return block_absmax(w).astype(jnp.float32), tuple(jnp.zeros((1,), jnp.float32) for _ in range(3)), False
+
+
+def decode_scales(codes: jax.Array, flat_block: jax.Array, nested_ref: Any, ncode_ref: Any, offset_ref: Any) -> jax.Array:
+    """In a kernel: fp32 scales of the blocks numbered ``flat_block`` (int32, row-major over the tensor)
+    from their 8-bit ``codes``: ``nested_code[q] * nested_absmax[block // 256] + offset``."""
+    return ncode_ref[codes.astype(jnp.int32)] * nested_ref[jax.lax.shift_right_logical(flat_block, NESTED_SHIFT)] \
+        + offset_ref[0]
+
+
+def triton_params(config: Any):
+    """Triton compiler parameters from a config's ``num_warps`` / ``num_stages``."""
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
