@@ -8,8 +8,8 @@ bitsandbytes checkpoints). This file holds the pure-jnp paths:
   accumulation — the reference every kernel is tested against;
 * ``*_split``: the XLA path the dispatcher runs: the weight's even and odd columns are decoded
   straight from the high and low nibbles (:func:`~qlora_jax.nf4.dequantize_halves`, one pass, no
-  interleave) and the contraction is split to match. On an H200 this is 1.1-1.3x faster than the
-  reference at M = 2048 and ~2x at M <= 8 (``benchmarks/RESULTS.md``).
+  interleave) and the contraction is split to match. In the H200 sweep (``benchmarks/RESULTS.md``)
+  it is 1.07-1.13x faster than the reference at M = 2048 (4096x11008) and 1.4-2.0x at M <= 8.
 """
 
 from __future__ import annotations
