@@ -43,7 +43,9 @@ def load(paths: list[str]) -> dict[tuple[str, str, int, int, str], dict[str, Any
             print(f"warning: skipping {path}: {e}", file=sys.stderr)
             continue
         for r in data.get("results", []):
-            impl = "jax" if r.get("impl") == "jax" else r.get("impl", "?")
+            impl = r.get("impl", "?")
+            if impl == "jax" and r.get("lora_dtype") == "bfloat16":
+                impl = "jax-lora-bf16"  # bf16 adapters (fp32 master in the optimizer): its own column
             rows[(impl, r["size"], r["batch"], r["seq"], r["weights"])] = r
     return rows
 
@@ -65,13 +67,14 @@ def _check(value: float | None, want: float | None) -> str:
 
 
 def compare(rows: dict) -> list[dict[str, Any]]:
-    shapes = sorted({(k[1], k[2], k[3]) for k in rows if k[0] == "jax"},
+    shapes = sorted({(k[1], k[2], k[3]) for k in rows if k[0] in ("jax", "jax-lora-bf16")},
                     key=lambda s: (["tiny", "7b", "13b", "33b", "65b"].index(s[0]) if s[0] in
                                    ("tiny", "7b", "13b", "33b", "65b") else 9, s[2], s[1]))
     out = []
     for size, b, t in shapes:
         ours = rows.get(("jax", size, b, t, "nf4"))
         ours16 = rows.get(("jax", size, b, t, "bf16"))
+        ours_lb = rows.get(("jax-lora-bf16", size, b, t, "nf4"))
         bnb = rows.get(("bnb-peft", size, b, t, "nf4"))
         tb16 = rows.get(("torch-bf16-peft", size, b, t, "bf16"))
         tg = targets(size, b, t)
@@ -87,6 +90,8 @@ def compare(rows: dict) -> list[dict[str, Any]]:
             "bnb_tok_s": _tps(bnb), "torch_bf16_tok_s": _tps(tb16),
             "x_vs_bnb": _x(_tps(ours), _tps(bnb)), "x_vs_torch_bf16": _x(_tps(ours), _tps(tb16)),
             "qlora_vs_our_bf16": _x(_tps(ours), _tps(ours16)),
+            "ours_nf4_lora_bf16_tok_s": _tps(ours_lb), "lora_bf16_x_vs_bnb": _x(_tps(ours_lb), _tps(bnb)),
+            "ours_lora_bf16_peak_bytes": ours_lb.get("peak_bytes") if ours_lb else None,
             "ours_peak_bytes": peak, "ours_planned_bytes": ours.get("planned_bytes") if ours else None,
             "bnb_peak_alloc_bytes": bnb.get("peak_bytes") if bnb else None, "bnb_device_used_bytes": bnb_used,
             "targets": tg, "peak_ok": peak_ok,
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
          ("torch bf16 tok/s", lambda r: fmt(r["torch_bf16_tok_s"], ",.0f")),
          ("x vs torch bf16", lambda r: fmt(r["x_vs_torch_bf16"], ".2f")
           + _check(r["x_vs_torch_bf16"], r["targets"]["vs_torch_bf16"])),
+         ("ours NF4, bf16 adapters tok/s (x vs bnb)", lambda r: fmt(r["ours_nf4_lora_bf16_tok_s"], ",.0f")
+          + f" ({fmt(r['lora_bf16_x_vs_bnb'], '.2f')})" + f" {gib(r['ours_lora_bf16_peak_bytes'])} GiB"),
          ("ours bf16 tok/s", lambda r: fmt(r["ours_bf16_tok_s"], ",.0f")),
          ("QLoRA / our bf16", lambda r: fmt(r["qlora_vs_our_bf16"], ".2f")),
          ("ours peak GiB", lambda r: gib(r["ours_peak_bytes"])

@@ -8,7 +8,7 @@
 #
 # SIZE/BATCHES (7b, 4x512,1x2048), BIG/BIG_BATCHES (65b, 1x512,1x2048), DEVICE (cuda) and
 # CARD_MEM_GB (default: nvidia-smi) change the shapes; SIZE=tiny BIG=tiny DEVICE=cpu is a CPU dry run.
-# SKIP_SMALL=1 runs only the big-model part (e.g. 65B in a second session).
+# SKIP_SMALL=1 runs only the big-model part (e.g. 65B in a second session), SKIP_BIG=1 only the small one.
 #
 # Run from the repository root. bitsandbytes must be installed for the NF4 baseline
 # (pip install --no-deps .wheels/bitsandbytes-0.50.2-*.whl); without it those rows say so.
@@ -38,6 +38,10 @@ if [ -z "${SKIP_SMALL:-}" ]; then
   $PY benchmarks/train_step.py --size "$SIZE" --batch "$BATCHES" --weights nf4 --steps 10 --warmup 2 \
     --timeout 130 --budget-s "$(budget 200 260)" --json "$OUT/jax_nf4_${SIZE}.json" 2>&1 | tee "$OUT/jax_nf4_${SIZE}.log"
 
+  step "ours, NF4, bf16 adapters (fp32 master in the optimizer), $SIZE"
+  $PY benchmarks/train_step.py --size "$SIZE" --batch "$BATCHES" --weights nf4 --lora-dtype bfloat16 --steps 10 --warmup 2 \
+    --timeout 100 --budget-s "$(budget 150 250)" --json "$OUT/jax_nf4_lora_bf16_${SIZE}.json" 2>&1 | tee "$OUT/jax_nf4_lora_bf16_${SIZE}.log"
+
   step "bitsandbytes + PEFT, $SIZE"
   $PY benchmarks/baselines/bnb_peft.py --device "$DEVICE" --size "$SIZE" --batch "$BATCHES" --weights nf4 --steps 10 --warmup 2 \
     --timeout 75 --budget-s "$(budget 90 150)" --json "$OUT/bnb_${SIZE}.json" 2>&1 | tee "$OUT/bnb_${SIZE}.log"
@@ -51,15 +55,17 @@ if [ -z "${SKIP_SMALL:-}" ]; then
     --timeout 110 --budget-s "$(budget 140 15)" --json "$OUT/jax_bf16_${SIZE}.json" 2>&1 | tee "$OUT/jax_bf16_${SIZE}.log"
 
   step "ratios, $SIZE"
-  $PY benchmarks/compare_train_step.py "$OUT"/jax_nf4_${SIZE}.json "$OUT"/jax_bf16_${SIZE}.json "$OUT"/bnb_${SIZE}.json \
+  $PY benchmarks/compare_train_step.py "$OUT"/jax_nf4_${SIZE}.json "$OUT"/jax_nf4_lora_bf16_${SIZE}.json \
+    "$OUT"/jax_bf16_${SIZE}.json "$OUT"/bnb_${SIZE}.json \
     "$OUT"/torch_bf16_${SIZE}.json --json "$OUT/compare_${SIZE}.json" 2>&1 | tee "$OUT/compare_${SIZE}.txt"
 fi
-if [ "$(left)" -gt 150 ]; then
+if [ -n "${SKIP_BIG:-}" ]; then :
+elif [ "$(left)" -gt 150 ]; then
   step "ours, NF4, $BIG in a 48 GiB pool"
   $PY benchmarks/train_step.py --size "$BIG" --batch "$BIG_BATCHES" --weights nf4 --mem-limit-gb 48 $CARD --steps 10 \
     --warmup 1 --timeout 200 --budget-s "$(budget 300 70)" --json "$OUT/jax_nf4_${BIG}_48gib.json" 2>&1 | tee "$OUT/jax_nf4_${BIG}_48gib.log"
 fi
-if [ "$(left)" -gt 100 ]; then
+if [ -z "${SKIP_BIG:-}" ] && [ "$(left)" -gt 100 ]; then
   step "bitsandbytes + PEFT, $BIG"
   $PY benchmarks/baselines/bnb_peft.py --device "$DEVICE" --size "$BIG" --batch "$BIG_BATCHES" --weights nf4 --steps 10 --warmup 1 \
     --timeout 150 --budget-s "$(budget 200 10)" --json "$OUT/bnb_${BIG}_big.json" 2>&1 | tee "$OUT/bnb_${BIG}_big.log"

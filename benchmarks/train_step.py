@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 batch = b if args.global_batch else b * n
                 paged = False if args.unpaged else {"auto": "auto", "on": True, "off": False}[args.paged]
                 configs.append(dict(
-                    name=f"jax-{w}-{args.size}-{b}x{t}" + (f"-mesh{d}x{f}" if n > 1 else ""), impl="jax",
+                    name=f"jax-{w}-{args.size}-{b}x{t}" + (f"-mesh{d}x{f}" if n > 1 else "")
+                    + ("-lora-bf16" if args.lora_dtype == "bfloat16" else ""), impl="jax",
                     size=args.size, weights=w, batch=batch, device_batch=batch // n, seq=t, mesh=[d, f],
                     steps=args.steps, warmup=args.warmup, remat=args.remat, lora_r=args.lora_r,
                     lora_dropout=args.lora_dropout, lora_dtype=args.lora_dtype, paged=paged, paged_setting=paged,

@@ -118,9 +118,10 @@ def test_kernels_lower_for_cuda_on_an_abstract_h100():
             for fn, arg in ((small_m.nf4_matmul_small_m, x), (small_m.nf4_matmul_t_small_m, dy)):
                 text = jax.jit(fn).trace(arg, w).lower(lowering_platforms=("cuda",)).as_text()
                 assert "xla.gpu.triton" in text
-            for cfg in (gemv.GemvConfig(reduce="end"),
+            for cfg in (gemv.GemvConfig(decode="gather16", reduce="end"),
                         gemv.GemvConfig(decode="pair256", scales_in_kernel=False, reduce="step", split=1,
-                                        x_layout="strided")):
+                                        x_layout="strided"),
+                        gemv.GemvConfig(decode="prmt")):
                 for fn, arg in ((gemv.nf4_gemv, x), (gemv.nf4_gemv_t, dy)):
                     f = functools.partial(fn, config=cfg)
                     text = jax.jit(f).trace(arg, w).lower(lowering_platforms=("cuda",)).as_text()
@@ -137,11 +138,15 @@ def test_kernels_lower_for_cuda_on_an_abstract_h100():
 GEMV_CASES = [
     # (M, N, K, quant_type, double_quant, config)
     (1, 64, 128, "nf4", True, gemv.GemvConfig()),
-    (1, 64, 256, "nf4", True, gemv.GemvConfig(split=1, reduce="step", x_layout="strided")),  # x.dtype out
-    (3, 172, 640, "fp4", False, gemv.GemvConfig(block_n=8, blocks_per_step=4, split=3)),  # uneven K slices
+    (1, 64, 256, "nf4", True, gemv.GemvConfig(decode="gather16", split=1, reduce="step", x_layout="strided")),  # x.dtype out
+    (3, 172, 640, "fp4", False, gemv.GemvConfig(decode="gather16", block_n=8, blocks_per_step=4, split=3)),  # uneven K slices
     (8, 64, 512, "nf4", False, gemv.GemvConfig(decode="pair256", split=2, reduce="end")),
     (8, 96, 768, "fp4", True, gemv.GemvConfig(decode="pair256", scales_in_kernel=False, split=5, blocks_per_step=2)),
-    (3, 128, 256, "nf4", True, gemv.GemvConfig(block_n=64, blocks_per_step=32, split=1)),
+    (3, 128, 256, "nf4", True, gemv.GemvConfig(decode="gather16", block_n=64, blocks_per_step=32, split=1)),
+    # the register (prmt) decode: uneven K slices, FP4, fp32 scales, one slice (x.dtype out)
+    (1, 172, 640, "nf4", True, gemv.GemvConfig(decode="prmt", block_n=4, blocks_per_step=4, split=3)),
+    (5, 64, 512, "fp4", False, gemv.GemvConfig(decode="prmt", scales_in_kernel=False, split=2)),
+    (1, 64, 256, "nf4", False, gemv.GemvConfig(decode="prmt", split=1)),
 ]
 
 
@@ -161,9 +166,11 @@ def test_gemv_forward_and_backward_equal_reference(m, n, k, quant_type, double_q
 def test_gemv_float32_and_lead_dims():
     w = _weight(64, 192)  # K/64 = 3 blocks: not a power of two
     x = jax.random.normal(jax.random.key(3), (2, 1, 192), jnp.float32)
-    y = gemv.nf4_gemv(x, w, interpret=INTERPRET)
+    y = gemv.nf4_gemv(x, w, config=gemv.GemvConfig(decode="gather16"), interpret=INTERPRET)
     assert y.shape == (2, 1, 64) and y.dtype == jnp.float32
-    assert _rel_err(y, kernels.nf4_matmul_reference(x, w)) < 1e-5  # fp32 end to end
+    with jax.default_matmul_precision("highest"):  # a GPU's default fp32 dot is TF32
+        want = kernels.nf4_matmul_reference(x, w)
+    assert _rel_err(y, want) < 1e-5  # fp32 end to end (the gather decode keeps the fp32 codebook)
 
 
 def test_gemv_rejects_what_it_does_not_handle():

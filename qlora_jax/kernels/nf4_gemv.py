@@ -27,6 +27,12 @@ of at most 2^-9 per weight, the same order as the reference's own bf16 rounding 
 The block scale multiplies the decoded values as a ``[block_n, blocks_per_step, 1]`` broadcast;
 everything after the gather is fp32.
 
+``decode="prmt"`` (forward only; the input gradient falls back to ``"pair256"``) reads the codes
+as uint32 words ``[N, NB, hb/4]`` and decodes each word into four bf16 pairs in registers with PTX
+byte permutes (``prmt_decode.py``: no gathers, no table in memory); x comes as four planes per
+parity ``[Mp, 4, NB, hb/4]`` (plane ``t`` = the columns of byte ``t`` of each word), and the block
+scale multiplies each block's partial sum once instead of every weight.
+
 * forward ``y [M, N] = x [M, K] @ W.T``: program ``(i, s)`` owns rows ``i*block_n ..`` and the
   ``s``-th of ``split`` K slices; partials ``[split, Mp, N]`` fp32 (``split == 1``: the output
   in ``x.dtype`` directly, no XLA epilogue).
@@ -50,12 +56,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from qlora_jax.kernels import prmt_decode
 from qlora_jax.kernels.nf4_matmul import operand_rows
 from qlora_jax.kernels.triton_common import decode_scales, pow2_at_most, pow2_divisor, scale_operands, triton_params
 from qlora_jax.nf4 import QuantizedTensor, codebook
 
 MAX_M = 8
-DECODES = ("gather16", "pair256")
+DECODES = ("gather16", "pair256", "prmt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +90,8 @@ class GemvConfig:
     block_n: int = 16
     blocks_per_step: int = 8
     split: int = 4
-    decode: str = "gather16"
+    # register decode: 1.2-1.4x faster than "gather16" at M = 1 on the three LLaMA shapes (H200 profile, RESULTS.md)
+    decode: str = "prmt"
     scales_in_kernel: bool = True
     reduce: str = "step"  # fastest at M = 1 on both 7B shapes (H200 sweep, benchmarks/RESULTS.md)
     x_layout: str = "split"
@@ -92,7 +100,7 @@ class GemvConfig:
 
 
 DEFAULT_CONFIG = GemvConfig()
-DEFAULT_T_CONFIG = GemvConfig(block_n=16, blocks_per_step=4, split=8)
+DEFAULT_T_CONFIG = GemvConfig(block_n=16, blocks_per_step=4, split=8, decode="gather16")
 
 
 def supports(w: QuantizedTensor, m: int) -> str | None:
@@ -187,6 +195,40 @@ def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_
         o_ref[0, m, :] = acc.astype(o_ref.dtype)
 
 
+def _fwd_kernel_words(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, o_ref, *,
+                      bn, g, steps, split, nb, mp, dq_in_kernel, quant_type, interpret):
+    """``decode="prmt"``: as :func:`_fwd_kernel`, on uint32 words ``p_ref [N, NB, hb/4]`` and x planes
+    ``xe_ref / xo_ref [Mp, 4, NB, hb/4]`` (even / odd columns of byte ``t`` of each word)."""
+    i, s = pl.program_id(0), pl.program_id(1)
+    lo_b = (s * nb) // split
+    hi_b = ((s + 1) * nb) // split
+    rows = pl.ds(i * bn, bn)
+
+    def body(c, accs):
+        start = lo_b + c * g
+        kb0 = jnp.minimum(start, hi_b - g)
+        blocks = pl.ds(kb0, g)
+        scale = _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel)
+        fresh = (kb0 + jnp.arange(g, dtype=jnp.int32)) >= start
+        scale = jnp.where(fresh[None, :], scale, 0.0)  # [bn, g]
+        pairs = prmt_decode.decode_words(p_ref[rows, blocks, :], quant_type, interpret=interpret)
+        halves = [(prmt_decode.upper_f32(p), prmt_decode.lower_f32(p)) for p in pairs]  # [bn, g, hb/4]
+        out = []
+        for m in range(mp):
+            prod = None
+            for t, (whi, wlo) in enumerate(halves):
+                xe = xe_ref[m, t, blocks, :].astype(jnp.float32)[None]  # [1, g, hb/4]
+                xo = xo_ref[m, t, blocks, :].astype(jnp.float32)[None]
+                term = whi * xe + wlo * xo
+                prod = term if prod is None else prod + term
+            out.append(accs[m] + jnp.sum(jnp.sum(prod, axis=2) * scale, axis=1))
+        return tuple(out)
+
+    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(mp)))
+    for m in range(mp):
+        o_ref[0, m, :] = accs[m].astype(o_ref.dtype)
+
+
 def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
                 bn, g, steps, split, n, nb, mp, dq_in_kernel, decode, reduce_at_end):
     """Program (j, s): ``o[s, :, blocks_j, :, 0 / 1] = sum over N_s of dy[:, N_s] * W[N_s, blocks_j]``
@@ -235,12 +277,18 @@ def _reduce_at_end(config: GemvConfig, mp: int, tile_elems: int) -> bool:
 
 def _weight_operands(w: QuantizedTensor, config: GemvConfig):
     """(packed [N, NB, hb] u8, scales [N, NB], nested_absmax, nested_code, offset [1], table),
-    and whether the scales are double-quant codes to decode in the kernel."""
+    and whether the scales are double-quant codes to decode in the kernel. ``decode="prmt"``: the
+    codes as uint32 words ``[N, NB, hb/4]`` and no table."""
     n, k = w.shape
     nb, hb = k // w.blocksize, w.blocksize // 2
     packed = w.packed.reshape(n, nb, hb)
     scales, extra, dq_in_kernel = scale_operands(w, config.scales_in_kernel)
     absmax = scales.reshape(n, nb)
+    if config.decode == "prmt":
+        if hb % 4:
+            raise ValueError(f"decode='prmt' needs blocksize % 8 == 0, got {w.blocksize}")
+        words = jax.lax.bitcast_convert_type(packed.reshape(n, nb, hb // 4, 4), jnp.uint32)
+        return (words, absmax, *extra), dq_in_kernel
     if config.decode == "gather16":
         table = jnp.asarray(codebook(w.quant_type))
     elif config.decode == "pair256":
@@ -278,23 +326,29 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     steps = -(-(-(-nb // split)) // g)  # ceil(ceil(nb / split) / g)
     bn = pow2_divisor(n, config.block_n)
     operands, dq = _weight_operands(w, config)
-    if config.x_layout == "strided":
-        x4 = x2.reshape(mp, nb, hb, 2)
-        xs = (x4, x4)
-    elif config.x_layout == "split":
-        xs = (x2[:, 0::2].reshape(mp, nb, hb), x2[:, 1::2].reshape(mp, nb, hb))
+    if config.decode == "prmt":
+        planes = lambda half: half.reshape(mp, nb, hb // 4, 4).transpose(0, 3, 1, 2)  # [Mp, 4, NB, hb/4]
+        xs = (planes(x2[:, 0::2]), planes(x2[:, 1::2]))
+        kernel = functools.partial(_fwd_kernel_words, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
+                                   dq_in_kernel=dq, quant_type=w.quant_type, interpret=interpret)
     else:
-        raise ValueError(f"x_layout={config.x_layout!r} is not 'split' or 'strided'")
-    kernel = functools.partial(_fwd_kernel, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
-                               dq_in_kernel=dq, decode=config.decode, x_strided=config.x_layout == "strided",
-                               reduce_at_end=_reduce_at_end(config, mp, bn * g * hb))
+        if config.x_layout == "strided":
+            x4 = x2.reshape(mp, nb, hb, 2)
+            xs = (x4, x4)
+        elif config.x_layout == "split":
+            xs = (x2[:, 0::2].reshape(mp, nb, hb), x2[:, 1::2].reshape(mp, nb, hb))
+        else:
+            raise ValueError(f"x_layout={config.x_layout!r} is not 'split' or 'strided'")
+        kernel = functools.partial(_fwd_kernel, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
+                                   dq_in_kernel=dq, decode=config.decode, x_strided=config.x_layout == "strided",
+                                   reduce_at_end=_reduce_at_end(config, mp, bn * g * hb))
     # one K slice: write x.dtype directly (no XLA epilogue); else fp32 partials summed by XLA
     out_dtype = x.dtype if split == 1 else jnp.float32
     partial = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((split, mp, n), out_dtype),
         grid=(n // bn, split),
-        in_specs=[pl.no_block_spec] * 8,
+        in_specs=[pl.no_block_spec] * (2 + len(operands)),
         out_specs=pl.BlockSpec((1, mp, bn), lambda i, s: (s, 0, i)),
         compiler_params=triton_params(config),
         interpret=interpret,
@@ -309,6 +363,8 @@ def nf4_gemv_t(dy: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAUL
                interpret: bool = False) -> jax.Array:
     """``dy [..., N] @ dequant(w [N, K]) -> [..., K]`` in ``dy.dtype``; M = prod(...) <= 8."""
     m = _validate("nf4_gemv_t", dy, w, 0)
+    if config.decode == "prmt":  # the register decode is forward-only; same bf16-rounded codes
+        config = dataclasses.replace(config, decode="pair256")
     n, k = w.shape
     nb, hb = k // w.blocksize, w.blocksize // 2
     dy2 = _pad_m(dy.reshape(m, n))

@@ -1,0 +1,127 @@
+"""Register-only 4-bit decode for the Pallas/Triton kernels: PTX byte permutes (``prmt``) instead of
+codebook gathers.
+
+The gather decode (``table[code]`` per weight) costs an address computation and a load per weight,
+which is what bounds the Triton GEMV at ~1 TB/s of 4-bit weight (H200 profile in
+``benchmarks/RESULTS.md``). Here one 32-bit word of packed codes (4 bytes, 8 weights) becomes four
+bf16 pairs with 21 integer instructions (once ptxas has merged the four statements' shared part)
+and no memory access:
+
+* the 16 codebook values, rounded to bf16, are split into a high-byte table and a low-byte table of
+  16 bytes each, held as eight 32-bit immediates (``TH0..TH3``, ``TL0..TL3``);
+* ``prmt.b32 d, a, b, s`` picks, for each of 4 output bytes, one of the 8 bytes of ``{b, a}`` by a
+  3-bit index in the selector nibble ``s``: with ``s = codes & 0x7`` one permute looks up entries 0-7,
+  a second entries 8-15, and a ``lop3`` select keyed on bit 3 of each code (spread to a byte mask by
+  a sign-replicating permute) keeps the right one;
+* two more permutes interleave the high and low bytes into ``bf16(hi nibble) << 16 | bf16(lo
+  nibble)`` per packed byte, the layout of :func:`qlora_jax.kernels.nf4_gemv.pair_table`.
+
+Output ``t`` (0..3) of a word holds packed byte ``t`` (little-endian: bits ``8t..8t+7``): its high
+nibble (the even column, ``W[2j]``) as the upper bf16 half, its low nibble (``W[2j+1]``) as the lower.
+A bf16 half becomes fp32 by a mask (upper) or a shift (lower). Values are the codebook rounded to
+bf16: a relative error of at most 2^-9 per weight, the order of the reference's own bf16 rounding.
+
+``decode_words`` emits the inline PTX on a GPU and an equivalent jnp table lookup in interpret mode
+(the PTX itself is checked bit for bit on CPU by an emulator in ``tests/test_prmt_decode.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax.nf4 import codebook
+
+
+@functools.cache
+def bf16_code_bits(quant_type: str) -> np.ndarray:
+    """uint32 ``[16]``: the bit pattern of ``bf16(code[c])``."""
+    import ml_dtypes
+
+    return codebook(quant_type).astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
+
+
+def _table_words(bytes16: np.ndarray) -> list[int]:
+    """16 bytes -> four little-endian 32-bit words (entries 0-3, 4-7, 8-11, 12-15)."""
+    return [int(sum(int(bytes16[4 * w + i]) << (8 * i) for i in range(4))) for w in range(4)]
+
+
+@functools.cache
+def prmt_asm(quant_type: str, t: int) -> str:
+    """The PTX body: ``$1`` = a packed uint32 word, ``$0`` = the bf16 pair of its byte ``t`` (0..3).
+
+    One statement per output byte (jax's Triton lowering of inline asm takes one result); the four
+    statements of a word share all but their last instruction, which ptxas computes once.
+    """
+    bits = bf16_code_bits(quant_type)
+    th = _table_words(bits >> 8)
+    tl = _table_words(bits & 0xFF)
+    group, half = divmod(t, 2)
+    # the mask permute reads the sign bits of {w << 4, w}: mask byte i = 0xFF iff bit 3 of nibble i of
+    # the group (bytes 2g, 2g+1) is set
+    mask_sel = ("0xD9C8", "0xFBEA")[group]
+    lines = [
+        "{",
+        ".reg .b32 s, a4, m, lo, hi, h, l, t0, t1, t2, t3, u0, u1, u2, u3;",
+        *[f"mov.b32 t{i}, 0x{v:08x};" for i, v in enumerate(th)],
+        *[f"mov.b32 u{i}, 0x{v:08x};" for i, v in enumerate(tl)],
+        "and.b32 s, $1, 0x77777777;",  # 3-bit table indices of all 8 nibbles
+        *(["shr.b32 s, s, 16;"] if group else []),  # bytes 2-3's indices into the selector's low half
+        "shl.b32 a4, $1, 4;",  # low nibbles' bit 3 moved to their byte's sign bit
+        f"prmt.b32 m, a4, $1, {mask_sel};",
+        "prmt.b32 lo, t0, t1, s;",  # high bytes of entries 0-7
+        "prmt.b32 hi, t2, t3, s;",  # ... of entries 8-15
+        "lop3.b32 h, lo, hi, m, 0xD8;",  # m ? hi : lo, bitwise
+        "prmt.b32 lo, u0, u1, s;",  # low bytes
+        "prmt.b32 hi, u2, u3, s;",
+        "lop3.b32 l, lo, hi, m, 0xD8;",
+        # byte 2g + half: [L(lo nibble), H(lo nibble), L(hi nibble), H(hi nibble)]
+        f"prmt.b32 $0, l, h, {('0x5140', '0x7362')[half]};",
+        "}",
+    ]
+    return "\n".join(lines)
+
+
+def decode_words_reference(words: jax.Array, quant_type: str) -> tuple[jax.Array, ...]:
+    """What the PTX computes, as jnp gathers: uint32 ``words`` -> four uint32 arrays of bf16 pairs."""
+    bits = [int(b) for b in bf16_code_bits(quant_type)]
+
+    def lookup(code: jax.Array) -> jax.Array:  # a select chain: no captured table (fine in a kernel)
+        out = jnp.zeros_like(code)
+        for c, b in enumerate(bits):
+            out = jnp.where(code == c, jnp.uint32(b), out)
+        return out
+
+    out = []
+    for t in range(4):
+        byte = (words >> (8 * t)) & 0xFF
+        out.append((lookup(byte >> 4) << 16) | lookup(byte & 0xF))
+    return tuple(out)
+
+
+def decode_words(words: jax.Array, quant_type: str, *, interpret: bool) -> tuple[jax.Array, ...]:
+    """Inside a Pallas/Triton kernel: uint32 ``words`` (any shape) -> four uint32 arrays of the same
+    shape; output ``t`` is ``bf16(code[hi nibble]) << 16 | bf16(code[lo nibble])`` of byte ``t``."""
+    if interpret:
+        return decode_words_reference(words, quant_type)
+    from jax.experimental.pallas import triton as pltriton
+
+    # Triton's integers are signless: int32 in and out (an unsigned MLIR type fails to parse), bitcast back
+    out = jax.ShapeDtypeStruct(words.shape, jnp.int32)
+    w32 = jax.lax.bitcast_convert_type(words, jnp.int32)
+    return tuple(jax.lax.bitcast_convert_type(
+        pltriton.elementwise_inline_asm(prmt_asm(quant_type, t), args=[w32], constraints="=r,r", pack=1,
+                                        result_shape_dtypes=[out])[0], jnp.uint32) for t in range(4))
+
+
+def upper_f32(pair: jax.Array) -> jax.Array:
+    """The upper bf16 half of uint32 ``pair`` as fp32 (the even column)."""
+    return jax.lax.bitcast_convert_type(pair & jnp.uint32(0xFFFF0000), jnp.float32)
+
+
+def lower_f32(pair: jax.Array) -> jax.Array:
+    """The lower bf16 half of uint32 ``pair`` as fp32 (the odd column)."""
+    return jax.lax.bitcast_convert_type(pair << 16, jnp.float32)

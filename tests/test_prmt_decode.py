@@ -1,0 +1,111 @@
+"""The register-only decode's PTX (``qlora_jax.kernels.prmt_decode``) executed instruction by
+instruction by a small emulator of the PTX it uses (mov, and, shr, shl, prmt, lop3) equals the
+codebook lookup bit for bit, for NF4 and FP4, on every byte value in every byte position."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from qlora_jax.kernels import prmt_decode
+
+M32 = np.uint64(0xFFFFFFFF)
+
+
+def _prmt(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """PTX ``prmt.b32`` default mode: output byte i = byte ``sel & 7`` of ``{b, a}``, or its sign
+    replicated (0x00 / 0xFF) if ``sel & 8``; ``sel`` = nibble i of ``c``."""
+    src = [(a >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(4)] + \
+          [(b >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(4)]
+    src = np.stack(src)  # [8, n]
+    out = np.zeros_like(a)
+    for i in range(4):
+        sel = (c >> np.uint64(4 * i)) & np.uint64(0xF)
+        byte = np.take_along_axis(src, (sel & np.uint64(7)).astype(np.int64)[None], axis=0)[0]
+        sign = np.where(byte & np.uint64(0x80), np.uint64(0xFF), np.uint64(0))
+        byte = np.where(sel & np.uint64(8), sign, byte)
+        out |= byte << np.uint64(8 * i)
+    return out
+
+
+def _lop3(a, b, c, lut: int) -> np.ndarray:
+    out = np.zeros_like(a)
+    for j in range(32):
+        k = (((a >> np.uint64(j)) & np.uint64(1)) << np.uint64(2)) | (((b >> np.uint64(j)) & np.uint64(1)) << np.uint64(1)) \
+            | ((c >> np.uint64(j)) & np.uint64(1))
+        out |= ((np.uint64(lut) >> k) & np.uint64(1)) << np.uint64(j)
+    return out
+
+
+def run_ptx(asm: str, word: np.ndarray) -> np.ndarray:
+    """Execute one decode statement's PTX on uint32 ``word`` (numpy, vectorized); returns ``$0``."""
+    regs: dict[str, np.ndarray] = {"$1": word.astype(np.uint64)}
+
+    def val(tok: str) -> np.ndarray:
+        tok = tok.strip()
+        if tok.startswith("0x"):
+            return np.full_like(regs["$1"], int(tok, 16))
+        if tok.isdigit():
+            return np.full_like(regs["$1"], int(tok))
+        return regs[tok]
+
+    for line in asm.splitlines():
+        line = line.strip()
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        m = re.fullmatch(r"(\w+)\.b32 (.+);", line)
+        assert m, f"unexpected PTX line {line!r}"
+        op, args = m.group(1), [t.strip() for t in m.group(2).split(",")]
+        d = args[0]
+        if op == "mov":
+            regs[d] = val(args[1])
+        elif op == "and":
+            regs[d] = val(args[1]) & val(args[2])
+        elif op == "shr":
+            regs[d] = (val(args[1]) >> np.uint64(int(args[2]))) & M32
+        elif op == "shl":
+            regs[d] = (val(args[1]) << np.uint64(int(args[2]))) & M32
+        elif op == "prmt":
+            regs[d] = _prmt(val(args[1]), val(args[2]), val(args[3]))
+        elif op == "lop3":
+            regs[d] = _lop3(val(args[1]), val(args[2]), val(args[3]), int(args[4], 16))
+        else:
+            raise AssertionError(f"emulator lacks {op}")
+    return regs["$0"].astype(np.uint32)
+
+
+def _expected(words: np.ndarray, quant_type: str) -> list[np.ndarray]:
+    bits = prmt_decode.bf16_code_bits(quant_type)
+    out = []
+    for t in range(4):
+        byte = (words >> np.uint32(8 * t)) & np.uint32(0xFF)
+        out.append(((bits[byte >> 4] << 16) | bits[byte & 0xF]).astype(np.uint32))
+    return out
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_ptx_decode_equals_codebook_lookup_bit_for_bit(quant_type):
+    b = np.arange(256, dtype=np.uint32)
+    rng = np.random.default_rng(0)
+    words = np.concatenate([b << np.uint32(8 * t) | rng.integers(0, 2**32, 256, dtype=np.uint32) & ~(np.uint32(0xFF) << np.uint32(8 * t))
+                            for t in range(4)] + [rng.integers(0, 2**32, 4096, dtype=np.uint32)])
+    for t, e in enumerate(_expected(words, quant_type)):
+        np.testing.assert_array_equal(run_ptx(prmt_decode.prmt_asm(quant_type, t), words), e, err_msg=f"byte {t}")
+
+
+def test_reference_decode_matches_expected_and_halves_are_the_codebook():
+    import jax.numpy as jnp
+
+    from qlora_jax.nf4 import codebook
+
+    words = np.random.default_rng(1).integers(0, 2**32, 1000, dtype=np.uint32)
+    got = prmt_decode.decode_words_reference(jnp.asarray(words), "nf4")
+    for g, e in zip(got, _expected(words, "nf4")):
+        np.testing.assert_array_equal(np.asarray(g), e)
+    # byte 0x7A: high nibble 7 (upper half), low nibble 10 (lower half), as bf16-rounded fp32
+    pair = prmt_decode.decode_words_reference(jnp.asarray([0x7A], jnp.uint32), "nf4")[0]
+    code = codebook("nf4")
+    np.testing.assert_allclose(float(prmt_decode.upper_f32(pair)[0]), code[7], rtol=2**-8)
+    np.testing.assert_allclose(float(prmt_decode.lower_f32(pair)[0]), code[10], rtol=2**-8)
