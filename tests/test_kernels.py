@@ -308,3 +308,20 @@ def test_split_xla_path_equals_the_reference(lead, n, k, quant_type, double_quan
         assert y.shape == (*lead, n) and y.dtype == dtype and dx.shape == (*lead, k) and dx.dtype == dtype
         assert _rel_err(y, kernels.nf4_matmul_reference(x, w)) < tol
         assert _rel_err(dx, kernels.nf4_matmul_t_reference(dy, w)) < tol
+
+
+def test_kernel_profile_benchmark_runs_and_checks_every_candidate(tmp_path):
+    """``benchmarks/kernel_profile.py --tiny`` (CPU smoke test): every GEMV candidate runs and equals the
+    XLA reference to bf16 level; the JSON holds one row per candidate."""
+    import json
+
+    from benchmarks import kernel_profile
+
+    out = tmp_path / "profile.json"
+    assert kernel_profile.main(["--tiny", "--trace-dir", str(tmp_path / "trace"), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == list(kernel_profile.CANDIDATES)
+    for r in rows:
+        assert "error" not in r, r
+        if r["impl"] != "bf16_dot":
+            assert r["rel_err"] < 1e-2, r

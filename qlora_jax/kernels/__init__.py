@@ -3,9 +3,10 @@
 ``"auto"`` (the default), from the H200 sweep in ``benchmarks/RESULTS.md`` (2026-11-28):
 
 * on a GPU, 16-bit activations, one 2-D weight:
-  - forward with M = 1 (decoding one sequence): the Pallas GEMV ``nf4_gemv.py`` — it streams the
-    4-bit weight once (49-50 us on the 7B MLP shapes: 0.93-1.16x a bf16 dot's time, 2.0-2.1x
-    faster than XLA dequantize + dot);
+  - forward with M = 1 (decoding one sequence): the Pallas GEMV ``nf4_gemv.py`` with the register
+    decode — it streams the 4-bit weight once: 20.4 / 25.9 / 66.8 us of device time on 4096x11008 /
+    11008x4096 / 8192x22016, 1.04-1.32x faster than the bf16 dot (profiler traces, RESULTS.md; 2.0-2.1x
+    faster than XLA dequantize + dot in the wall-clock sweep);
   - everything else (M >= 2, and every input gradient): the Pallas dequantize ``nf4_dequant.py``
     (2.1-2.6x faster than XLA's dequantize fusion) followed by XLA's dot — at M = 2048 on
     4096x11008, 0.98x (forward) and 0.88x (input gradient) of a bf16 dot's time;

@@ -1,0 +1,115 @@
+"""Device time per call of the one-row (M = 1) 4-bit matmuls, from profiler traces (GPU).
+
+    JAX_PLATFORMS=cuda PYTHONPATH=. python3 benchmarks/kernel_profile.py --trace-dir /tmp/prof --json $OUT/profile.json
+    PYTHONPATH=. python3 benchmarks/kernel_profile.py --tiny --trace-dir /tmp/prof   # CPU smoke test
+
+Wall-clock timing of a program of many small calls (``kernel_sweep.py``) includes the launch gaps
+between them (~25 us per call on an H200), which a decode loop on the device does not pay. Here
+each candidate runs as one jitted program of ``--copies`` calls on distinct weight copies (together
+more than the L2), ``--repeats`` times under ``jax.profiler.trace``, and the table gives the device
+time of one call (the sum of its kernels, :mod:`benchmarks.profile_summary`), the 4-bit weight's
+GB/s, and the relative error against the XLA reference. Candidates: the bf16 dot, the GEMV with the
+gather decode, and the GEMV with the register (``prmt``) decode in several tile configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import profile_summary  # noqa: E402
+from benchmarks._common import meta, print_table, write_json  # noqa: E402
+from qlora_jax.kernels import nf4_gemv, nf4_matmul_reference  # noqa: E402
+from qlora_jax.nf4 import quantize  # noqa: E402
+
+G = nf4_gemv.GemvConfig
+CANDIDATES = {  # name -> GEMV config (None: the bf16 dot)
+    "bf16_dot": None,
+    "gemv_gather16": G(decode="gather16"),
+    "gemv_prmt": G(decode="prmt"),
+    "gemv_prmt_bn32_g4": G(decode="prmt", block_n=32, blocks_per_step=4),
+    "gemv_prmt_bn8": G(decode="prmt", block_n=8),
+    "gemv_prmt_g16_s2": G(decode="prmt", blocks_per_step=16, split=2),
+    "gemv_prmt_g4_s8": G(decode="prmt", blocks_per_step=4, split=8),
+}
+
+
+def profile_shape(k: int, n: int, *, copies: int, repeats: int, trace_dir: Path, interpret: bool) -> list[dict]:
+    key = jax.random.key(k * 7 + n)
+    w32 = jax.random.normal(key, (n, k), jnp.float32) * 0.02
+    w_bf16 = w32.astype(jnp.bfloat16)
+    qw = quantize(w32)
+    del w32
+    qws = [jax.tree.map(lambda a, i=i: a ^ np.uint8(i) if a.dtype == jnp.uint8 else a + 0, qw) for i in range(copies)]
+    bws = [w_bf16 + jnp.asarray(0, jnp.bfloat16) * i for i in range(max(2, copies // 4))]
+    x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
+    want = nf4_matmul_reference(x, qw).astype(jnp.float32)
+    rows = []
+    for name, cfg in CANDIDATES.items():
+        if cfg is None:
+            op, ws = (lambda x, w: x @ w.T), bws
+        else:
+            op, ws = (lambda x, w, cfg=cfg: nf4_gemv.nf4_gemv(x, w, config=cfg, interpret=interpret)), qws
+        fn = jax.jit(lambda x, ws, op=op: [op(x, w) for w in ws])
+        row = {"shape": f"{k}x{n}", "impl": name, "config": None if cfg is None else vars(cfg)}
+        try:
+            got = jax.block_until_ready(fn(x, ws))[0].astype(jnp.float32)
+            if cfg is not None:
+                row["rel_err"] = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+            out = trace_dir / f"{k}x{n}_{name}"
+            with jax.profiler.trace(str(out)):
+                for _ in range(repeats):
+                    r = fn(x, ws)
+                jax.block_until_ready(r)
+            s = profile_summary.summarize(out, steps=repeats * len(ws), top=5)
+            row["us"] = s["total_ms_per_step"] * 1e3
+            row["kernels"] = [(o["name"], o["ms"] * 1e3) for o in s["top"]]
+            nbytes = 2 * n * k if cfg is None else qw.nbytes
+            row["gbps"] = nbytes / (row["us"] * 1e-6) / 1e9 if row["us"] else None
+        except Exception as e:  # noqa: BLE001 - a config may fail to compile; report it and go on
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        rows.append(row)
+    bf16 = next((r.get("us") for r in rows if r["impl"] == "bf16_dot"), None)
+    for r in rows:
+        r["x_bf16"] = bf16 / r["us"] if bf16 and r.get("us") else None  # > 1: faster than the bf16 dot
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="4096x11008,11008x4096,8192x22016", help="KxN,...")
+    ap.add_argument("--copies", type=int, default=8, help="weight copies per program (> L2 together)")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--trace-dir", type=Path, required=True)
+    ap.add_argument("--json")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: one small shape, interpret mode")
+    args = ap.parse_args(argv)
+    interpret = jax.default_backend() != "gpu"
+    shapes = "128x192" if args.tiny else args.shapes
+    copies, repeats = (2, 1) if args.tiny else (args.copies, args.repeats)
+    rows = []
+    for s in shapes.split(","):
+        k, n = (int(v) for v in s.split("x"))
+        rows += profile_shape(k, n, copies=copies, repeats=repeats, trace_dir=args.trace_dir, interpret=interpret)
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    table = print_table(
+        f"M = 1, device time per call ({jax.devices()[0].device_kind})", rows,
+        [("shape", lambda r: r["shape"]), ("impl", lambda r: r["impl"]),
+         ("us", lambda r: fmt(r.get("us"), ".1f") if "error" not in r else r["error"][:60]),
+         ("GB/s", lambda r: fmt(r.get("gbps"), ",.0f")), ("x bf16", lambda r: fmt(r.get("x_bf16"), ".2f")),
+         ("rel err", lambda r: fmt(r.get("rel_err"), ".1e"))])
+    write_json(args.json, {"meta": meta(argv), "benchmark": "kernel_profile", "rows": rows, "table": table})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
