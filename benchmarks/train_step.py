@@ -8,7 +8,9 @@
 ``--mesh DATAxFSDP[,...]`` runs the same step on ``DATA * FSDP`` devices of this host (the first
 ones), with ``train.py``'s sharding (:mod:`qlora_jax.sharding`: batch over all devices; NF4 codes,
 LoRA and optimizer state over ``fsdp``, each layer's weights gathered inside the layer loop); the
-frozen weights are built directly sharded. ``--batch`` is per device (the global batch is
+frozen weights, the LoRA adapters and the optimizer state are all created directly sharded
+(``build_random_model(mesh=)``, ``qlora_jax.trainer.init_optimizer``), so no device ever holds a whole
+copy of a sharded leaf and the measured peak is the step's. ``--batch`` is per device (the global batch is
 ``B * DATA * FSDP`` rows: weak scaling) unless ``--global-batch``. A 1x1 row is always run as the
 reference: each mesh row reports tokens/s of the whole step (global), the speed-up over the 1x1
 row of the same weights and per-device batch (``scaling``, and ``/ devices`` as efficiency), and
@@ -119,7 +121,9 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
 
     from qlora_jax.memory import format_plan, inputs_from_train_config, plan
     from qlora_jax.models.random_init import build_random_model
-    from qlora_jax.trainer import lora_config, make_optimizer, make_train_step, resolve_paging
+    from qlora_jax.trainer import (
+        init_optimizer, lora_config, make_optimizer, make_train_step, resolve_paging, step_shardings,
+    )
 
     dev = jax.devices()[0]
     data, fsdp = c.get("mesh", (1, 1))
@@ -158,17 +162,16 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
     graphdef, lora_state, rest = nnx.split(model, nnx.LoRAParam, ...)
     del model
     tx = make_optimizer(tc)
-    opt_state = tx.init(lora_state)
+    opt_state = init_optimizer(tx, lora_state, mesh)  # train.py's: born sharded on a mesh
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, size=(B, T), dtype=np.int32)
-    batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids), "attention_mask": jnp.ones((B, T), jnp.int32)}
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": np.ones((B, T), np.int32)}  # host: placed below
     if mesh is None:
+        batch = jax.tree.map(jnp.asarray, batch)
         step_fn = make_train_step(graphdef, tx, tc)
     else:  # train.py's multi-device step (qlora_jax.trainer.train)
         shd.check_batch(B, mesh)
-        shardings = (shd.param_shardings(lora_state, mesh), shd.param_shardings(opt_state, mesh),
-                     shd.frozen_shardings(rest, mesh), shd.batch_sharding(mesh), shd.replicated(mesh))
-        lora_state, opt_state, rest = (jax.device_put(t, s) for t, s in zip((lora_state, opt_state, rest), shardings))
+        shardings = step_shardings(lora_state, opt_state, rest, mesh)  # the layouts the state was born in
         batch = jax.device_put(batch, shardings[3])
         step_fn = make_train_step(graphdef, tx, tc, shardings)
     key = jax.random.key(tc.train.seed)

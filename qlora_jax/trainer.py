@@ -76,6 +76,38 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
                        paged=o.paged, page_size=o.page_size or None, fp32_master=cfg.lora.param_dtype != "float32")
 
 
+def init_optimizer(tx: optax.GradientTransformation, lora: Any, mesh: Any = None) -> Any:
+    """``tx.init(lora)``: the optimizer state (Adam's moments: one array of each LoRA leaf's shape
+    ``[L, in, r]`` / ``[L, r, out]`` per moment, plus a scalar count).
+
+    ``mesh``: ``lora`` is already placed on this ``(data, fsdp)`` mesh; the state is born in
+    :func:`~qlora_jax.sharding.param_shardings`'s layout (``jit`` with ``out_shardings``: each device
+    computes only its rows, so no device ever holds a whole moment), in host memory
+    (``pinned_host``) for a paged optimizer (:class:`~qlora_jax.paged_adam.PagedState`), as
+    ``paged_adamw``'s own ``init`` places it. ``None``: eagerly on the default device (paged: page by page).
+    """
+    if mesh is None:
+        return tx.init(lora)
+    from qlora_jax.paged_adam import HOST_MEMORY_KIND, PagedState
+    from qlora_jax.sharding import param_shardings
+
+    abstract = jax.eval_shape(tx.init, lora)
+    shardings = param_shardings(abstract, mesh)
+    if isinstance(abstract, PagedState):  # every leaf of a paged state lives in host memory
+        shardings = jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY_KIND), shardings)
+    return jax.jit(tx.init, out_shardings=shardings)(lora)
+
+
+def step_shardings(lora: Any, opt_state: Any, rest: Any, mesh: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """``(lora, opt_state, rest, batch, replicated)`` shardings of :func:`make_train_step` on ``mesh``
+    (:mod:`qlora_jax.sharding`'s rules; the leaves' memory kinds kept); the batch is ``[B, T]`` split
+    over all devices along ``B``."""
+    from qlora_jax import sharding as shd
+
+    return (shd.param_shardings(lora, mesh), shd.param_shardings(opt_state, mesh), shd.frozen_shardings(rest, mesh),
+            shd.batch_sharding(mesh), shd.replicated(mesh))
+
+
 def _lm_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     # Batches are right-padded (qlora_jax.data.pad_batch), so under the causal mask every real token
     # already sees exactly the real tokens before it: the padding mask changes only the outputs at
@@ -175,11 +207,13 @@ def lora_config(cfg: TrainConfig) -> Any:
                       param_dtype=cfg.lora.param_dtype)
 
 
-def build_model(cfg: TrainConfig, model_dir: Path) -> nnx.Module:
+def build_model(cfg: TrainConfig, model_dir: Path, mesh: Any = None) -> nnx.Module:
+    """The run's model from a converted directory; ``mesh``: every array placed directly in the train
+    step's layout (:func:`~qlora_jax.models.checkpoint.load_model`)."""
     from qlora_jax.models.checkpoint import load_model
 
     return load_model(model_dir, lora=lora_config(cfg), remat=cfg.model.remat, compute_dtype=cfg.model.compute_dtype,
-                      seed=cfg.train.seed)
+                      seed=cfg.train.seed, mesh=mesh)
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -480,7 +514,7 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
         model_dir = resolve_base_model(cfg, out)  # converted by process 0 (a shared file system)
     tokenizer = load_tokenizer(model_dir)
     data = make_data(cfg.data, tokenizer)
-    model = build_model(cfg, model_dir)
+    model = build_model(cfg, model_dir, mesh)  # on a mesh: already sharded (never whole on one device)
     cfg = resolve_paging(cfg, model, previous=previous_paged)
     if primary:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))  # as run
@@ -491,26 +525,24 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
     eval_graphdef = nnx.split(model, nnx.LoRAParam, ...)[0]
 
     tx = make_optimizer(cfg)
-    opt_state = tx.init(lora)
+    opt_state = init_optimizer(tx, lora, mesh)
     put_batch: Callable[[dict[str, np.ndarray]], Any] = lambda b: b  # noqa: E731
     put_eval: Callable[[dict[str, np.ndarray]], Any] = lambda b: b  # noqa: E731
-    step_shardings = None
+    shardings = None
     if mesh is not None:
         shd.check_batch(cfg.data.batch_size, mesh)
-        step_shardings = (shd.param_shardings(lora, mesh), shd.param_shardings(opt_state, mesh),
-                          shd.frozen_shardings(rest, mesh), shd.batch_sharding(mesh), shd.replicated(mesh))
-        lora, opt_state, rest = (shd.put_global(t, s) for t, s in zip((lora, opt_state, rest), step_shardings))
+        shardings = step_shardings(lora, opt_state, rest, mesh)  # the layouts lora, opt_state, rest were born in
         if multi:
             # This process builds only its rows of each global batch; eval batches are whole on every device.
-            data.train.rows = shd.process_rows(step_shardings[3], cfg.data.batch_size)
-            put_batch = lambda b: shd.global_batch(b, step_shardings[3], cfg.data.batch_size)  # noqa: E731
-            put_eval = lambda b: shd.global_batch(b, step_shardings[4], len(b["input_ids"]))  # noqa: E731
+            data.train.rows = shd.process_rows(shardings[3], cfg.data.batch_size)
+            put_batch = lambda b: shd.global_batch(b, shardings[3], cfg.data.batch_size)  # noqa: E731
+            put_eval = lambda b: shd.global_batch(b, shardings[4], len(b["input_ids"]))  # noqa: E731
         else:
-            put_batch = lambda b: jax.device_put(b, step_shardings[3])  # noqa: E731
+            put_batch = lambda b: jax.device_put(b, shardings[3])  # noqa: E731
         if primary:
             print(f"mesh: data={cfg.mesh.data} fsdp={cfg.mesh.fsdp} over {mesh.devices.size} devices"
                   + (f" in {jax.process_count()} processes" if multi else ""), flush=True)
-    train_step = make_train_step(graphdef, tx, cfg, step_shardings)
+    train_step = make_train_step(graphdef, tx, cfg, shardings)
     eval_step = make_eval_step(eval_graphdef, mesh)
     mmlu = make_mmlu_eval(cfg, tokenizer, eval_graphdef, model.cfg.max_position_embeddings)
     key = jax.random.key(cfg.train.seed)

@@ -1,7 +1,10 @@
 """Child process of tests/test_mesh.py (needs XLA_FLAGS=--xla_force_host_platform_device_count=8 set
 before jax starts): stories260K fine-tunes on several meshes and across-mesh resumes; prints JSON.
+With ``--init``: only the layout of the state that train.py's and the benchmark's initialization
+create on a 1x8 mesh (:func:`init_layout`).
 
-Usage: python tests/_mesh_child.py CONVERTED_MODEL_DIR OUTPUT_ROOT"""
+Usage: python tests/_mesh_child.py CONVERTED_MODEL_DIR OUTPUT_ROOT
+       python tests/_mesh_child.py --init CONVERTED_MODEL_DIR"""
 
 from __future__ import annotations
 
@@ -120,6 +123,76 @@ def step_memory_7b(data: int, fsdp: int) -> dict[str, float]:
             "plan": p["total"] - p["workspace"] - p["optimizer_on_device"] + p["host_optimizer"]}
 
 
+def check_layout(trees: dict[str, tuple], mesh) -> dict:
+    """How the initialized ``trees`` (name -> (lora, opt_state, rest)) sit on ``mesh``, and what else is alive.
+
+    ``split``: how many LoRA / optimizer leaves the step's shardings (``trainer.step_shardings``) split
+    over ``fsdp``; ``bad``: those of them that are not sharded over all devices with ``1 / fsdp`` of
+    the split axis per device; ``memory_kinds``: the optimizer leaves' memory kinds; ``whole``: every
+    array in ``jax.live_arrays()`` on a single device with the shape and dtype of a split leaf (LoRA,
+    optimizer or frozen NF4 field): an unsharded whole copy.
+    """
+    import gc
+
+    from qlora_jax.trainer import step_shardings
+
+    gc.collect()
+    fsdp, out, split_kinds = mesh.shape["fsdp"], {}, set()
+    for name, (lora, opt_state, rest) in trees.items():
+        shardings = step_shardings(lora, opt_state, rest, mesh)
+        r = out[name] = {"split": 0, "bad": [], "memory_kinds": sorted({str(x.sharding.memory_kind)
+                                                                         for x in jax.tree.leaves(opt_state)})}
+        for k, (tree, sh) in enumerate(zip((lora, opt_state, rest), shardings[:3])):
+            for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(sh)):
+                if "fsdp" not in s.spec:
+                    continue
+                split_kinds.add((x.shape, str(x.dtype)))
+                if k == 2:  # frozen: counted for the live-array check only
+                    continue
+                r["split"] += 1
+                axis = list(s.spec).index("fsdp")
+                rows = {sh_.data.shape[axis] for sh_ in x.addressable_shards}
+                if len(x.sharding.device_set) != mesh.devices.size or rows != {x.shape[axis] // fsdp}:
+                    r["bad"].append([list(x.shape), str(x.sharding), sorted(rows)])
+    whole = [[list(a.shape), str(a.dtype), str(next(iter(a.devices())))] for a in jax.live_arrays()
+             if len(a.devices()) == 1 and (a.shape, str(a.dtype)) in split_kinds]
+    return {"trees": out, "whole": whole}
+
+
+def init_layout(model: str) -> dict:
+    """train.py's initialization on 1x8 (``build_model`` with the mesh, ``init_optimizer``; paged and
+    on-device Adam; the model object kept alive, as ``trainer.train`` keeps it) and the benchmark's
+    (``build_random_model`` with the mesh, ``init_optimizer``; the tiny LLaMA with 16-bit LoRA, fp32 master
+    copy in the optimizer), each checked by :func:`check_layout` on its own."""
+    from flax import nnx
+
+    from benchmarks.train_step import model_config, train_config
+    from qlora_jax import sharding as shd
+    from qlora_jax.models.random_init import build_random_model
+    from qlora_jax.train_config import apply_overrides
+    from qlora_jax.trainer import build_model, init_optimizer, lora_config, make_optimizer
+
+    mesh = shd.make_mesh(1, 8)
+    out = {}
+    for paged in (True, False):
+        tc = apply_overrides(cfg(model, 1, 8), [f"optim.paged={str(paged).lower()}"])
+        m = build_model(tc, Path(model), mesh)
+        m.train()
+        _, lora, rest = nnx.split(m, nnx.LoRAParam, ...)
+        opt_state = init_optimizer(make_optimizer(tc), lora, mesh)
+        out[f"train paged={paged}"] = check_layout({"train": (lora, opt_state, rest)}, mesh)
+        del m, lora, rest, opt_state
+    tc = train_config(dict(size="tiny", weights="nf4", batch=8, seq=64, steps=1, warmup=0, remat="full", lora_r=8,
+                           lora_dropout=0.05, lora_dtype="bfloat16", paged=False, mesh=(1, 8)))
+    m = build_random_model(model_config("tiny"), lora=lora_config(tc), quant=tc.model.quant_config(), remat="full",
+                           mesh=mesh)
+    _, lora, rest = nnx.split(m, nnx.LoRAParam, ...)
+    del m
+    opt_state = init_optimizer(make_optimizer(tc), lora, mesh)
+    out["benchmark"] = check_layout({"benchmark": (lora, opt_state, rest)}, mesh)
+    return out
+
+
 def losses(run) -> list[float]:
     return [m["loss"] for m in run.metrics if "loss" in m]
 
@@ -158,4 +231,8 @@ def main(model: str, root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    if sys.argv[1] == "--init":
+        assert jax.device_count() == 8, jax.devices()
+        print("RESULT " + json.dumps(init_layout(sys.argv[2])), flush=True)
+    else:
+        main(sys.argv[1], Path(sys.argv[2]))

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +83,9 @@ def _check_shape(got: tuple[int, ...], want: tuple[int, ...], name: str, where: 
         raise ValueError(f"{where}: {name} has shape {tuple(got)}, the config needs {tuple(want)}")
 
 
-def _restore_leaf(abstract: Any, stored: Any, name: str, where: str) -> Any:
-    """Rebuild one frozen value from its stored form, checking it against the abstract model."""
+def _restore_leaf(abstract: Any, stored: Any, name: str, where: str, asarray: Callable = jnp.asarray) -> Any:
+    """Rebuild one frozen value from its stored form, checking it against the abstract model
+    (``asarray``: ``jnp.asarray`` puts it on the default device, ``np.asarray`` keeps it on the host)."""
     if _is_qt(abstract):
         if not isinstance(stored, dict):
             raise ValueError(f"{where}: {name} should be a quantized tensor, the checkpoint holds an array")
@@ -97,12 +98,12 @@ def _restore_leaf(abstract: Any, stored: Any, name: str, where: str) -> Any:
             if f not in stored:
                 raise ValueError(f"{where}: {name} lacks {f!r} (quantization settings do not match the checkpoint)")
             _check_shape(stored[f].shape, want.shape, f"{name}/{f}", where)
-            fields[f] = jnp.asarray(stored[f], want.dtype)
+            fields[f] = asarray(stored[f], want.dtype)
         return dataclasses.replace(abstract, **fields)
     if isinstance(stored, dict):
         raise ValueError(f"{where}: {name} should be an array, the checkpoint holds a quantized tensor")
     _check_shape(stored.shape, abstract.shape, name, where)
-    return jnp.asarray(stored, abstract.dtype)
+    return asarray(stored, abstract.dtype)
 
 
 def _stack(values: list[Any]) -> Any:
@@ -111,8 +112,10 @@ def _stack(values: list[Any]) -> Any:
     return np.stack(values)
 
 
-def state_from_checkpoint_tree(abstract_frozen: dict, tree: dict, num_layers: int, where: str) -> dict:
-    """Fill the abstract frozen pure dict of a model from a checkpoint tree (layers unstacked)."""
+def state_from_checkpoint_tree(abstract_frozen: dict, tree: dict, num_layers: int, where: str,
+                               asarray: Callable = jnp.asarray) -> dict:
+    """Fill the abstract frozen pure dict of a model from a checkpoint tree (layers unstacked; ``[L, ...]``
+    stacks out). ``asarray(value, dtype)`` makes each array (default: on the default device)."""
     out: dict = {}
     for path, leaf in _flat(abstract_frozen):
         if leaf is None:
@@ -126,7 +129,7 @@ def state_from_checkpoint_tree(abstract_frozen: dict, tree: dict, num_layers: in
             stored = _stack(per_layer)
         else:
             stored = _get(tree, path, where)
-        _set(out, path, _restore_leaf(leaf, stored, name, where))
+        _set(out, path, _restore_leaf(leaf, stored, name, where, asarray))
     return out
 
 
@@ -142,6 +145,28 @@ def read_meta(model_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def init_non_frozen(make: Callable[[], Llama], abstract: Llama, frozen: nnx.State, mesh: Any = None) -> Llama:
+    """The model ``make()`` builds, with its frozen state replaced by ``frozen`` (already filled and placed).
+
+    Only the adapters and the RNG state are computed, under ``jit``: XLA drops ``make()``'s unused
+    random base weights. The LoRA ``A`` (``[L, in, r]``) / ``B`` (``[L, r, out]``) are PEFT's init from
+    ``make``'s seed. ``mesh``: a ``(data, fsdp)`` mesh (:mod:`qlora_jax.sharding`); the adapters are born
+    in :func:`~qlora_jax.sharding.param_shardings`'s layout (each device computes only its rows, so no
+    device ever holds a whole adapter) and the RNG state replicated, as the train step takes them.
+    ``abstract``: ``nnx.eval_shape(make)``.
+    """
+    if mesh is None:
+        graphdef = nnx.split(abstract, Frozen, ...)[0]
+        rest = jax.jit(lambda: nnx.split(make(), Frozen, ...)[2])()
+        return nnx.merge(graphdef, frozen, rest)
+    from qlora_jax.sharding import param_shardings, replicated
+
+    graphdef, _, lora, other = nnx.split(abstract, Frozen, nnx.LoRAParam, ...)
+    shardings = (param_shardings(lora, mesh), jax.tree.map(lambda _: replicated(mesh), other))
+    lora, other = jax.jit(lambda: nnx.split(make(), Frozen, nnx.LoRAParam, ...)[2:], out_shardings=shardings)()
+    return nnx.merge(graphdef, frozen, lora, other)
+
+
 def load_model(
     model_dir: str | Path,
     *,
@@ -149,11 +174,17 @@ def load_model(
     remat: str = "none",
     compute_dtype: str | None = None,
     seed: int = 0,
+    mesh: Any = None,
 ) -> Llama:
     """Build a :class:`Llama` from ``model_dir/config.json`` and restore its frozen weights.
 
     The weights are used as stored (no re-quantization); LoRA adapters are freshly initialized
     from ``seed`` (PEFT's init: ``B = 0``, so the model computes the converted model's function).
+
+    ``mesh``: a ``(data, fsdp)`` mesh (:mod:`qlora_jax.sharding`, one process or several): every
+    array is placed directly in the train step's layout, from host memory shard by shard (frozen
+    weights: :func:`~qlora_jax.sharding.frozen_shardings`; adapters: :func:`init_non_frozen`), so no
+    device ever holds a whole copy of a sharded leaf. ``None``: everything on the default device.
     """
     from orbax.checkpoint.experimental import v1 as ocp1
 
@@ -168,13 +199,16 @@ def load_model(
         return Llama(cfg, lora=lora, quant=quant, remat=remat, rngs=nnx.Rngs(seed))
 
     abstract = nnx.eval_shape(make)
-    graphdef, frozen, rest = nnx.split(abstract, Frozen, ...)
-    tree = ocp1.load(model_dir / WEIGHTS_DIR)
-    pure = state_from_checkpoint_tree(nnx.to_pure_dict(frozen), tree, cfg.num_hidden_layers, str(model_dir))
+    frozen = nnx.split(abstract, Frozen, ...)[1]
+    tree = ocp1.load(model_dir / WEIGHTS_DIR)  # numpy arrays
+    pure = state_from_checkpoint_tree(nnx.to_pure_dict(frozen), tree, cfg.num_hidden_layers, str(model_dir),
+                                      asarray=jnp.asarray if mesh is None else np.asarray)
+    if mesh is not None:
+        from qlora_jax.sharding import frozen_shardings, put_global
+
+        pure = put_global(pure, frozen_shardings(pure, mesh))
     nnx.replace_by_pure_dict(frozen, pure)
-    # The adapters and RNG state, initialized for real; XLA drops the unused random base weights.
-    rest = jax.jit(lambda: nnx.split(make(), Frozen, ...)[2])()
-    return nnx.merge(graphdef, frozen, rest)
+    return init_non_frozen(make, abstract, frozen, mesh)
 
 
 class CheckpointWriter:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qlora_jax.models.checkpoint import QT_FIELDS
+from qlora_jax.models.checkpoint import QT_FIELDS, init_non_frozen
 from qlora_jax.models.llama import Llama, LlamaConfig, LoRAConfig, QuantConfig
 from qlora_jax.nf4 import QuantizedTensor, quantize
 from qlora_jax.nf4_dense import Frozen
@@ -134,16 +134,17 @@ def build_random_model(
 
     ``mesh``: a ``(data, fsdp)`` mesh (:mod:`qlora_jax.sharding`, one process): the frozen weights
     are built directly in :func:`~qlora_jax.sharding.frozen_shardings`'s layout (each device
-    holds only its shards of the NF4 stacks; no device ever holds the whole 4-bit model), so a
-    per-device peak measured afterwards is the step's, not the build's. LoRA and RNG state stay on
-    the default device (the caller shards them).
+    holds only its shards of the NF4 stacks; no device ever holds the whole 4-bit model) and the
+    LoRA adapters are born in :func:`~qlora_jax.sharding.param_shardings`'s layout
+    (:func:`~qlora_jax.models.checkpoint.init_non_frozen`), so a per-device peak measured afterwards
+    is the step's, not the build's.
     """
 
     def make() -> Llama:
         return Llama(cfg, lora=lora, quant=quant, remat=remat, rngs=nnx.Rngs(seed))
 
     abstract = nnx.eval_shape(make)
-    graphdef, frozen, _ = nnx.split(abstract, Frozen, ...)
+    frozen = nnx.split(abstract, Frozen, ...)[1]
     pure_abstract = nnx.to_pure_dict(frozen)
     items = [(p, v) for p, v in _flat_items(pure_abstract) if v is not None]
     base_key = jax.random.key(seed)
@@ -158,6 +159,4 @@ def build_random_model(
             target = frozen_shardings(leaf, mesh)
         _set(pure, path, _fill(path, leaf, jax.random.fold_in(base_key, n), target))
     nnx.replace_by_pure_dict(frozen, pure)
-    # The adapters and RNG state for real; XLA drops the unused random base weights of make().
-    rest = jax.jit(lambda: nnx.split(make(), Frozen, ...)[2])()
-    return nnx.merge(graphdef, frozen, rest)
+    return init_non_frozen(make, abstract, frozen, mesh)
