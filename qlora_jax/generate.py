@@ -23,6 +23,11 @@ How it runs (:class:`Generator`):
   (a chunk of ``max_new_tokens`` is a single call: fastest, no streaming); smaller ones stream more
   smoothly, and a row that hits a stop string wastes at most ``chunk_size - 1`` tokens of compute.
   The output never depends on the chunk size: each step's random key is ``fold_in(seed, step)``.
+* On a mesh (``Generator(..., mesh=)``, the model's arrays sharded over it, several processes
+  allowed): prompts and the loop's host-side inputs go in whole on every device, each layer's 4-bit
+  weight is gathered where it is used, and every process reads back all rows' tokens, so every
+  process takes the same stop-string and end-of-loop decisions (every process must call
+  :meth:`Generator.generate_ids` with the same arguments).
 * Sampling: repetition penalty (transformers' definition: divide positive / multiply negative
   logits of tokens already in the prompt or output), then temperature, top-k, top-p; greedy at
   temperature 0.
@@ -44,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax.models.llama import KVCache, Llama
+from qlora_jax.sharding import host_values, put_replicated, tracing_mesh
 
 GUANACO_STOP = "### Human:"
 PROMPT_BUCKET = 16  # padded prompt lengths are multiples of this, so chat turns reuse compilations
@@ -137,14 +143,15 @@ def _record(ds: DecodeState, tok: jax.Array, eos: tuple[int, ...], uses_seen: bo
 
 def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax.Array, key: jax.Array, *,
              sampling: SamplingConfig, eos: tuple[int, ...], cache_len: int, max_new: int,
-             unroll_layers: bool = False) -> DecodeState:
+             unroll_layers: bool = False, mesh: jax.sharding.Mesh | None = None) -> DecodeState:
     """Run the left-padded prompts ``ids, mask [B, P]`` through the model; sample token 0."""
     model = nnx.merge(graphdef, state, copy=True)
     B, P = ids.shape
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     cache = KVCache.init(model.cfg, B, cache_len, jnp.dtype(model.quant.compute_dtype))
-    logits, cache = model(ids, attention_mask=mask, positions=positions, cache=cache, deterministic=True,
-                          unroll_layers=unroll_layers)
+    with tracing_mesh(mesh):
+        logits, cache = model(ids, attention_mask=mask, positions=positions, cache=cache, deterministic=True,
+                              unroll_layers=unroll_layers)
     uses_seen = sampling.repetition_penalty != 1.0
     V = logits.shape[-1]
     if uses_seen:
@@ -159,7 +166,8 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax
 
 
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: jax.Array, *,
-            sampling: SamplingConfig, eos: tuple[int, ...], unroll_layers: bool = False) -> DecodeState:
+            sampling: SamplingConfig, eos: tuple[int, ...], unroll_layers: bool = False,
+            mesh: jax.sharding.Mesh | None = None) -> DecodeState:
     """Generate tokens ``ds.step .. stop_at - 1`` (fewer if every row finishes) in one ``while_loop``."""
     uses_seen = sampling.repetition_penalty != 1.0
 
@@ -171,15 +179,17 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: 
         # dropout, an adapter trained with lora_dropout > 0), which must stay in this trace.
         model = nnx.merge(graphdef, state, copy=True)
         pos = ds.positions + 1
-        logits, cache = model(ds.last[:, None], positions=pos[:, None], attention_mask=jnp.ones_like(ds.last)[:, None],
-                              cache=ds.cache, deterministic=True, unroll_layers=unroll_layers)
+        with tracing_mesh(mesh):
+            logits, cache = model(ds.last[:, None], positions=pos[:, None],
+                                  attention_mask=jnp.ones_like(ds.last)[:, None], cache=ds.cache, deterministic=True,
+                                  unroll_layers=unroll_layers)
         tok = sample_logits(logits[:, 0], jax.random.fold_in(ds.key, ds.step), sampling, ds.seen if uses_seen else None)
         return _record(dataclasses.replace(ds, cache=cache, positions=pos), tok, eos, uses_seen)
 
     return jax.lax.while_loop(cond, body, ds)
 
 
-_STATIC = ("graphdef", "sampling", "eos", "unroll_layers")
+_STATIC = ("graphdef", "sampling", "eos", "unroll_layers", "mesh")
 _prefill_jit = jax.jit(_prefill, static_argnames=(*_STATIC, "cache_len", "max_new"))
 _decode_jit = jax.jit(_decode, static_argnames=_STATIC, donate_argnames=("ds",))
 
@@ -204,11 +214,14 @@ class Generator:
       unroll_layers: run the layers as straight-line code in prefill and decode instead of a loop
         (same tokens; 12% faster decoding of a 7B model on an H200, 7.6 vs 8.7 ms/token, for a
         longer compile: 23 vs 7 s).
+      mesh: the mesh the model's arrays are sharded over (``qlora_jax.sharding``; ``None``: one
+        device). With several processes, every process runs :meth:`generate_ids` with the same
+        arguments and gets every row's completion.
     """
 
     def __init__(self, model: Llama, tokenizer: Any = None, *, eos_token_ids: Sequence[int] | None = None,
-                 unroll_layers: bool = True):
-        self.model, self.tokenizer = model, tokenizer
+                 unroll_layers: bool = True, mesh: jax.sharding.Mesh | None = None):
+        self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.unroll_layers = bool(unroll_layers)
         self.graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
         # The layers cast A and B to the compute dtype before every matmul; casting once here gives the
@@ -269,28 +282,28 @@ class Generator:
         mask = np.zeros((B, P), np.int32)
         for i, p in enumerate(prompts):
             ids[i, P - len(p):], mask[i, P - len(p):] = p, 1
-        ds = _prefill_jit(self.graphdef, self.state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
+        ds = _prefill_jit(self.graphdef, self.state, *put_replicated((ids, mask, jax.random.key(seed)), self.mesh),
                           sampling=sampling, eos=self.eos, cache_len=P + max_new_tokens, max_new=max_new_tokens,
-                          unroll_layers=self.unroll_layers)
+                          unroll_layers=self.unroll_layers, mesh=self.mesh)
         chunk = max_new_tokens if chunk_size is None else max(1, int(chunk_size))
         stopped: dict[int, tuple[list[int], str]] = {}
         step = 1
         while True:
-            tokens = np.asarray(ds.tokens)
-            done = np.asarray(ds.done)
+            # Every process reads every row: the stop checks and the loop's end below are the same on all.
+            tokens, done = host_values((ds.tokens, ds.done))
             rows = [[int(t) for t in row[:step] if t >= 0] for row in tokens]
             newly_stopped = self._check_stops(prompts, rows, stop_strings, stopped, done)
             if newly_stopped is not None:
                 done = done | newly_stopped
-                ds = dataclasses.replace(ds, done=jnp.asarray(done))
+                ds = dataclasses.replace(ds, done=put_replicated(done, self.mesh))
             if on_chunk is not None:
                 on_chunk([stopped[i][0] if i in stopped else r for i, r in enumerate(rows)])
             if step >= max_new_tokens or done.all():
                 break
             step = min(step + chunk, max_new_tokens)
-            ds = _decode_jit(self.graphdef, self.state, ds, jnp.int32(step), sampling=sampling, eos=self.eos,
-                             unroll_layers=self.unroll_layers)
-            step = int(ds.step)
+            ds = _decode_jit(self.graphdef, self.state, ds, put_replicated(np.int32(step), self.mesh),
+                             sampling=sampling, eos=self.eos, unroll_layers=self.unroll_layers, mesh=self.mesh)
+            step = int(host_values(ds.step))
         out = []
         for i, row in enumerate(rows):
             if i in stopped:

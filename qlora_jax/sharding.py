@@ -32,10 +32,16 @@ process's devices (``jax.devices()`` order: process by process, so ``fsdp`` is t
 axis when ``fsdp`` <= devices per host). :func:`process_rows` says which rows of each batch this
 process builds and :func:`global_batch` assembles the global batch from them;
 :func:`put_global` places identical per-process values (the loaded model) as global arrays.
+Evaluation (greedy samples, MMLU) runs as global computations every process takes part in: the
+inputs, built identically on every process, are placed with :func:`put_global` (MMLU batches split
+like training batches; sample prompts whole on every device, :func:`put_replicated`), and
+:func:`host_values` brings the results back whole to every process, so host-side decisions (stop
+strings, the decode loop's end) are the same on all of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Any
@@ -175,6 +181,30 @@ def put_global(tree: Any, shardings: Any) -> Any:
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(one, tree, shardings)
+
+
+def put_replicated(tree: Any, mesh: Mesh | None) -> Any:
+    """``tree`` (the same values on every process) whole on every device of ``mesh``, as global arrays
+    (:func:`put_global`); ``mesh=None``: on the default device, as ``jax.device_put`` places it."""
+    if mesh is None:
+        return jax.device_put(tree)
+    return put_global(tree, jax.tree.map(lambda _: replicated(mesh), tree))
+
+
+def host_values(tree: Any) -> Any:
+    """``tree``'s arrays whole, as numpy, on every process. With several processes this is an all-gather
+    (``multihost_utils.process_allgather``): a collective, so every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def tracing_mesh(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+    """Enter it inside a jitted function (``mesh=None``: no mesh): while that traces, the 4-bit matmuls
+    gather each layer's weight where they use it (:func:`gather_for_compute`, FSDP inside the layer loop)."""
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -18,12 +18,13 @@ Output directory layout::
 
 On a mesh (``mesh`` section) the step is sharded (``qlora_jax.sharding``); with several processes
 (hosts) every process runs ``train`` on the same shared ``OUT``, and only process 0 writes the files
-above except the checkpoints, which all processes write together through orbax.
+above except the checkpoints, which all processes write together through orbax. Evaluations (eval loss,
+MMLU, greedy samples) are global computations on the sharded model that every process runs with the
+same inputs; every process gets the results, process 0 writes them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -40,6 +41,7 @@ from flax import nnx
 from qlora_jax.data import make_data
 from qlora_jax.paged_adam import paged_adamw
 from qlora_jax.peft_io import save_adapter
+from qlora_jax.sharding import MeshError, check_batch, host_values, tracing_mesh
 from qlora_jax.step import accumulate_gradients, causal_lm_loss, clip_by_global_norm
 from qlora_jax.train_config import ConfigError, TrainConfig
 
@@ -151,17 +153,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     lora_sh, opt_sh, rest_sh, batch_sh, rep = shardings
 
     def meshed_step_fn(*args):
-        with _tracing_mesh(rep.mesh):
+        with tracing_mesh(rep.mesh):
             return step_fn(*args)
 
     return jax.jit(meshed_step_fn, donate_argnums=(0, 1),
                    in_shardings=(lora_sh, opt_sh, rest_sh, batch_sh, rep, rep), out_shardings=(lora_sh, opt_sh, rep))
-
-
-def _tracing_mesh(mesh: Any) -> Any:
-    """The mesh in context while a step is traced (``None``: no mesh): the 4-bit matmuls then gather
-    each layer's weight where they use it (FSDP inside the layer loop, ``sharding.gather_for_compute``)."""
-    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Any = None) -> Callable:
@@ -171,7 +167,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Any = None) -> Callable:
     train step); the batch is placed by the caller."""
 
     def eval_fn(lora, rest, batch):
-        with _tracing_mesh(mesh):
+        with tracing_mesh(mesh):
             return _lm_loss(nnx.merge(graphdef, lora, rest, copy=True), batch)
 
     return jax.jit(eval_fn)
@@ -287,19 +283,28 @@ def _evaluate(eval_step, lora, rest, batches: Iterator[dict[str, np.ndarray]], l
     return total / max(count, 1.0)
 
 
-def make_mmlu_eval(cfg: TrainConfig, tokenizer: Any, eval_graphdef: nnx.GraphDef,
-                   max_length: int) -> Callable[[Any, Any], dict[str, Any]] | None:
-    """``mmlu(lora, rest) -> result`` of ``qlora_jax.eval.mmlu`` (questions loaded once), or None when off."""
+def make_mmlu_eval(cfg: TrainConfig, tokenizer: Any, eval_graphdef: nnx.GraphDef, max_length: int,
+                   mesh: Any = None) -> Callable[[Any, Any], dict[str, Any]] | None:
+    """``mmlu(lora, rest) -> result`` of ``qlora_jax.eval.mmlu`` (questions loaded once), or None when off.
+
+    ``mesh``: the run's mesh (each batch split over its devices, so ``eval.mmlu_batch_size`` must be a
+    multiple of their count); with several processes every process must call ``mmlu`` (one global
+    computation per batch) and gets the same result."""
     e = cfg.eval
     if not e.mmlu_every:
         return None
+    if mesh is not None:
+        try:
+            check_batch(e.mmlu_batch_size, mesh, "eval.mmlu_batch_size")
+        except MeshError as err:
+            raise ConfigError(str(err)) from None
     from qlora_jax.eval.mmlu import MMLUEvaluator, load_questions
 
     questions = load_questions(e.mmlu_shots, data_dir=e.mmlu_data_dir or None, split=e.mmlu_split or None,
                                subjects=e.mmlu_subjects, limit_per_subject=e.mmlu_limit_per_subject)
     evaluator = MMLUEvaluator(questions, tokenizer, max_length=e.mmlu_max_length or max_length,
                               batch_size=e.mmlu_batch_size, answer_style=e.mmlu_answer_style)
-    return lambda lora, rest: evaluator(nnx.merge(eval_graphdef, lora, rest))
+    return lambda lora, rest: evaluator(nnx.merge(eval_graphdef, lora, rest), mesh=mesh)
 
 
 def _write_samples(path: Path, title: str, prompts: list[str], answers: list[str]) -> None:
@@ -320,10 +325,12 @@ def _sample_prompt(example: dict[str, str]) -> str:
 
 
 def _greedy_answers(graphdef: nnx.GraphDef, lora: Any, rest: Any, tokenizer: Any, prompts: list[str],
-                    max_new_tokens: int) -> list[str]:
+                    max_new_tokens: int, mesh: Any = None) -> list[str]:
+    """Greedy completions of ``prompts``; with several processes every process calls it and gets them all."""
     from qlora_jax.generate import Generator
 
-    gen = Generator(nnx.merge(graphdef, lora, rest, copy=True), tokenizer, unroll_layers=False)  # few tokens: compile time wins
+    gen = Generator(nnx.merge(graphdef, lora, rest, copy=True), tokenizer, unroll_layers=False,  # few tokens: compile time wins
+                    mesh=mesh)
     return [c.text for c in gen.generate(prompts, max_new_tokens=max_new_tokens)]
 
 
@@ -445,32 +452,11 @@ class _NoWriter:
         pass
 
 
-def _host_lora(lora: Any) -> Any:
-    """The LoRA parameters whole on this host (every process calls it: a collective with several)."""
-    if jax.process_count() == 1:
-        return lora
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(lora, tiled=True)
-
-
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def _check_multiprocess(cfg: TrainConfig) -> None:
-    """What a run of several processes does not support, named before any work is done."""
-    if jax.process_count() == 1:
-        return
-    if cfg.train.sample_prompts:
-        raise ConfigError(f"train.sample_prompts={cfg.train.sample_prompts}: greedy samples run on one process only; "
-                          f"set train.sample_prompts=0 for this {jax.process_count()}-process run")
-    if cfg.eval.mmlu_every:
-        raise ConfigError(f"eval.mmlu_every={cfg.eval.mmlu_every}: MMLU evaluation runs on one process only; set "
-                          f"eval.mmlu_every=0 for this {jax.process_count()}-process run (evaluate the saved adapter)")
 
 
 def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
@@ -494,7 +480,6 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
         shd.initialize_distributed(cfg.mesh.distributed)
     except shd.MeshError as e:
         raise ConfigError(str(e)) from None
-    _check_multiprocess(cfg)
     primary, multi = jax.process_index() == 0, jax.process_count() > 1
     mesh = _make_mesh(cfg)
     out = Path(output_dir)
@@ -544,7 +529,7 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
                   + (f" in {jax.process_count()} processes" if multi else ""), flush=True)
     train_step = make_train_step(graphdef, tx, cfg, shardings)
     eval_step = make_eval_step(eval_graphdef, mesh)
-    mmlu = make_mmlu_eval(cfg, tokenizer, eval_graphdef, model.cfg.max_position_embeddings)
+    mmlu = make_mmlu_eval(cfg, tokenizer, eval_graphdef, model.cfg.max_position_embeddings, mesh)
     key = jax.random.key(cfg.train.seed)
 
     if primary:
@@ -564,7 +549,7 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
         return _evaluate(eval_step, lora, rest, map(put_eval, data.eval.epoch_batches(0)), cfg.train.eval_batches)
 
     def export_adapter(directory: Path) -> None:
-        host = _host_lora(lora)  # a collective with several processes: everyone gathers, process 0 writes
+        host = host_values(lora)  # a collective with several processes: everyone gathers, process 0 writes
         if primary:
             save_adapter(nnx.merge(graphdef, host, rest), directory, lora_config=cfg.lora, base_model=cfg.model.path)
 
@@ -589,10 +574,16 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
     sample_prompts = [_sample_prompt(e) for e in data.eval_examples[: cfg.train.sample_prompts]]
     samples_path = out / "samples.md"
+
+    def record_samples(title: str) -> None:  # every process generates (global arrays), process 0 writes
+        answers = _greedy_answers(eval_graphdef, lora, rest, tokenizer, sample_prompts, cfg.train.sample_tokens, mesh)
+        if primary:
+            _write_samples(samples_path, title, sample_prompts, answers)
+
     if sample_prompts and start == 0:
-        samples_path.write_text("")
-        _write_samples(samples_path, "Before fine-tuning (held-out prompts, greedy)", sample_prompts,
-                       _greedy_answers(eval_graphdef, lora, rest, tokenizer, sample_prompts, cfg.train.sample_tokens))
+        if primary:
+            samples_path.write_text("")
+        record_samples("Before fine-tuning (held-out prompts, greedy)")
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and primary), unit="step",
                dynamic_ncols=True)
@@ -651,7 +642,6 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
         if primary:
             _plot(history, out / "loss.png")
         if sample_prompts:
-            _write_samples(samples_path, f"After {end} steps", sample_prompts,
-                           _greedy_answers(eval_graphdef, lora, rest, tokenizer, sample_prompts, cfg.train.sample_tokens))
+            record_samples(f"After {end} steps")
     _barrier("qlora_jax: run written")
     return RunResult(out, end, history, model)

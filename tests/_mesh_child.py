@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -22,11 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 
 
-def cfg(model: str, data: int, fsdp: int, save_every: int = 100):
+def cfg(model: str, data: int, fsdp: int, save_every: int = 100, extra: Sequence[str] = ()):
+    """The 4-step stories260K run on a ``data x fsdp`` mesh; ``extra``: more ``--set`` overrides, applied last."""
     return load_config(REPO / "configs" / "stories260k.py", [
         f"model.path={model}", f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=100",
         f"train.save_every={save_every}", "train.sample_prompts=0", "data.eval_dataset_size=0",
-        f"mesh.data={data}", f"mesh.fsdp={fsdp}"])
+        f"mesh.data={data}", f"mesh.fsdp={fsdp}", *extra])
 
 
 def frozen_layout(model: str) -> dict[str, int]:

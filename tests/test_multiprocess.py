@@ -1,9 +1,10 @@
 """Training on several processes (hosts) for real, on CPU: two processes of 4 fake devices each,
 joined by ``jax.distributed`` (gloo collectives), fine-tune stories260K on a 2 x 4 mesh of all 8
-devices. Their loss curve equals one process's on one device, each process builds only its half
-of every batch, only process 0 writes the run's files, and checkpoints move both ways between the
-2-process and the 1-process run. Plus the pieces: the environment detection behind
-``mesh.distributed=auto``, the mesh-size error, per-process batch rows."""
+devices. Their loss curve equals one process's on one device, and so do the held-out evaluations
+during the run (eval loss, MMLU accuracy, greedy samples: global computations every process takes
+part in); each process builds only its half of every batch, only process 0 writes the run's files,
+and checkpoints move both ways between the 2-process and the 1-process run. Plus the pieces: the
+environment detection behind ``mesh.distributed=auto``, the mesh-size error, per-process batch rows."""
 
 from __future__ import annotations
 
@@ -39,17 +40,22 @@ def _copy_step(src_out: Path, step: int, dst_out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(stories, tmp_path_factory) -> dict:
+def runs(stories, shared, tmp_path_factory) -> dict:
     from _mesh_child import cfg, losses
+    from _multiprocess_child import held_out, with_evals
 
     from qlora_jax.convert import convert
     from qlora_jax.trainer import train
 
     root = tmp_path_factory.mktemp("multiprocess")
+    mmlu_dir = shared / "data" / "mmlu"
+    if not (mmlu_dir / "zero_shot_mmlu_val.jsonl").is_file():
+        pytest.skip(f"{mmlu_dir} has no zero_shot_mmlu_val.jsonl")
+    evals = with_evals(str(mmlu_dir))
     model = root / "nf4"
     convert(stories, model, quant=QuantConfig(), progress=False)
     # One process, one device: the reference curve, and a step-2 checkpoint for the 2-process run to resume.
-    ref = train(cfg(str(model), 1, 1, save_every=2), root / "ref", progress=False)
+    ref = train(cfg(str(model), 1, 1, save_every=2, extra=evals), root / "ref", progress=False)
     _copy_step(root / "ref", 2, root / "from_1proc")
 
     port = _free_port()
@@ -59,7 +65,7 @@ def runs(stories, tmp_path_factory) -> dict:
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
                    PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "_multiprocess_child.py"), str(model), str(root), MESH],
+            [sys.executable, str(REPO / "tests" / "_multiprocess_child.py"), str(model), str(root), MESH, str(mmlu_dir)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     for p in procs:
@@ -75,9 +81,18 @@ def runs(stories, tmp_path_factory) -> dict:
 
     # One process again, resuming a checkpoint the 2-process run wrote.
     _copy_step(root / "mp_full", 2, root / "from_2proc")
-    back = train(cfg(str(model), 1, 1), root / "from_2proc", resume=True, progress=False)
+    back = train(cfg(str(model), 1, 1, extra=evals), root / "from_2proc", resume=True, progress=False)
     return {"root": root, "ref": losses(ref), "procs": results, "back": losses(back),
+            "ref_evals": held_out(ref), "back_evals": held_out(back),
             "ref_tokens": [m["tokens_per_s"] for m in ref.metrics if "loss" in m]}
+
+
+def _assert_same_evals(got: list[dict], want: list[dict]) -> None:
+    """The same held-out records: steps and MMLU accuracy exactly, eval loss to float tolerance."""
+    assert [(r["step"], r.get("mmlu_accuracy")) for r in got] == [(r["step"], r.get("mmlu_accuracy")) for r in want]
+    assert [("eval_loss" in r) for r in got] == [("eval_loss" in r) for r in want]
+    np.testing.assert_allclose([r["eval_loss"] for r in got if "eval_loss" in r],
+                               [r["eval_loss"] for r in want if "eval_loss" in r], rtol=1e-5)
 
 
 def test_two_processes_give_the_one_process_loss_curve(runs):
@@ -99,10 +114,31 @@ def test_checkpoints_move_between_two_processes_and_one(runs):
     np.testing.assert_allclose(runs["back"], ref[2:], rtol=1e-5)  # 2-process checkpoint -> 1 process
 
 
+def test_two_processes_evaluate_like_one(runs):
+    """MMLU and greedy samples during a 2-process run (sharded model, every process in every
+    computation) give the 1-process run's numbers and text."""
+    ref = runs["ref_evals"]
+    assert [r["step"] for r in ref if "mmlu_accuracy" in r] == [0, 2, 4]
+    assert [r["step"] for r in ref if "eval_loss" in r] == [0, 4]
+    p0, p1 = runs["procs"]
+    _assert_same_evals(p0["evals"], ref)
+    assert p1["evals"] == p0["evals"]  # every process got the same results
+    # Resumed at step 2, either way: the step-4 evaluations of the uninterrupted run.
+    _assert_same_evals(p0["resumed_evals"], ref[-1:])
+    assert p1["resumed_evals"] == p0["resumed_evals"]
+    _assert_same_evals(runs["back_evals"], ref[-1:])
+    samples = (runs["root"] / "mp_full" / "samples.md").read_text()
+    assert samples == (runs["root"] / "ref" / "samples.md").read_text()  # same greedy tokens, one writer
+    assert samples.count("## Before fine-tuning") == 1 and samples.count("## After 4 steps") == 1
+    assert samples.count("**Prompt:**") == 4
+    after = samples.split("## After 4 steps")[1]
+    assert after == (runs["root"] / "from_1proc" / "samples.md").read_text().split("## After 4 steps")[1]
+
+
 def test_only_process_zero_writes_the_run_files(runs):
     out = runs["root"] / "mp_full"
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]  # one writer: no duplicated records
+    assert [json.loads(l)["step"] for l in lines] == [0, 1, 2, 3, 4]  # one writer: no duplicated records
     assert (out / "config.json").is_file() and (out / "loss.png").is_file()
     assert len(list((out / "tensorboard").iterdir())) == 1  # one event file
     from qlora_jax.peft_io import read_adapter_config

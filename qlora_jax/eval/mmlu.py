@@ -30,6 +30,9 @@ Batching: prompts are sorted by length and batched longest first, right-padded t
 lengths (powers of two and 1.5x powers of two) so the jitted scorer compiles once per bucket;
 prompts longer than the context (``max_length``, default the model's
 ``max_position_embeddings``) keep BOS and lose tokens from the left, and are counted.
+On a mesh (``MMLUEvaluator(...)(model, mesh=)``, the training loop's sharded model, several processes
+allowed) each batch's rows are split over the mesh's devices like a training batch (``batch_size``
+must be a multiple of the device count) and every process reads back all scores.
 
 CLI::
 
@@ -60,6 +63,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from qlora_jax.sharding import batch_sharding, check_batch, host_values, put_global, replicated, tracing_mesh
 
 LETTERS = ("A", "B", "C", "D")
 ANSWER_STYLES = {"space": " {}", "bare": "{}"}
@@ -322,20 +327,31 @@ def make_batches(token_ids: Sequence[np.ndarray], batch_size: int, max_length: i
         yield idx, {"input_ids": ids, "attention_mask": mask, "lengths": lens}
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("mesh",))
 def _score(graphdef: Any, state: Any, input_ids: jax.Array, attention_mask: jax.Array, lengths: jax.Array,
-           letter_ids: jax.Array) -> jax.Array:
+           letter_ids: jax.Array, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    logits = model(input_ids, attention_mask=attention_mask, deterministic=True)  # [B, T, V] fp32
+    with tracing_mesh(mesh):
+        logits = model(input_ids, attention_mask=attention_mask, deterministic=True)  # [B, T, V] fp32
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
     return last[:, letter_ids]
 
 
-def score_letters(model: Any, batch: dict[str, np.ndarray], letter_ids: Sequence[int]) -> np.ndarray:
-    """fp32 ``[B, 4]``: the logits of the answer letters at each row's last real position."""
+def score_letters(model: Any, batch: dict[str, np.ndarray], letter_ids: Sequence[int],
+                  mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+    """fp32 ``[B, 4]``: the logits of the answer letters at each row's last real position.
+
+    ``mesh``: the mesh the model's arrays are sharded over (several processes allowed: each passes the
+    same batch, whose rows are split over the devices, and gets every row's scores)."""
     graphdef, state = nnx.split(model)
-    return np.asarray(_score(graphdef, state, batch["input_ids"], batch["attention_mask"], batch["lengths"],
-                             jnp.asarray(letter_ids, jnp.int32)))
+    rows = (batch["input_ids"], batch["attention_mask"], batch["lengths"])
+    letters = np.asarray(letter_ids, np.int32)
+    if mesh is None:
+        inputs = jax.device_put((*rows, letters))
+    else:
+        check_batch(len(batch["input_ids"]), mesh, "the MMLU batch size")
+        inputs = put_global((*rows, letters), (*[batch_sharding(mesh)] * len(rows), replicated(mesh)))
+    return host_values(_score(graphdef, state, *inputs, mesh=mesh))
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -381,8 +397,10 @@ class MMLUEvaluator:
         self.token_ids, self.truncated = encode_prompts([q.prompt for q in self.questions], tokenizer,
                                                         max_length=max_length, bos_id=bos)
 
-    def __call__(self, model: Any, *, progress: bool = False) -> dict[str, Any]:
-        """Score every question with ``model``; see :func:`evaluate_mmlu` for the result."""
+    def __call__(self, model: Any, *, progress: bool = False, mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+        """Score every question with ``model``; see :func:`evaluate_mmlu` for the result. ``mesh``: the
+        mesh ``model``'s arrays are sharded over; with several processes every process calls this and
+        gets the same result."""
         from tqdm import tqdm
 
         n = len(self.questions)
@@ -391,7 +409,7 @@ class MMLUEvaluator:
         t0 = time.perf_counter()
         with tqdm(total=n, unit="q", desc="MMLU", disable=not progress, dynamic_ncols=True) as bar:
             for idx, batch in make_batches(self.token_ids, self.batch_size, self.max_length):
-                scores = score_letters(model, batch, self.letter_ids)[: len(idx)]
+                scores = score_letters(model, batch, self.letter_ids, mesh)[: len(idx)]
                 logits[idx] = scores
                 correct += int(sum(int(np.argmax(s)) == self.questions[i].answer for s, i in zip(scores, idx)))
                 done += len(idx)
