@@ -152,24 +152,26 @@ def run_jax(args) -> list[dict]:
         model = build_random_model(cfg, variant)
         build_s = time.perf_counter() - t0
         nbytes = model_bytes(model, skip_embeddings=not cfg["tie_word_embeddings"])
-        for impl, unroll, batch in [(i, u, b) for i in args.implementation for u in args.unroll_layers for b in args.batch]:
+        grid = [(i, u, lb, b) for i in args.implementation for u in args.unroll_layers for lb in args.layer_buffers
+                for b in args.batch]
+        for impl, unroll, buffers, batch in grid:
             jax.clear_caches()  # the kernel choice is made while tracing: no trace may be reused across impls
             with kernels.use_implementation(impl):
-                rows.append(_jax_row(model, variant, impl, unroll, batch, args, cfg, device, build_s, nbytes))
+                rows.append(_jax_row(model, variant, impl, unroll, buffers, batch, args, cfg, device, build_s, nbytes))
             print(table([rows[-1]]).splitlines()[-1], file=sys.stderr, flush=True)  # progress, if later rows time out
         del model
     return rows
 
 
-def _jax_row(model, variant: str, impl: str, unroll: bool, batch: int, args, cfg: dict, device: str, build_s: float,
-             nbytes: int) -> dict:
+def _jax_row(model, variant: str, impl: str, unroll: bool, buffers: bool, batch: int, args, cfg: dict, device: str,
+             build_s: float, nbytes: int) -> dict:
     """One JAX row: compile, then time prefill and whole generate calls (and profile one, if asked)."""
     import jax
     import numpy as np
 
     from qlora_jax.generate import Generator, _prefill_jit, SamplingConfig
 
-    gen = Generator(model, eos_token_ids=(), unroll_layers=unroll)
+    gen = Generator(model, eos_token_ids=(), unroll_layers=unroll, layer_buffers=buffers)
     prompts = np.random.default_rng(batch).integers(3, cfg["vocab_size"], (batch, args.prompt_len)).tolist()
     kw = dict(max_new_tokens=args.new_tokens, sampling=SamplingConfig(), chunk_size=None)
     t0 = time.perf_counter()
@@ -193,9 +195,10 @@ def _jax_row(model, variant: str, impl: str, unroll: bool, batch: int, args, cfg
         out = gen.generate_ids(prompts, **kw)
         total_s.append(time.perf_counter() - t0)
         assert all(len(c.tokens) == args.new_tokens for c in out)
-    extra = {"build_s": build_s, "compile_s": compile_s, "unroll_layers": unroll, "implementation": impl}
+    extra = {"build_s": build_s, "compile_s": compile_s, "unroll_layers": unroll, "layer_buffers": buffers,
+             "implementation": impl}
     if args.profile:
-        trace = Path(args.profile) / f"{variant}_{impl}_b{batch}_unroll{int(unroll)}"
+        trace = Path(args.profile) / f"{variant}_{impl}_b{batch}_unroll{int(unroll)}_buffers{int(buffers)}"
         with jax.profiler.trace(str(trace)):
             gen.generate_ids(prompts, **kw)
         from benchmarks.profile_summary import summarize
@@ -309,7 +312,8 @@ def table(rows: list[dict]) -> str:
             continue
         fl = "n/a" if r["floor_ms"] is None else f"{r['floor_ms']:.2f}"
         xf = "n/a" if r["x_floor"] is None else f"{r['x_floor']:.1f}x"
-        variant = r["variant"] + (" (layers unrolled)" if r.get("unroll_layers") else "")
+        variant = r["variant"] + (" (layers unrolled)" if r.get("unroll_layers") else "") + \
+            (" (layer buffers)" if r.get("layer_buffers") else "")
         if r.get("implementation", "auto") != "auto":
             variant += f" [{r['implementation']}]"
         lines.append(f"| {r['impl']} | {variant} | {r['batch']} | {r['prefill_ms']:.1f} | "
@@ -332,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--implementation", default="auto",
                     help="comma-separated qlora_jax.kernels implementations to decode with (e.g. auto,gemv,xla_reduce)")
     ap.add_argument("--unroll-layers", default="1", help="comma-separated 0/1: decode with the layer loop unrolled")
+    ap.add_argument("--layer-buffers", default="0",
+                    help="comma-separated 0/1: Generator(layer_buffers=): layer weights sliced once per decode call")
     ap.add_argument("--profile", help="write a profiler trace of one generate call per JAX row here; rows get a summary")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -340,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     args.variants = [v for v in args.variants.split(",") if v]
     args.baselines = [b for b in args.baselines.split(",") if b]
     args.unroll_layers = [bool(int(u)) for u in args.unroll_layers.split(",") if u]
+    args.layer_buffers = [bool(int(u)) for u in args.layer_buffers.split(",") if u]
     args.implementation = [i for i in args.implementation.split(",") if i]
     if args.tmp_dir:
         Path(args.tmp_dir).mkdir(parents=True, exist_ok=True)

@@ -167,9 +167,20 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax
 
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: jax.Array, *,
             sampling: SamplingConfig, eos: tuple[int, ...], unroll_layers: bool = False,
-            mesh: jax.sharding.Mesh | None = None) -> DecodeState:
-    """Generate tokens ``ds.step .. stop_at - 1`` (fewer if every row finishes) in one ``while_loop``."""
+            layer_buffers: bool = False, mesh: jax.sharding.Mesh | None = None) -> DecodeState:
+    """Generate tokens ``ds.step .. stop_at - 1`` (fewer if every row finishes) in one ``while_loop``.
+
+    ``layer_buffers``: slice every layer's weights out of the stacked layer state once, before the
+    loop (their own buffers for the loop's duration: the layer weights' bytes once more), instead of
+    in every iteration (see :class:`Generator`).
+    """
     uses_seen = sampling.repetition_penalty != 1.0
+    layer_states = None
+    if layer_buffers:
+        layers = nnx.merge(graphdef, state, copy=True).layers
+        _, stacked = nnx.split(layers)
+        n = len(jax.tree.leaves(stacked)[0])
+        layer_states = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
 
     def cond(ds: DecodeState) -> jax.Array:
         return (ds.step < stop_at) & ~jnp.all(ds.done)
@@ -182,7 +193,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: 
         with tracing_mesh(mesh):
             logits, cache = model(ds.last[:, None], positions=pos[:, None],
                                   attention_mask=jnp.ones_like(ds.last)[:, None], cache=ds.cache, deterministic=True,
-                                  unroll_layers=unroll_layers)
+                                  unroll_layers=unroll_layers, layer_states=layer_states)
         tok = sample_logits(logits[:, 0], jax.random.fold_in(ds.key, ds.step), sampling, ds.seen if uses_seen else None)
         return _record(dataclasses.replace(ds, cache=cache, positions=pos), tok, eos, uses_seen)
 
@@ -191,7 +202,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: 
 
 _STATIC = ("graphdef", "sampling", "eos", "unroll_layers", "mesh")
 _prefill_jit = jax.jit(_prefill, static_argnames=(*_STATIC, "cache_len", "max_new"))
-_decode_jit = jax.jit(_decode, static_argnames=_STATIC, donate_argnames=("ds",))
+_decode_jit = jax.jit(_decode, static_argnames=(*_STATIC, "layer_buffers"), donate_argnames=("ds",))
 
 
 @dataclasses.dataclass
@@ -214,15 +225,21 @@ class Generator:
       unroll_layers: run the layers as straight-line code in prefill and decode instead of a loop
         (same tokens; 12% faster decoding of a 7B model on an H200, 7.6 vs 8.7 ms/token, for a
         longer compile: 23 vs 7 s).
+      layer_buffers: in each decode call, slice every layer's weights out of the stacked layer
+        state once, before the decode loop, instead of on every token (same tokens). On an H200 the
+        per-token slices were 2.9 of 7.1 ms of device time per 7B NF4 token and 9.5 of 17.5 ms in
+        bf16 (profile in ``benchmarks/RESULTS.md``); costs the layer weights' bytes once more during
+        decoding, so it is off by default until measured end to end.
       mesh: the mesh the model's arrays are sharded over (``qlora_jax.sharding``; ``None``: one
         device). With several processes, every process runs :meth:`generate_ids` with the same
         arguments and gets every row's completion.
     """
 
     def __init__(self, model: Llama, tokenizer: Any = None, *, eos_token_ids: Sequence[int] | None = None,
-                 unroll_layers: bool = True, mesh: jax.sharding.Mesh | None = None):
+                 unroll_layers: bool = True, layer_buffers: bool = False, mesh: jax.sharding.Mesh | None = None):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.unroll_layers = bool(unroll_layers)
+        self.layer_buffers = bool(layer_buffers)
         self.graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
         # The layers cast A and B to the compute dtype before every matmul; casting once here gives the
         # same numbers and halves the adapter bytes each decode step reads (fp32 -> bf16).
@@ -302,7 +319,8 @@ class Generator:
                 break
             step = min(step + chunk, max_new_tokens)
             ds = _decode_jit(self.graphdef, self.state, ds, put_replicated(np.int32(step), self.mesh),
-                             sampling=sampling, eos=self.eos, unroll_layers=self.unroll_layers, mesh=self.mesh)
+                             sampling=sampling, eos=self.eos, unroll_layers=self.unroll_layers,
+                             layer_buffers=self.layer_buffers, mesh=self.mesh)
             step = int(host_values(ds.step))
         out = []
         for i, row in enumerate(rows):

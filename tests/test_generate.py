@@ -78,6 +78,21 @@ def test_unrolled_layers_give_the_same_tokens(gen):
     assert [c.tokens for c in scanned.generate(PROMPTS, **kw)] == [c.tokens for c in gen.generate(PROMPTS, **kw)]
 
 
+def test_layer_buffers_give_the_same_tokens(gen, stories, tmp_path):
+    """``layer_buffers=True`` (each layer's weights sliced once per decode call, not per token) generates
+    the default's tokens: greedy and seeded sampling, batched prompts, float and NF4 weights."""
+    s = SamplingConfig(temperature=1.0, top_k=50)
+    kw = dict(max_new_tokens=10, chunk_size=5)
+    nf4_dir = tmp_path / "nf4"
+    convert(stories, nf4_dir, progress=False)
+    for base in (gen, Generator(*load_for_generation(nf4_dir))):
+        buffered = Generator(base.model, base.tokenizer, layer_buffers=True)
+        for sampling in (SamplingConfig(), s):
+            want = base.generate(PROMPTS, sampling=sampling, seed=3, **kw)
+            got = buffered.generate(PROMPTS, sampling=sampling, seed=3, **kw)
+            assert [c.tokens for c in got] == [c.tokens for c in want]
+
+
 def test_seeded_sampling_is_reproducible_and_chunking_free(gen):
     """Same seed -> same samples (whatever the chunk size); another seed -> other samples."""
     s = SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.1)

@@ -248,6 +248,7 @@ MEASURED = [  # H200 runs of benchmarks/train_step.py, 2026-11-28 (benchmarks/RE
     "2026-11-28-s2-h200x2-train-7b-mesh.json",
     "2026-11-28-s3-h200x4-mesh/mesh_7b.json",  # 1x1, 2x1, 1x2, 4x1, 1x4, 2x2 meshes of 4 H200s
     "2026-11-28-s3-h200-train-7b-same-run/jax_nf4_7b.json",
+    "2026-11-28-s3-h200x4-final/mesh_65b_fsdp.json",  # 65B 1x1 (Adam on device) and 1x4 FSDP
 ]
 
 

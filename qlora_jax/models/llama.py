@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -466,6 +467,7 @@ class Llama(nnx.Module):
         cache: KVCache | None = None,
         deterministic: bool | None = None,
         unroll_layers: bool = False,
+        layer_states: Sequence[nnx.State] | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits for every position.
 
@@ -477,6 +479,11 @@ class Llama(nnx.Module):
           deterministic: disable LoRA dropout (default: the modules' ``train()`` / ``eval()`` mode).
           unroll_layers: unroll the loop over layers (same numbers; one straight-line program, which
             decoding one token at a time wants: no loop bookkeeping between layers' small kernels).
+          layer_states: inference only: each layer's state (``nnx.split(self.layers)``'s, indexed by
+            layer) as its own arrays, used instead of slicing the stacked ``[L, ...]`` layer state
+            here; the layers run as straight-line code. A decode loop that slices them once, outside
+            the loop, saves a copy of every layer's weights per token (a custom call or cuBLAS operand
+            is its own buffer). Module state the layers write (dropout RNG counters) is not kept.
 
         Returns:
           fp32 logits ``[B, T, vocab]``, and the updated cache when one was passed.
@@ -512,8 +519,17 @@ class Llama(nnx.Module):
         policy = REMAT_POLICIES[self.remat]
         if policy is not None:
             body = jax.checkpoint(body, policy=policy(), prevent_cse=False)
-        x, (rng_state, new_kv) = jax.lax.scan(body, x, (state, kv), unroll=bool(unroll_layers))
-        nnx.update(self.layers, rng_state)
+        if layer_states is None:
+            x, (rng_state, new_kv) = jax.lax.scan(body, x, (state, kv), unroll=bool(unroll_layers))
+            nnx.update(self.layers, rng_state)
+        else:
+            if len(layer_states) != self.cfg.num_hidden_layers:
+                raise ValueError(f"layer_states: {len(layer_states)} layers, the model has {self.cfg.num_hidden_layers}")
+            new_kv = kv
+            for i, layer_state in enumerate(layer_states):
+                x, (_, layer_kv) = body(x, (layer_state, None if kv is None else (new_kv[0][i], new_kv[1][i])))
+                if kv is not None:  # written in place into the stacked cache
+                    new_kv = (new_kv[0].at[i].set(layer_kv[0]), new_kv[1].at[i].set(layer_kv[1]))
 
         x = self.norm(x)
         head = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...]
