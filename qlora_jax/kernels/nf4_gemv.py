@@ -73,7 +73,8 @@ class GemvConfig:
     power of two dividing N (forward). ``blocks_per_step``: quantization blocks per row and loop
     step (forward; ``* blocksize/2`` contiguous bytes per row) or owned by one program (gradient;
     rounded down to a power of two dividing K/blocksize). ``split``: K slices (forward) or N
-    slices (gradient). ``decode``: ``"gather16"`` or ``"pair256"`` (module docstring).
+    slices (gradient). ``decode``: ``"prmt"`` (register decode, forward; the input gradient uses ``"pair256"``),
+    ``"gather16"`` or ``"pair256"`` (module docstring).
     ``scales_in_kernel``: decode double-quantized scales in the kernel (else one small XLA op
     makes fp32 ``[N, NB]`` scales first: 4 extra bytes read per 32 code bytes).
     ``reduce``: ``"end"`` keeps one elementwise fp32 accumulator per row of x the size of the byte
@@ -317,6 +318,8 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     fp32 decode and accumulation (the weight is never rounded to ``x.dtype``).
     """
     m = _validate("nf4_gemv", x, w, 1)
+    if config.decode == "prmt" and not interpret and "rocm" in jax.devices()[0].client.platform_version.lower():
+        config = dataclasses.replace(config, decode="pair256")  # the register decode is PTX (NVIDIA only)
     n, k = w.shape
     nb, hb = k // w.blocksize, w.blocksize // 2
     x2 = _pad_m(x.reshape(m, k))
