@@ -5,8 +5,8 @@
 
 Wall-clock timing of a program of many small calls (``kernel_sweep.py``) includes the launch gaps
 between them (~25 us per call on an H200), which a decode loop on the device does not pay. Here
-each candidate runs as one jitted program of ``--copies`` calls on distinct weight copies (together
-more than the L2), ``--repeats`` times under ``jax.profiler.trace``, and the table gives the device
+each candidate runs as one jitted program of calls on distinct weight copies (together more than
+3x the L2, as in ``kernel_sweep.py``), ``--repeats`` times under ``jax.profiler.trace``, and the table gives the device
 time of one call (the sum of its kernels, :mod:`benchmarks.profile_summary`), the 4-bit weight's
 GB/s, and the relative error against the XLA reference. Candidates: the bf16 dot, the GEMV with the
 gather decode, and the GEMV with the register (``prmt``) decode in several tile configurations.
@@ -23,12 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks import profile_summary  # noqa: E402
-from benchmarks._common import meta, print_table, write_json  # noqa: E402
+from benchmarks._common import fmt, meta, print_table, write_json  # noqa: E402
+from benchmarks.kernel_sweep import weight_copies  # noqa: E402
 from qlora_jax.kernels import nf4_gemv, nf4_matmul_reference  # noqa: E402
-from qlora_jax.nf4 import quantize  # noqa: E402
 
 G = nf4_gemv.GemvConfig
 CANDIDATES = {  # name -> GEMV config (None: the bf16 dot)
@@ -42,14 +41,8 @@ CANDIDATES = {  # name -> GEMV config (None: the bf16 dot)
 }
 
 
-def profile_shape(k: int, n: int, *, copies: int, repeats: int, trace_dir: Path, interpret: bool) -> list[dict]:
-    key = jax.random.key(k * 7 + n)
-    w32 = jax.random.normal(key, (n, k), jnp.float32) * 0.02
-    w_bf16 = w32.astype(jnp.bfloat16)
-    qw = quantize(w32)
-    del w32
-    qws = [jax.tree.map(lambda a, i=i: a ^ np.uint8(i) if a.dtype == jnp.uint8 else a + 0, qw) for i in range(copies)]
-    bws = [w_bf16 + jnp.asarray(0, jnp.bfloat16) * i for i in range(max(2, copies // 4))]
+def profile_shape(k: int, n: int, *, copies: int | None, repeats: int, trace_dir: Path, interpret: bool) -> list[dict]:
+    qw, qws, bws = weight_copies(k, n, copies)
     x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
     want = nf4_matmul_reference(x, qw).astype(jnp.float32)
     rows = []
@@ -87,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x11008,11008x4096,8192x22016", help="KxN,...")
-    ap.add_argument("--copies", type=int, default=8, help="weight copies per program (> L2 together)")
+    ap.add_argument("--copies", type=int, help="weight copies per program (default: > 3x the L2 together)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--trace-dir", type=Path, required=True)
     ap.add_argument("--json")
@@ -100,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     for s in shapes.split(","):
         k, n = (int(v) for v in s.split("x"))
         rows += profile_shape(k, n, copies=copies, repeats=repeats, trace_dir=args.trace_dir, interpret=interpret)
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)
     table = print_table(
         f"M = 1, device time per call ({jax.devices()[0].device_kind})", rows,
         [("shape", lambda r: r["shape"]), ("impl", lambda r: r["impl"]),

@@ -148,16 +148,23 @@ def _copies(nbytes: int) -> int:
     return min(32, max(2, math.ceil(3 * L2_BYTES / nbytes)))
 
 
-def sweep_shape(b: Bench, k: int, n: int, gemv_ms, large_ms, configs) -> None:
-    shape = f"{k}x{n}"
-    key = jax.random.key(k * 7 + n)
-    w32 = jax.random.normal(key, (n, k), jnp.float32) * 0.02
+def weight_copies(k: int, n: int, copies: int | None = None):
+    """A random ``W [n, k]`` (std 0.02) in NF4 + double quantization, and distinct copies of it for
+    timing: ``(qw, NF4 copies, bf16 copies)``; by default enough copies of each to exceed 3x the L2
+    together (so every call reads its weight from HBM), else ``copies`` of each."""
+    w32 = jax.random.normal(jax.random.key(k * 7 + n), (n, k), jnp.float32) * 0.02
     w_bf16 = w32.astype(jnp.bfloat16)
     qw = quantize(w32)
     del w32
-    nq = _copies(qw.nbytes)
+    nq = copies or _copies(qw.nbytes)
     qws = [jax.tree.map(lambda a, i=i: a ^ np.uint8(i) if a.dtype == jnp.uint8 else a + 0, qw) for i in range(nq)]
-    bws = [w_bf16 + jnp.asarray(0, jnp.bfloat16) * i for i in range(_copies(2 * n * k))]
+    bws = [w_bf16 + jnp.asarray(0, jnp.bfloat16) * i for i in range(copies or _copies(2 * n * k))]
+    return qw, qws, bws
+
+
+def sweep_shape(b: Bench, k: int, n: int, gemv_ms, large_ms, configs) -> None:
+    shape = f"{k}x{n}"
+    qw, qws, bws = weight_copies(k, n)
     ip = b.interpret
     dense_f = lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
     dense_t = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)

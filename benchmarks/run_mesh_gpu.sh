@@ -20,9 +20,7 @@ if [ "$GPUS" -ge 4 ]; then MESHES=2x1,1x2,4x1,1x4,2x2; BIG_MESHES=1x2,1x4; else 
 mkdir -p "$OUT"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 
-left() { echo $((TOTAL_S - SECONDS)); }
-budget() { local b=$(( $(left) - $2 )); [ "$b" -gt "$1" ] && b=$1; echo "$b"; }
-step() { echo; echo "=== [$SECONDS s / $TOTAL_S s] $*"; }
+. "$(dirname "$0")/_budget.sh"  # left, budget, step
 
 step "devices"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"

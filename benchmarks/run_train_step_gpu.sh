@@ -23,10 +23,7 @@ CARD=${CARD_MEM_GB:+--card-mem-gb $CARD_MEM_GB}
 mkdir -p "$OUT"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 
-left() { echo $((TOTAL_S - SECONDS)); }
-# budget CAP RESERVE: at most CAP seconds, keeping RESERVE seconds for what follows
-budget() { local b=$(( $(left) - $2 )); [ "$b" -gt "$1" ] && b=$1; echo "$b"; }
-step() { echo; echo "=== [$SECONDS s / $TOTAL_S s] $*"; }
+. "$(dirname "$0")/_budget.sh"  # left, budget, step
 
 step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
@@ -59,8 +56,7 @@ if [ -z "${SKIP_SMALL:-}" ]; then
     "$OUT"/jax_bf16_${SIZE}.json "$OUT"/bnb_${SIZE}.json \
     "$OUT"/torch_bf16_${SIZE}.json --json "$OUT/compare_${SIZE}.json" 2>&1 | tee "$OUT/compare_${SIZE}.txt"
 fi
-if [ -n "${SKIP_BIG:-}" ]; then :
-elif [ "$(left)" -gt 150 ]; then
+if [ -z "${SKIP_BIG:-}" ] && [ "$(left)" -gt 150 ]; then
   step "ours, NF4, $BIG in a 48 GiB pool"
   $PY benchmarks/train_step.py --size "$BIG" --batch "$BIG_BATCHES" --weights nf4 --mem-limit-gb 48 $CARD --steps 10 \
     --warmup 1 --timeout 200 --budget-s "$(budget 300 70)" --json "$OUT/jax_nf4_${BIG}_48gib.json" 2>&1 | tee "$OUT/jax_nf4_${BIG}_48gib.log"

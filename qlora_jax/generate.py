@@ -177,10 +177,9 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: 
     uses_seen = sampling.repetition_penalty != 1.0
     layer_states = None
     if layer_buffers:
-        layers = nnx.merge(graphdef, state, copy=True).layers
-        _, stacked = nnx.split(layers)
-        n = len(jax.tree.leaves(stacked)[0])
-        layer_states = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
+        model = nnx.merge(graphdef, state, copy=True)
+        _, stacked = nnx.split(model.layers)  # every leaf [L, ...]
+        layer_states = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.cfg.num_hidden_layers)]
 
     def cond(ds: DecodeState) -> jax.Array:
         return (ds.step < stop_at) & ~jnp.all(ds.done)

@@ -121,9 +121,7 @@ def supports(w: QuantizedTensor, m: int) -> str | None:
 @functools.cache
 def pair_table(quant_type: str) -> np.ndarray:
     """uint32 ``[256]``: byte ``b`` -> ``bf16(code[b >> 4]) << 16 | bf16(code[b & 15])`` (bit patterns)."""
-    import ml_dtypes
-
-    bits = codebook(quant_type).astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
+    bits = prmt_decode.bf16_code_bits(quant_type)
     b = np.arange(256)
     return ((bits[b >> 4] << 16) | bits[b & 15]).astype(np.uint32)
 
@@ -134,9 +132,7 @@ def _decode(tile, table_ref, decode: str):
     if decode == "gather16":
         return table_ref[b >> 4], table_ref[b & 0xF]
     v = table_ref[b]  # uint32 pair
-    hi = jax.lax.bitcast_convert_type(v & jnp.uint32(0xFFFF0000), jnp.float32)
-    lo = jax.lax.bitcast_convert_type(v << 16, jnp.float32)
-    return hi, lo
+    return prmt_decode.upper_f32(v), prmt_decode.lower_f32(v)
 
 
 def _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel):
@@ -148,6 +144,18 @@ def _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel):
     c = blocks.start + jnp.arange(blocks.size, dtype=jnp.int32)
     flat = r[:, None] * nb + c[None, :]
     return decode_scales(a, flat, na_ref, nc_ref, off_ref)
+
+
+def _k_step(c, lo_b, hi_b, g, rows, scale_refs, nb, dq_in_kernel):
+    """Forward loop step ``c`` of a K slice ``[lo_b, hi_b)`` (in blocks): the ``g`` blocks it reads
+    (``pl.ds``; the last step is moved back inside the slice) and their fp32 scales ``[bn, g]``, zero
+    for blocks an earlier step already counted."""
+    start = lo_b + c * g
+    kb0 = jnp.minimum(start, hi_b - g)
+    blocks = pl.ds(kb0, g)
+    scale = _scales(*scale_refs, rows, blocks, nb, dq_in_kernel)
+    fresh = (kb0 + jnp.arange(g, dtype=jnp.int32)) >= start
+    return blocks, jnp.where(fresh[None, :], scale, 0.0)
 
 
 def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
@@ -165,12 +173,8 @@ def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_
     rows = pl.ds(row0, bn)
 
     def body(c, accs):
-        start = lo_b + c * g
-        kb0 = jnp.minimum(start, hi_b - g)  # stay inside the slice; blocks < start were counted
-        blocks = pl.ds(kb0, g)
-        scale = _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel)
-        fresh = (kb0 + jnp.arange(g, dtype=jnp.int32)) >= start
-        scale = jnp.where(fresh[None, :], scale, 0.0)[:, :, None]  # [bn, g, 1]
+        blocks, scale = _k_step(c, lo_b, hi_b, g, rows, (a_ref, na_ref, nc_ref, off_ref), nb, dq_in_kernel)
+        scale = scale[:, :, None]  # [bn, g, 1]
         hi, lo = _decode(p_ref[rows, blocks, :], t_ref, decode)  # [bn, g, hb] each
         whi, wlo = hi * scale, lo * scale
         out = []
@@ -206,12 +210,7 @@ def _fwd_kernel_words(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, o_r
     rows = pl.ds(i * bn, bn)
 
     def body(c, accs):
-        start = lo_b + c * g
-        kb0 = jnp.minimum(start, hi_b - g)
-        blocks = pl.ds(kb0, g)
-        scale = _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel)
-        fresh = (kb0 + jnp.arange(g, dtype=jnp.int32)) >= start
-        scale = jnp.where(fresh[None, :], scale, 0.0)  # [bn, g]
+        blocks, scale = _k_step(c, lo_b, hi_b, g, rows, (a_ref, na_ref, nc_ref, off_ref), nb, dq_in_kernel)  # [bn, g]
         pairs = prmt_decode.decode_words(p_ref[rows, blocks, :], quant_type, interpret=interpret)
         halves = [(prmt_decode.upper_f32(p), prmt_decode.lower_f32(p)) for p in pairs]  # [bn, g, hb/4]
         out = []
@@ -318,8 +317,8 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     fp32 decode and accumulation (the weight is never rounded to ``x.dtype``).
     """
     m = _validate("nf4_gemv", x, w, 1)
-    if config.decode == "prmt" and not interpret and "rocm" in jax.devices()[0].client.platform_version.lower():
-        config = dataclasses.replace(config, decode="pair256")  # the register decode is PTX (NVIDIA only)
+    if config.decode == "prmt" and not interpret and prmt_decode.rocm_backend():
+        config = dataclasses.replace(config, decode="pair256")  # the same bf16-rounded codes, by table
     n, k = w.shape
     nb, hb = k // w.blocksize, w.blocksize // 2
     x2 = _pad_m(x.reshape(m, k))

@@ -85,6 +85,12 @@ def prmt_asm(quant_type: str, t: int) -> str:
     return "\n".join(lines)
 
 
+def rocm_backend() -> bool:
+    """Whether the default backend is ROCm, where the inline PTX cannot compile (a CPU still lowers
+    kernels for CUDA, e.g. the abstract-device lowering test)."""
+    return "rocm" in jax.devices()[0].client.platform_version.lower()
+
+
 def decode_words_reference(words: jax.Array, quant_type: str) -> tuple[jax.Array, ...]:
     """What the PTX computes, as jnp gathers: uint32 ``words`` -> four uint32 arrays of bf16 pairs."""
     bits = [int(b) for b in bf16_code_bits(quant_type)]

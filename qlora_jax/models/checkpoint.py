@@ -155,15 +155,13 @@ def init_non_frozen(make: Callable[[], Llama], abstract: Llama, frozen: nnx.Stat
     device ever holds a whole adapter) and the RNG state replicated, as the train step takes them.
     ``abstract``: ``nnx.eval_shape(make)``.
     """
-    if mesh is None:
-        graphdef = nnx.split(abstract, Frozen, ...)[0]
-        rest = jax.jit(lambda: nnx.split(make(), Frozen, ...)[2])()
-        return nnx.merge(graphdef, frozen, rest)
-    from qlora_jax.sharding import param_shardings, replicated
-
     graphdef, _, lora, other = nnx.split(abstract, Frozen, nnx.LoRAParam, ...)
-    shardings = (param_shardings(lora, mesh), jax.tree.map(lambda _: replicated(mesh), other))
-    lora, other = jax.jit(lambda: nnx.split(make(), Frozen, nnx.LoRAParam, ...)[2:], out_shardings=shardings)()
+    placement = {}
+    if mesh is not None:
+        from qlora_jax.sharding import param_shardings, replicated
+
+        placement["out_shardings"] = (param_shardings(lora, mesh), jax.tree.map(lambda _: replicated(mesh), other))
+    lora, other = jax.jit(lambda: nnx.split(make(), Frozen, nnx.LoRAParam, ...)[2:], **placement)()
     return nnx.merge(graphdef, frozen, lora, other)
 
 
