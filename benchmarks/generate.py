@@ -163,7 +163,7 @@ def run_jax(args) -> list[dict]:
     return rows
 
 
-def _jax_row(model, variant: str, impl: str, unroll: bool, buffers: bool, batch: int, args, cfg: dict, device: str,
+def _jax_row(model, variant: str, impl: str, unroll: bool, buffers: bool | None, batch: int, args, cfg: dict, device: str,
              build_s: float, nbytes: int) -> dict:
     """One JAX row: compile, then time prefill and whole generate calls (and profile one, if asked)."""
     import jax
@@ -195,7 +195,7 @@ def _jax_row(model, variant: str, impl: str, unroll: bool, buffers: bool, batch:
         out = gen.generate_ids(prompts, **kw)
         total_s.append(time.perf_counter() - t0)
         assert all(len(c.tokens) == args.new_tokens for c in out)
-    extra = {"build_s": build_s, "compile_s": compile_s, "unroll_layers": unroll, "layer_buffers": buffers,
+    extra = {"build_s": build_s, "compile_s": compile_s, "unroll_layers": unroll, "layer_buffers": gen.uses_layer_buffers(),
              "implementation": impl}
     if args.profile:
         trace = Path(args.profile) / f"{variant}_{impl}_b{batch}_unroll{int(unroll)}_buffers{int(buffers)}"
@@ -336,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--implementation", default="auto",
                     help="comma-separated qlora_jax.kernels implementations to decode with (e.g. auto,gemv,xla_reduce)")
     ap.add_argument("--unroll-layers", default="1", help="comma-separated 0/1: decode with the layer loop unrolled")
-    ap.add_argument("--layer-buffers", default="0",
-                    help="comma-separated 0/1: Generator(layer_buffers=): layer weights sliced once per decode call")
+    ap.add_argument("--layer-buffers", default="auto",
+                    help="comma-separated 0/1/auto: Generator(layer_buffers=): layer weights sliced once per decode "
+                         "call (auto: when the device has room)")
     ap.add_argument("--profile", help="write a profiler trace of one generate call per JAX row here; rows get a summary")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args.variants = [v for v in args.variants.split(",") if v]
     args.baselines = [b for b in args.baselines.split(",") if b]
     args.unroll_layers = [bool(int(u)) for u in args.unroll_layers.split(",") if u]
-    args.layer_buffers = [bool(int(u)) for u in args.layer_buffers.split(",") if u]
+    args.layer_buffers = [None if u == "auto" else bool(int(u)) for u in args.layer_buffers.split(",") if u]
     args.implementation = [i for i in args.implementation.split(",") if i]
     if args.tmp_dir:
         Path(args.tmp_dir).mkdir(parents=True, exist_ok=True)

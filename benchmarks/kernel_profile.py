@@ -15,6 +15,7 @@ gather decode, and the GEMV with the register (``prmt``) decode in several tile 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -41,12 +42,28 @@ CANDIDATES = {  # name -> GEMV config (None: the bf16 dot)
 }
 
 
-def profile_shape(k: int, n: int, *, copies: int | None, repeats: int, trace_dir: Path, interpret: bool) -> list[dict]:
+def parse_config(text: str) -> tuple[str, nf4_gemv.GemvConfig]:
+    """``NAME=field:value,...`` (GemvConfig fields) -> (name, config); e.g. ``bn32=block_n:32,num_warps:8``."""
+    name, _, body = text.partition("=")
+    if not name or not body:
+        raise SystemExit(f"error: --config {text!r}: expected NAME=field:value,...")
+    fields = {f.name: f.type for f in dataclasses.fields(G)}
+    kw = {}
+    for item in body.split(","):
+        key, _, value = item.partition(":")
+        if key not in fields:
+            raise SystemExit(f"error: --config {text!r}: {key!r} is not a GemvConfig field {tuple(fields)}")
+        kw[key] = value if fields[key] in ("str", str) else (value == "1" if fields[key] in ("bool", bool) else int(value))
+    return name, G(**kw)
+
+
+def profile_shape(k: int, n: int, *, copies: int | None, repeats: int, trace_dir: Path, interpret: bool,
+                  candidates: dict[str, nf4_gemv.GemvConfig | None] = CANDIDATES) -> list[dict]:
     qw, qws, bws = weight_copies(k, n, copies)
     x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
     want = nf4_matmul_reference(x, qw).astype(jnp.float32)
     rows = []
-    for name, cfg in CANDIDATES.items():
+    for name, cfg in candidates.items():
         if cfg is None:
             op, ws = (lambda x, w: x @ w.T), bws
         else:
@@ -84,15 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--trace-dir", type=Path, required=True)
     ap.add_argument("--json")
+    ap.add_argument("--config", action="append", default=[], type=parse_config,
+                    help="an extra GEMV candidate NAME=field:value,... (repeatable), e.g. bn32_w8=block_n:32,num_warps:8")
+    ap.add_argument("--only-extra", action="store_true", help="profile the bf16 dot and the --config candidates only")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: one small shape, interpret mode")
     args = ap.parse_args(argv)
+    candidates = {"bf16_dot": None} if args.only_extra else dict(CANDIDATES)
+    candidates.update(args.config)
     interpret = jax.default_backend() != "gpu"
     shapes = "128x192" if args.tiny else args.shapes
     copies, repeats = (2, 1) if args.tiny else (args.copies, args.repeats)
     rows = []
     for s in shapes.split(","):
         k, n = (int(v) for v in s.split("x"))
-        rows += profile_shape(k, n, copies=copies, repeats=repeats, trace_dir=args.trace_dir, interpret=interpret)
+        rows += profile_shape(k, n, copies=copies, repeats=repeats, trace_dir=args.trace_dir, interpret=interpret,
+                              candidates=candidates)
     table = print_table(
         f"M = 1, device time per call ({jax.devices()[0].device_kind})", rows,
         [("shape", lambda r: r["shape"]), ("impl", lambda r: r["impl"]),

@@ -199,6 +199,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: 
     return jax.lax.while_loop(cond, body, ds)
 
 
+LAYER_BUFFER_SLACK = 512 << 20  # bytes left free beside the layer buffers (KV cache growth, workspace)
 _STATIC = ("graphdef", "sampling", "eos", "unroll_layers", "mesh")
 _prefill_jit = jax.jit(_prefill, static_argnames=(*_STATIC, "cache_len", "max_new"))
 _decode_jit = jax.jit(_decode, static_argnames=(*_STATIC, "layer_buffers"), donate_argnames=("ds",))
@@ -214,6 +215,23 @@ class Completion:
     finish_reason: str
 
 
+def layer_buffers_fit(model: Llama, memory_stats: Callable[[Any], dict | None] = lambda d: d.memory_stats()) -> bool:
+    """True when every device holding part of ``model``'s layer weights has their bytes (its shards'),
+    plus 10% and ``LAYER_BUFFER_SLACK``, free (``bytes_limit - bytes_in_use`` of ``memory_stats``);
+    False where a device reports no statistics."""
+    need: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(nnx.state(model.layers)):
+        for shard in getattr(leaf, "addressable_shards", ()):
+            need[shard.device] = need.get(shard.device, 0) + shard.data.nbytes
+    for device, nbytes in need.items():
+        stats = memory_stats(device)
+        if not stats or "bytes_limit" not in stats:
+            return False
+        if stats["bytes_limit"] - stats.get("bytes_in_use", 0) < nbytes * 1.1 + LAYER_BUFFER_SLACK:
+            return False
+    return bool(need)
+
+
 class Generator:
     """Batched generation from a :class:`~qlora_jax.models.llama.Llama` (NF4 + LoRA, merged, or float).
 
@@ -225,20 +243,23 @@ class Generator:
         (same tokens; 12% faster decoding of a 7B model on an H200, 7.6 vs 8.7 ms/token, for a
         longer compile: 23 vs 7 s).
       layer_buffers: in each decode call, slice every layer's weights out of the stacked layer
-        state once, before the decode loop, instead of on every token (same tokens). On an H200 the
-        per-token slices were 2.9 of 7.1 ms of device time per 7B NF4 token and 9.5 of 17.5 ms in
-        bf16 (profile in ``benchmarks/RESULTS.md``); costs the layer weights' bytes once more during
-        decoding, so it is off by default until measured end to end.
+        state once, before the decode loop, instead of on every token (same tokens). On an H200
+        (7B, batch 1) this takes NF4 decoding from 7.24 to 4.27 ms/token and bf16 from 18.06 to
+        5.79 (``benchmarks/RESULTS.md``); it costs the layer weights' bytes once more while a
+        decode call runs. ``None`` (default): on when every device has that much memory free
+        (checked at each :meth:`generate_ids` call, e.g. off while a 65B model trains in 48 GB),
+        and off where the runtime reports no memory statistics (CPU).
       mesh: the mesh the model's arrays are sharded over (``qlora_jax.sharding``; ``None``: one
         device). With several processes, every process runs :meth:`generate_ids` with the same
         arguments and gets every row's completion.
     """
 
     def __init__(self, model: Llama, tokenizer: Any = None, *, eos_token_ids: Sequence[int] | None = None,
-                 unroll_layers: bool = True, layer_buffers: bool = False, mesh: jax.sharding.Mesh | None = None):
+                 unroll_layers: bool = True, layer_buffers: bool | None = None,
+                 mesh: jax.sharding.Mesh | None = None):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.unroll_layers = bool(unroll_layers)
-        self.layer_buffers = bool(layer_buffers)
+        self.layer_buffers = None if layer_buffers is None else bool(layer_buffers)
         self.graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
         # The layers cast A and B to the compute dtype before every matmul; casting once here gives the
         # same numbers and halves the adapter bytes each decode step reads (fp32 -> bf16).
@@ -302,6 +323,7 @@ class Generator:
                           sampling=sampling, eos=self.eos, cache_len=P + max_new_tokens, max_new=max_new_tokens,
                           unroll_layers=self.unroll_layers, mesh=self.mesh)
         chunk = max_new_tokens if chunk_size is None else max(1, int(chunk_size))
+        buffers = self.uses_layer_buffers()
         stopped: dict[int, tuple[list[int], str]] = {}
         step = 1
         while True:
@@ -319,7 +341,7 @@ class Generator:
             step = min(step + chunk, max_new_tokens)
             ds = _decode_jit(self.graphdef, self.state, ds, put_replicated(np.int32(step), self.mesh),
                              sampling=sampling, eos=self.eos, unroll_layers=self.unroll_layers,
-                             layer_buffers=self.layer_buffers, mesh=self.mesh)
+                             layer_buffers=buffers, mesh=self.mesh)
             step = int(host_values(ds.step))
         out = []
         for i, row in enumerate(rows):
@@ -332,6 +354,11 @@ class Generator:
             text = None if self.tokenizer is None else self.completion_text(prompts[i], toks)
             out.append(Completion(toks, text, "eos" if ended else "length"))
         return out
+
+    def uses_layer_buffers(self) -> bool:
+        """Whether decode calls now slice the layer weights once per call (``layer_buffers``; ``None``:
+        :func:`layer_buffers_fit`)."""
+        return layer_buffers_fit(self.model) if self.layer_buffers is None else self.layer_buffers
 
     def _check_stops(self, prompts, rows, stop_strings, stopped, done) -> np.ndarray | None:
         """Rows whose text now contains a stop string: record (tokens, text before the stop) in

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from qlora_jax.convert import convert
 from qlora_jax.generate import Generator, SamplingConfig, chat, guanaco_prompt, load_for_generation, main, sample_logits
@@ -257,3 +258,19 @@ def test_streamer_never_prints_a_stop_string(gen):
         assert final.startswith(out.getvalue())
         streamer.finish(final)
         assert out.getvalue() == final + "\n"
+
+
+def test_layer_buffers_default_follows_free_device_memory(gen):
+    """``layer_buffers=None`` slices the layer weights once per decode call only when every device
+    has one more copy of them free (plus slack); no memory statistics (CPU) -> off."""
+    from qlora_jax.generate import LAYER_BUFFER_SLACK, layer_buffers_fit
+
+    nbytes = sum(a.nbytes for a in jax.tree.leaves(nnx.state(gen.model.layers)))
+    need = nbytes * 1.1 + LAYER_BUFFER_SLACK
+    stats = lambda free: (lambda d: {"bytes_limit": 10 * need, "bytes_in_use": 10 * need - free})  # noqa: E731
+    assert layer_buffers_fit(gen.model, stats(need + 1))
+    assert not layer_buffers_fit(gen.model, stats(need - 1))
+    assert not layer_buffers_fit(gen.model, lambda d: None)
+    assert Generator(gen.model).uses_layer_buffers() == layer_buffers_fit(gen.model)
+    assert Generator(gen.model, layer_buffers=True).uses_layer_buffers()
+    assert not Generator(gen.model, layer_buffers=False).uses_layer_buffers()
