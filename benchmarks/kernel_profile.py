@@ -8,8 +8,10 @@ between them (~25 us per call on an H200), which a decode loop on the device doe
 each candidate runs as one jitted program of calls on distinct weight copies (together more than
 3x the L2, as in ``kernel_sweep.py``), ``--repeats`` times under ``jax.profiler.trace``, and the table gives the device
 time of one call (the sum of its kernels, :mod:`benchmarks.profile_summary`), the 4-bit weight's
-GB/s, and the relative error against the XLA reference. Candidates: the bf16 dot, the GEMV with the
-gather decode, and the GEMV with the register (``prmt``) decode in several tile configurations.
+GB/s, and the relative error against the XLA reference, for M = ``--m`` rows of x. Candidates: the
+bf16 dot, the Pallas dequantize + XLA dot (what M >= 2 runs), the GEMV with the gather decode, and
+the GEMV with the register decodes (``prmt``: fp32 FMAs; ``prmt_f16x2``: packed fp16x2 FMAs) in
+several tile configurations; ``--config`` adds more.
 """
 
 from __future__ import annotations
@@ -28,17 +30,22 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import profile_summary  # noqa: E402
 from benchmarks._common import fmt, meta, print_table, write_json  # noqa: E402
 from benchmarks.kernel_sweep import weight_copies  # noqa: E402
-from qlora_jax.kernels import nf4_gemv, nf4_matmul_reference  # noqa: E402
+from qlora_jax.kernels import nf4_dequant, nf4_gemv, nf4_matmul_reference  # noqa: E402
 
 G = nf4_gemv.GemvConfig
-CANDIDATES = {  # name -> GEMV config (None: the bf16 dot)
+CANDIDATES = {  # name -> GEMV config (None: the bf16 dot; "dequant": Pallas dequantize + XLA dot)
     "bf16_dot": None,
+    "pallas_dequant_dot": "dequant",
     "gemv_gather16": G(decode="gather16"),
     "gemv_prmt": G(decode="prmt"),
     "gemv_prmt_bn32_g4": G(decode="prmt", block_n=32, blocks_per_step=4),
     "gemv_prmt_bn8": G(decode="prmt", block_n=8),
     "gemv_prmt_g16_s2": G(decode="prmt", blocks_per_step=16, split=2),
     "gemv_prmt_g4_s8": G(decode="prmt", blocks_per_step=4, split=8),
+    "gemv_prmt_f16x2": G(decode="prmt_f16x2"),
+    "gemv_prmt_f16x2_bn32_g4": G(decode="prmt_f16x2", block_n=32, blocks_per_step=4),
+    "gemv_prmt_f16x2_g16": G(decode="prmt_f16x2", blocks_per_step=16),
+    "gemv_prmt_f16x2_s8": G(decode="prmt_f16x2", split=8),
 }
 
 
@@ -57,24 +64,26 @@ def parse_config(text: str) -> tuple[str, nf4_gemv.GemvConfig]:
     return name, G(**kw)
 
 
-def profile_shape(k: int, n: int, *, copies: int | None, repeats: int, trace_dir: Path, interpret: bool,
+def profile_shape(k: int, n: int, *, copies: int | None, repeats: int, trace_dir: Path, interpret: bool, m: int = 1,
                   candidates: dict[str, nf4_gemv.GemvConfig | None] = CANDIDATES) -> list[dict]:
     qw, qws, bws = weight_copies(k, n, copies)
-    x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
     want = nf4_matmul_reference(x, qw).astype(jnp.float32)
     rows = []
     for name, cfg in candidates.items():
         if cfg is None:
             op, ws = (lambda x, w: x @ w.T), bws
+        elif cfg == "dequant":
+            op, ws = (lambda x, w: nf4_dequant.nf4_matmul_dequant(x, w, interpret=interpret)), qws
         else:
             op, ws = (lambda x, w, cfg=cfg: nf4_gemv.nf4_gemv(x, w, config=cfg, interpret=interpret)), qws
         fn = jax.jit(lambda x, ws, op=op: [op(x, w) for w in ws])
-        row = {"shape": f"{k}x{n}", "impl": name, "config": None if cfg is None else vars(cfg)}
+        row = {"shape": f"{k}x{n}", "m": m, "impl": name, "config": vars(cfg) if isinstance(cfg, G) else cfg}
         try:
             got = jax.block_until_ready(fn(x, ws))[0].astype(jnp.float32)
-            if cfg is not None:
+            if cfg is not None:  # not the bf16 dot
                 row["rel_err"] = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-            out = trace_dir / f"{k}x{n}_{name}"
+            out = trace_dir / f"{k}x{n}_m{m}_{name}"
             with jax.profiler.trace(str(out)):
                 for _ in range(repeats):
                     r = fn(x, ws)
@@ -99,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default="4096x11008,11008x4096,8192x22016", help="KxN,...")
     ap.add_argument("--copies", type=int, help="weight copies per program (default: > 3x the L2 together)")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--m", default="1", help="comma-separated rows of x (<= 8), e.g. 1,8")
     ap.add_argument("--trace-dir", type=Path, required=True)
     ap.add_argument("--json")
     ap.add_argument("--config", action="append", default=[], type=parse_config,
@@ -114,11 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for s in shapes.split(","):
         k, n = (int(v) for v in s.split("x"))
-        rows += profile_shape(k, n, copies=copies, repeats=repeats, trace_dir=args.trace_dir, interpret=interpret,
-                              candidates=candidates)
+        for m in (int(v) for v in args.m.split(",")):
+            rows += profile_shape(k, n, m=m, copies=copies, repeats=repeats, trace_dir=args.trace_dir,
+                                  interpret=interpret, candidates=candidates)
     table = print_table(
-        f"M = 1, device time per call ({jax.devices()[0].device_kind})", rows,
-        [("shape", lambda r: r["shape"]), ("impl", lambda r: r["impl"]),
+        f"device time per call ({jax.devices()[0].device_kind})", rows,
+        [("shape", lambda r: r["shape"]), ("M", lambda r: str(r["m"])), ("impl", lambda r: r["impl"]),
          ("us", lambda r: fmt(r.get("us"), ".1f") if "error" not in r else r["error"][:60]),
          ("GB/s", lambda r: fmt(r.get("gbps"), ",.0f")), ("x bf16", lambda r: fmt(r.get("x_bf16"), ".2f")),
          ("rel err", lambda r: fmt(r.get("rel_err"), ".1e"))])

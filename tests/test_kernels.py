@@ -121,7 +121,7 @@ def test_kernels_lower_for_cuda_on_an_abstract_h100():
             for cfg in (gemv.GemvConfig(decode="gather16", reduce="end"),
                         gemv.GemvConfig(decode="pair256", scales_in_kernel=False, reduce="step", split=1,
                                         x_layout="strided"),
-                        gemv.GemvConfig(decode="prmt")):
+                        gemv.GemvConfig(decode="prmt"), gemv.GemvConfig(decode="prmt_f16x2", split=1)):
                 for fn, arg in ((gemv.nf4_gemv, x), (gemv.nf4_gemv_t, dy)):
                     f = functools.partial(fn, config=cfg)
                     text = jax.jit(f).trace(arg, w).lower(lowering_platforms=("cuda",)).as_text()
@@ -147,6 +147,10 @@ GEMV_CASES = [
     (1, 172, 640, "nf4", True, gemv.GemvConfig(decode="prmt", block_n=4, blocks_per_step=4, split=3)),
     (5, 64, 512, "fp4", False, gemv.GemvConfig(decode="prmt", scales_in_kernel=False, split=2)),
     (1, 64, 256, "nf4", False, gemv.GemvConfig(decode="prmt", split=1)),
+    # packed fp16x2 FMAs: the same, and M = 8
+    (1, 172, 640, "nf4", True, gemv.GemvConfig(decode="prmt_f16x2", block_n=4, blocks_per_step=4, split=3)),
+    (8, 64, 512, "fp4", False, gemv.GemvConfig(decode="prmt_f16x2", scales_in_kernel=False, split=2)),
+    (1, 64, 256, "nf4", False, gemv.GemvConfig(decode="prmt_f16x2", split=1)),
 ]
 
 
@@ -161,6 +165,22 @@ def test_gemv_forward_and_backward_equal_reference(m, n, k, quant_type, double_q
     assert dx.shape == (m, k) and dx.dtype == jnp.bfloat16
     assert _rel_err(y, kernels.nf4_matmul_reference(x, w)) < 1e-2
     assert _rel_err(dx, kernels.nf4_matmul_t_reference(dy, w)) < 1e-2
+
+
+def test_gemv_f16x2_keeps_precision_at_any_activation_scale():
+    """``decode="prmt_f16x2"`` scales each row of x by a power of two into [-1, 1] before the fp16
+    products: rows far outside fp16's range (1e6), tiny rows (1e-6), a zero row and a row with one
+    outlier all stay at bf16-level error (the fp32-FMA register decode's on the same input)."""
+    w = _weight(96, 512, seed=5)
+    x = jax.random.normal(jax.random.key(9), (5, 512), jnp.float32)
+    x = x * jnp.asarray([1e6, 1e-6, 0.0, 1.0, 1.0])[:, None]
+    x = x.at[4, 17].set(3e4).astype(jnp.bfloat16)
+    want = kernels.nf4_matmul_reference(x, w)
+    y = gemv.nf4_gemv(x, w, config=gemv.GemvConfig(decode="prmt_f16x2"), interpret=INTERPRET)
+    assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+    assert not bool(jnp.any(y[2]))
+    for r in (0, 1, 3, 4):
+        assert _rel_err(y[r], want[r]) < 1e-2, r
 
 
 def test_gemv_float32_and_lead_dims():
@@ -268,12 +288,14 @@ def test_select_implementation_falls_back_off_gpu_and_on_unsupported_shapes():
 
 
 def test_auto_picks_the_measured_kernels_on_a_gpu(monkeypatch):
-    """``auto`` on a GPU (backend faked here): the GEMV for a one-row forward, the Pallas dequantize
-    for more rows and every input gradient, XLA for fp32, stacked leaves and off-GPU."""
+    """``auto`` on a GPU (backend faked here): the GEMV for a forward of up to 8 rows, the Pallas
+    dequantize for more rows and every input gradient, XLA for fp32, stacked leaves and off-GPU."""
     w, wodd = _weight(64, 128), _weight(64, 172)
     monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
     pick = kernels.select_implementation
     assert pick(jnp.ones((1, 128), jnp.bfloat16), w) == "gemv"
+    assert pick(jnp.ones((8, 1, 128), jnp.float16), w) == "gemv"  # batch-8 decoding
+    assert pick(jnp.ones((9, 128), jnp.bfloat16), w) == "pallas_dequant"
     assert pick(jnp.ones((1, 1, 64), jnp.bfloat16), w, transpose=True) == "pallas_dequant"
     assert pick(jnp.ones((4, 512, 128), jnp.bfloat16), w) == "pallas_dequant"
     assert pick(jnp.ones((1, 172), jnp.bfloat16), wodd) == "pallas_dequant"  # whole blocks overall, K % 64 != 0

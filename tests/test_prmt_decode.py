@@ -1,6 +1,8 @@
 """The register-only decode's PTX (``qlora_jax.kernels.prmt_decode``) executed instruction by
 instruction by a small emulator of the PTX it uses (mov, and, shr, shl, prmt, lop3) equals the
-codebook lookup bit for bit, for NF4 and FP4, on every byte value in every byte position."""
+codebook lookup bit for bit, for NF4 and FP4, bf16 and fp16 tables, on every byte value in every
+byte position; the packed fp16x2 FMA PTX, emulated with numpy's IEEE fp16 (one rounding per
+operation), equals its jnp reference."""
 
 from __future__ import annotations
 
@@ -76,8 +78,8 @@ def run_ptx(asm: str, word: np.ndarray) -> np.ndarray:
     return regs["$0"].astype(np.uint32)
 
 
-def _expected(words: np.ndarray, quant_type: str) -> list[np.ndarray]:
-    bits = prmt_decode.bf16_code_bits(quant_type)
+def _expected(words: np.ndarray, quant_type: str, dtype: str = "bfloat16") -> list[np.ndarray]:
+    bits = prmt_decode.code_bits(quant_type, dtype)
     out = []
     for t in range(4):
         byte = (words >> np.uint32(8 * t)) & np.uint32(0xFF)
@@ -85,14 +87,15 @@ def _expected(words: np.ndarray, quant_type: str) -> list[np.ndarray]:
     return out
 
 
+@pytest.mark.parametrize("dtype", prmt_decode.HALF_DTYPES)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_ptx_decode_equals_codebook_lookup_bit_for_bit(quant_type):
+def test_ptx_decode_equals_codebook_lookup_bit_for_bit(quant_type, dtype):
     b = np.arange(256, dtype=np.uint32)
     rng = np.random.default_rng(0)
     words = np.concatenate([b << np.uint32(8 * t) | rng.integers(0, 2**32, 256, dtype=np.uint32) & ~(np.uint32(0xFF) << np.uint32(8 * t))
                             for t in range(4)] + [rng.integers(0, 2**32, 4096, dtype=np.uint32)])
-    for t, e in enumerate(_expected(words, quant_type)):
-        np.testing.assert_array_equal(run_ptx(prmt_decode.prmt_asm(quant_type, t), words), e, err_msg=f"byte {t}")
+    for t, e in enumerate(_expected(words, quant_type, dtype)):
+        np.testing.assert_array_equal(run_ptx(prmt_decode.prmt_asm(quant_type, t, dtype), words), e, err_msg=f"byte {t}")
 
 
 def test_reference_decode_matches_expected_and_halves_are_the_codebook():
@@ -109,3 +112,61 @@ def test_reference_decode_matches_expected_and_halves_are_the_codebook():
     code = codebook("nf4")
     np.testing.assert_allclose(float(prmt_decode.upper_f32(pair)[0]), code[7], rtol=2**-8)
     np.testing.assert_allclose(float(prmt_decode.lower_f32(pair)[0]), code[10], rtol=2**-8)
+
+
+def _f16(bits: np.ndarray) -> np.ndarray:
+    return bits.astype(np.uint16).view(np.float16)
+
+
+def run_hfma2_ptx(asm: str, args: list[np.ndarray]) -> np.ndarray:
+    """Execute :data:`prmt_decode.HFMA2_ASM` on uint32 ``args`` (``$1..$8``): fp16x2 ``mul`` / ``fma``
+    as numpy fp16 with one rounding (exact float64 products and sums first), ``mov`` unpacking,
+    ``cvt.f32.f16``, ``add.f32``; returns ``$0`` as fp32."""
+    regs: dict[str, object] = {f"${i + 1}": (_f16(a >> np.uint32(16)), _f16(a & np.uint32(0xFFFF))) for i, a in enumerate(args)}
+    for line in asm.splitlines():
+        line = line.strip()
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        m = re.fullmatch(r"([\w.]+) (.+);", line)
+        assert m, f"unexpected PTX line {line!r}"
+        op, ops = m.group(1), [t.strip() for t in re.split(r",(?![^{]*})", m.group(2))]
+        if op in ("mul.rn.f16x2", "fma.rn.f16x2"):
+            a, b = regs[ops[1]], regs[ops[2]]
+            c = regs[ops[3]] if op.startswith("fma") else (np.float16(0), np.float16(0))
+            regs[ops[0]] = tuple((x.astype(np.float64) * y.astype(np.float64) + z.astype(np.float64)).astype(np.float16)
+                                 for x, y, z in zip(a, b, c))
+        elif op == "mov.b32" and ops[0].startswith("{"):
+            hi, lo = regs[ops[1]]
+            names = [n.strip() for n in ops[0].strip("{}").split(",")]
+            regs[names[0]], regs[names[1]] = lo, hi  # {low half, high half}
+        elif op == "cvt.f32.f16":
+            regs[ops[0]] = regs[ops[1]].astype(np.float32)
+        elif op == "add.f32":
+            regs[ops[0]] = regs[ops[1]] + regs[ops[2]]
+        elif op == "mov.b32":
+            regs[ops[0]] = regs[ops[1]]
+        else:
+            raise AssertionError(f"emulator lacks {op}")
+    return regs["$0"]
+
+
+def test_hfma2_ptx_equals_its_reference():
+    """Four fp16 weight pairs (decoded codes) times four fp16 activation pairs in [-1, 1]: the PTX's
+    fp32 result equals ``dot_pairs_f16_reference`` and is within fp16 rounding of the exact sum."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(2)
+    n = 4096
+    pairs = prmt_decode.decode_words_reference(jnp.asarray(rng.integers(0, 2**32, n, dtype=np.uint32)), "nf4", "float16")
+    pairs = [np.asarray(p) for p in pairs]
+    xs = []
+    for _ in range(4):
+        h = rng.uniform(-1, 1, (2, n)).astype(np.float16).view(np.uint16).astype(np.uint32)
+        xs.append((h[0] << np.uint32(16)) | h[1])
+    got = run_hfma2_ptx(prmt_decode.HFMA2_ASM, pairs + xs)
+    ref = np.asarray(prmt_decode.dot_pairs_f16_reference(tuple(map(jnp.asarray, pairs)), tuple(map(jnp.asarray, xs))))
+    np.testing.assert_array_equal(got, ref)
+    exact = sum(_f16(p >> np.uint32(16)).astype(np.float64) * _f16(x >> np.uint32(16)).astype(np.float64)
+                + _f16(p & np.uint32(0xFFFF)).astype(np.float64) * _f16(x & np.uint32(0xFFFF)).astype(np.float64)
+                for p, x in zip(pairs, xs))
+    assert np.max(np.abs(got - exact)) < 4 * 2.0**-10 * 4  # 3 roundings per half, each <= 2^-11 * |partial| <= 4

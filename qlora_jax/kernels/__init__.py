@@ -3,11 +3,13 @@
 ``"auto"`` (the default), from the H200 sweep in ``benchmarks/RESULTS.md`` (2026-11-28):
 
 * on a GPU, 16-bit activations, one 2-D weight:
-  - forward with M = 1 (decoding one sequence): the Pallas GEMV ``nf4_gemv.py`` with the register
-    decode — it streams the 4-bit weight once: 20.4 / 25.9 / 66.8 us of device time on 4096x11008 /
-    11008x4096 / 8192x22016, 1.04-1.32x faster than the bf16 dot (profiler traces, RESULTS.md; 2.0-2.1x
-    faster than XLA dequantize + dot in the wall-clock sweep);
-  - everything else (M >= 2, and every input gradient): the Pallas dequantize ``nf4_dequant.py``
+  - forward with M <= 8 (decoding up to 8 sequences): the Pallas GEMV ``nf4_gemv.py`` with the
+    register decode and packed fp16x2 FMAs — it streams the 4-bit weight once. Device time on
+    4096x11008 / 11008x4096 / 8192x22016 (profiler traces, RESULTS.md, fourth session): M = 1:
+    16.3 / 19.5 / 51.3 us, 1.45-1.69x faster than the bf16 dot and 3.7-4.3x faster than the Pallas
+    dequantize + dot; M = 8: 39.8 / 47.7 / 155.5 us against 60.4 / 62.5 / 214.1 for the dequantize +
+    dot (its time hardly depends on M, the GEMV's grows with it, so it wins for every M in between);
+  - everything else (M > 8, and every input gradient): the Pallas dequantize ``nf4_dequant.py``
     (2.1-2.6x faster than XLA's dequantize fusion) followed by XLA's dot — at M = 2048 on
     4096x11008, 0.98x (forward) and 0.88x (input gradient) of a bf16 dot's time;
 * otherwise (CPU, fp32, stacked leaves, weights that are not whole blocks): the XLA path of
@@ -94,7 +96,7 @@ def select_implementation(x: jax.Array, w: QuantizedTensor, *, transpose: bool =
     can_gemv = gemv.supports(w, m) is None
     can_dequant = len(w.shape) == 2 and dequant.supports(w, x.dtype) is None
     if forced == "auto":  # measured choices, see the module docstring
-        if half and not transpose and m == 1 and can_gemv:
+        if half and not transpose and can_gemv:  # can_gemv: M <= 8
             return "gemv"
         return "pallas_dequant" if half and can_dequant else "xla"
     if forced in ("gemv", "pallas") and can_gemv:

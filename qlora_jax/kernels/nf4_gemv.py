@@ -33,6 +33,15 @@ byte permutes (``prmt_decode.py``: no gathers, no table in memory); x comes as f
 parity ``[Mp, 4, NB, hb/4]`` (plane ``t`` = the columns of byte ``t`` of each word), and the block
 scale multiplies each block's partial sum once instead of every weight.
 
+``decode="prmt_f16x2"`` (the default; forward only) decodes the words into fp16 pairs instead and
+multiplies them by x's fp16 pairs with packed fp16x2 FMAs (``prmt_decode.dot_pairs_f16``: four
+instructions for a word's 8 products, instead of 8 FMAs plus 8 bf16 -> fp32 conversions of the
+weights and 8 of x); each word's two fp16 partial sums go to fp32, and fp32 from there on. x enters
+as one plane of fp16 pairs per byte position, each row scaled by a power of two into [-1, 1]
+first (undone on the output), so no fp16 product or 4-term sum can overflow. The ncu profile of the
+fp32-FMA kernel (``"prmt"``) showed it bound by instruction issue (0.74 warp instructions per cycle
+per scheduler, 19% of DRAM bandwidth), so this variant cuts instructions per weight.
+
 * forward ``y [M, N] = x [M, K] @ W.T``: program ``(i, s)`` owns rows ``i*block_n ..`` and the
   ``s``-th of ``split`` K slices; partials ``[split, Mp, N]`` fp32 (``split == 1``: the output
   in ``x.dtype`` directly, no XLA epilogue).
@@ -62,7 +71,8 @@ from qlora_jax.kernels.triton_common import decode_scales, pow2_at_most, pow2_di
 from qlora_jax.nf4 import QuantizedTensor, codebook
 
 MAX_M = 8
-DECODES = ("gather16", "pair256", "prmt")
+DECODES = ("gather16", "pair256", "prmt", "prmt_f16x2")
+REGISTER_DECODES = ("prmt", "prmt_f16x2")  # forward only; the input gradient uses "pair256"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +83,8 @@ class GemvConfig:
     power of two dividing N (forward). ``blocks_per_step``: quantization blocks per row and loop
     step (forward; ``* blocksize/2`` contiguous bytes per row) or owned by one program (gradient;
     rounded down to a power of two dividing K/blocksize). ``split``: K slices (forward) or N
-    slices (gradient). ``decode``: ``"prmt"`` (register decode, forward; the input gradient uses ``"pair256"``),
-    ``"gather16"`` or ``"pair256"`` (module docstring).
+    slices (gradient). ``decode``: ``"prmt_f16x2"`` or ``"prmt"`` (register decodes, forward; the
+    input gradient uses ``"pair256"``), ``"gather16"`` or ``"pair256"`` (module docstring).
     ``scales_in_kernel``: decode double-quantized scales in the kernel (else one small XLA op
     makes fp32 ``[N, NB]`` scales first: 4 extra bytes read per 32 code bytes).
     ``reduce``: ``"end"`` keeps one elementwise fp32 accumulator per row of x the size of the byte
@@ -91,8 +101,9 @@ class GemvConfig:
     block_n: int = 16
     blocks_per_step: int = 8
     split: int = 4
-    # register decode: 1.2-1.4x faster than "gather16" at M = 1 on the three LLaMA shapes (H200 profile, RESULTS.md)
-    decode: str = "prmt"
+    # register decode + fp16x2 FMAs: at M = 1 1.2-1.3x faster than "prmt" (fp32 FMAs) and 1.6-1.9x than
+    # "gather16" on the three LLaMA shapes; at M = 8 1.6-1.9x faster than "prmt" (H200 profiles, RESULTS.md)
+    decode: str = "prmt_f16x2"
     scales_in_kernel: bool = True
     reduce: str = "step"  # fastest at M = 1 on both 7B shapes (H200 sweep, benchmarks/RESULTS.md)
     x_layout: str = "split"
@@ -200,10 +211,16 @@ def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_
         o_ref[0, m, :] = acc.astype(o_ref.dtype)
 
 
-def _fwd_kernel_words(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, o_ref, *,
-                      bn, g, steps, split, nb, mp, dq_in_kernel, quant_type, interpret):
-    """``decode="prmt"``: as :func:`_fwd_kernel`, on uint32 words ``p_ref [N, NB, hb/4]`` and x planes
-    ``xe_ref / xo_ref [Mp, 4, NB, hb/4]`` (even / odd columns of byte ``t`` of each word)."""
+def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_type, interpret, f16x2):
+    """The register decodes: as :func:`_fwd_kernel`, on uint32 words ``p_ref [N, NB, hb/4]``.
+
+    ``decode="prmt"`` (``f16x2=False``): ``refs[:2]`` are x planes ``xe / xo [Mp, 4, NB, hb/4]`` (even /
+    odd columns of byte ``t`` of each word); the bf16-rounded codes times x in fp32 FMAs.
+    ``decode="prmt_f16x2"``: ``refs[0]`` is ``xp [Mp, 4, NB, hb/4]`` uint32, the fp16 pair (even column
+    upper, odd lower) of byte ``t`` of each word, of x scaled into [-1, 1]; fp16 codes times those pairs
+    in packed fp16x2 FMAs, fp32 from each word's 8-product sums on.
+    """
+    x_refs, (p_ref, a_ref, na_ref, nc_ref, off_ref, o_ref) = refs[:len(refs) - 6], refs[len(refs) - 6:]
     i, s = pl.program_id(0), pl.program_id(1)
     lo_b = (s * nb) // split
     hi_b = ((s + 1) * nb) // split
@@ -211,22 +228,47 @@ def _fwd_kernel_words(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, o_r
 
     def body(c, accs):
         blocks, scale = _k_step(c, lo_b, hi_b, g, rows, (a_ref, na_ref, nc_ref, off_ref), nb, dq_in_kernel)  # [bn, g]
-        pairs = prmt_decode.decode_words(p_ref[rows, blocks, :], quant_type, interpret=interpret)
-        halves = [(prmt_decode.upper_f32(p), prmt_decode.lower_f32(p)) for p in pairs]  # [bn, g, hb/4]
+        pairs = prmt_decode.decode_words(p_ref[rows, blocks, :], quant_type, interpret=interpret,
+                                         dtype="float16" if f16x2 else "bfloat16")  # 4 x [bn, g, hb/4]
+        if not f16x2:
+            halves = [(prmt_decode.upper_f32(p), prmt_decode.lower_f32(p)) for p in pairs]
         out = []
         for m in range(mp):
-            prod = None
-            for t, (whi, wlo) in enumerate(halves):
-                xe = xe_ref[m, t, blocks, :].astype(jnp.float32)[None]  # [1, g, hb/4]
-                xo = xo_ref[m, t, blocks, :].astype(jnp.float32)[None]
-                term = whi * xe + wlo * xo
-                prod = term if prod is None else prod + term
+            if f16x2:
+                xp = [jnp.broadcast_to(x_refs[0][m, t, blocks, :][None], pairs[0].shape) for t in range(4)]
+                prod = prmt_decode.dot_pairs_f16(pairs, xp, interpret=interpret)
+            else:
+                prod = None
+                for t, (whi, wlo) in enumerate(halves):
+                    xe = x_refs[0][m, t, blocks, :].astype(jnp.float32)[None]  # [1, g, hb/4]
+                    xo = x_refs[1][m, t, blocks, :].astype(jnp.float32)[None]
+                    term = whi * xe + wlo * xo
+                    prod = term if prod is None else prod + term
             out.append(accs[m] + jnp.sum(jnp.sum(prod, axis=2) * scale, axis=1))
         return tuple(out)
 
     accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(mp)))
     for m in range(mp):
         o_ref[0, m, :] = accs[m].astype(o_ref.dtype)
+
+
+def f16_pair_planes(x2: jax.Array, blocksize: int) -> tuple[jax.Array, jax.Array]:
+    """``x2 [Mp, K]`` -> (uint32 ``[Mp, 4, NB, hb/4]`` fp16 pairs of ``x2 / scale`` (plane ``t``: the
+    columns of byte ``t`` of each code word; even column in the upper half), fp32 ``scale [Mp]``).
+
+    ``scale`` is the power of two at or above each row's largest magnitude (1 for a zero row), so the
+    scaled row lies in [-1, 1] (fp16's range holds any bf16 activation after it) and is exact to
+    fp16 except where it falls below fp16's normal range (2^-14 of the row's maximum).
+    """
+    mp, k = x2.shape
+    nb, hb = k // blocksize, blocksize // 2
+    xf = x2.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=1)
+    _, e = jnp.frexp(amax)  # amax = f * 2^e, f in [0.5, 1): 2^e >= amax
+    scale = jnp.where(amax > 0, jnp.ldexp(jnp.ones_like(amax), e), 1.0)
+    bits = jax.lax.bitcast_convert_type((xf / scale[:, None]).astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
+    pairs = (bits[:, 0::2] << 16) | bits[:, 1::2]  # [Mp, K/2]
+    return pairs.reshape(mp, nb, hb // 4, 4).transpose(0, 3, 1, 2), scale
 
 
 def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
@@ -284,9 +326,9 @@ def _weight_operands(w: QuantizedTensor, config: GemvConfig):
     packed = w.packed.reshape(n, nb, hb)
     scales, extra, dq_in_kernel = scale_operands(w, config.scales_in_kernel)
     absmax = scales.reshape(n, nb)
-    if config.decode == "prmt":
+    if config.decode in REGISTER_DECODES:
         if hb % 4:
-            raise ValueError(f"decode='prmt' needs blocksize % 8 == 0, got {w.blocksize}")
+            raise ValueError(f"decode={config.decode!r} needs blocksize % 8 == 0, got {w.blocksize}")
         words = jax.lax.bitcast_convert_type(packed.reshape(n, nb, hb // 4, 4), jnp.uint32)
         return (words, absmax, *extra), dq_in_kernel
     if config.decode == "gather16":
@@ -317,7 +359,7 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     fp32 decode and accumulation (the weight is never rounded to ``x.dtype``).
     """
     m = _validate("nf4_gemv", x, w, 1)
-    if config.decode == "prmt" and not interpret and prmt_decode.rocm_backend():
+    if config.decode in REGISTER_DECODES and not interpret and prmt_decode.rocm_backend():
         config = dataclasses.replace(config, decode="pair256")  # the same bf16-rounded codes, by table
     n, k = w.shape
     nb, hb = k // w.blocksize, w.blocksize // 2
@@ -328,11 +370,17 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     steps = -(-(-(-nb // split)) // g)  # ceil(ceil(nb / split) / g)
     bn = pow2_divisor(n, config.block_n)
     operands, dq = _weight_operands(w, config)
-    if config.decode == "prmt":
+    x_scale = None
+    if config.decode == "prmt_f16x2":
+        xp, x_scale = f16_pair_planes(x2, w.blocksize)
+        xs = (xp,)
+    elif config.decode == "prmt":
         planes = lambda half: half.reshape(mp, nb, hb // 4, 4).transpose(0, 3, 1, 2)  # [Mp, 4, NB, hb/4]
         xs = (planes(x2[:, 0::2]), planes(x2[:, 1::2]))
+    if config.decode in REGISTER_DECODES:
         kernel = functools.partial(_fwd_kernel_words, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
-                                   dq_in_kernel=dq, quant_type=w.quant_type, interpret=interpret)
+                                   dq_in_kernel=dq, quant_type=w.quant_type, interpret=interpret,
+                                   f16x2=config.decode == "prmt_f16x2")
     else:
         if config.x_layout == "strided":
             x4 = x2.reshape(mp, nb, hb, 2)
@@ -350,13 +398,15 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
         kernel,
         out_shape=jax.ShapeDtypeStruct((split, mp, n), out_dtype),
         grid=(n // bn, split),
-        in_specs=[pl.no_block_spec] * (2 + len(operands)),
+        in_specs=[pl.no_block_spec] * (len(xs) + len(operands)),
         out_specs=pl.BlockSpec((1, mp, bn), lambda i, s: (s, 0, i)),
         compiler_params=triton_params(config),
         interpret=interpret,
         name="nf4_gemv",
     )(*xs, *operands)
     y = partial[0] if split == 1 else partial.sum(0)
+    if x_scale is not None:
+        y = y * x_scale[:, None].astype(y.dtype)  # a power of two: exact
     return y[:m].astype(x.dtype).reshape(*x.shape[:-1], n)
 
 
@@ -365,7 +415,7 @@ def nf4_gemv_t(dy: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAUL
                interpret: bool = False) -> jax.Array:
     """``dy [..., N] @ dequant(w [N, K]) -> [..., K]`` in ``dy.dtype``; M = prod(...) <= 8."""
     m = _validate("nf4_gemv_t", dy, w, 0)
-    if config.decode == "prmt":  # the register decode is forward-only; same bf16-rounded codes
+    if config.decode in REGISTER_DECODES:  # the register decodes are forward-only; bf16-rounded codes
         config = dataclasses.replace(config, decode="pair256")
     n, k = w.shape
     nb, hb = k // w.blocksize, w.blocksize // 2

@@ -36,12 +36,23 @@ import numpy as np
 from qlora_jax.nf4 import codebook
 
 
+HALF_DTYPES = ("bfloat16", "float16")
+
+
 @functools.cache
-def bf16_code_bits(quant_type: str) -> np.ndarray:
-    """uint32 ``[16]``: the bit pattern of ``bf16(code[c])``."""
+def code_bits(quant_type: str, dtype: str = "bfloat16") -> np.ndarray:
+    """uint32 ``[16]``: the bit pattern of ``code[c]`` rounded to ``dtype`` (bfloat16 or float16)."""
     import ml_dtypes
 
-    return codebook(quant_type).astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
+    if dtype not in HALF_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {HALF_DTYPES}")
+    half = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    return codebook(quant_type).astype(half).view(np.uint16).astype(np.uint32)
+
+
+def bf16_code_bits(quant_type: str) -> np.ndarray:
+    """uint32 ``[16]``: the bit pattern of ``bf16(code[c])``."""
+    return code_bits(quant_type, "bfloat16")
 
 
 def _table_words(bytes16: np.ndarray) -> list[int]:
@@ -50,13 +61,14 @@ def _table_words(bytes16: np.ndarray) -> list[int]:
 
 
 @functools.cache
-def prmt_asm(quant_type: str, t: int) -> str:
-    """The PTX body: ``$1`` = a packed uint32 word, ``$0`` = the bf16 pair of its byte ``t`` (0..3).
+def prmt_asm(quant_type: str, t: int, dtype: str = "bfloat16") -> str:
+    """The PTX body: ``$1`` = a packed uint32 word, ``$0`` = the ``dtype`` (bf16 or fp16) pair of its
+    byte ``t`` (0..3).
 
     One statement per output byte (jax's Triton lowering of inline asm takes one result); the four
     statements of a word share all but their last instruction, which ptxas computes once.
     """
-    bits = bf16_code_bits(quant_type)
+    bits = code_bits(quant_type, dtype)
     th = _table_words(bits >> 8)
     tl = _table_words(bits & 0xFF)
     group, half = divmod(t, 2)
@@ -91,9 +103,9 @@ def rocm_backend() -> bool:
     return "rocm" in jax.devices()[0].client.platform_version.lower()
 
 
-def decode_words_reference(words: jax.Array, quant_type: str) -> tuple[jax.Array, ...]:
-    """What the PTX computes, as jnp gathers: uint32 ``words`` -> four uint32 arrays of bf16 pairs."""
-    bits = [int(b) for b in bf16_code_bits(quant_type)]
+def decode_words_reference(words: jax.Array, quant_type: str, dtype: str = "bfloat16") -> tuple[jax.Array, ...]:
+    """What the PTX computes, as jnp gathers: uint32 ``words`` -> four uint32 arrays of ``dtype`` pairs."""
+    bits = [int(b) for b in code_bits(quant_type, dtype)]
 
     def lookup(code: jax.Array) -> jax.Array:  # a select chain: no captured table (fine in a kernel)
         out = jnp.zeros_like(code)
@@ -108,18 +120,19 @@ def decode_words_reference(words: jax.Array, quant_type: str) -> tuple[jax.Array
     return tuple(out)
 
 
-def decode_words(words: jax.Array, quant_type: str, *, interpret: bool) -> tuple[jax.Array, ...]:
+def decode_words(words: jax.Array, quant_type: str, *, interpret: bool, dtype: str = "bfloat16") -> tuple[jax.Array, ...]:
     """Inside a Pallas/Triton kernel: uint32 ``words`` (any shape) -> four uint32 arrays of the same
-    shape; output ``t`` is ``bf16(code[hi nibble]) << 16 | bf16(code[lo nibble])`` of byte ``t``."""
+    shape; output ``t`` is ``half(code[hi nibble]) << 16 | half(code[lo nibble])`` of byte ``t``,
+    ``half`` = ``dtype`` (bfloat16 or float16)."""
     if interpret:
-        return decode_words_reference(words, quant_type)
+        return decode_words_reference(words, quant_type, dtype)
     from jax.experimental.pallas import triton as pltriton
 
     # Triton's integers are signless: int32 in and out (an unsigned MLIR type fails to parse), bitcast back
     out = jax.ShapeDtypeStruct(words.shape, jnp.int32)
     w32 = jax.lax.bitcast_convert_type(words, jnp.int32)
     return tuple(jax.lax.bitcast_convert_type(
-        pltriton.elementwise_inline_asm(prmt_asm(quant_type, t), args=[w32], constraints="=r,r", pack=1,
+        pltriton.elementwise_inline_asm(prmt_asm(quant_type, t, dtype), args=[w32], constraints="=r,r", pack=1,
                                         result_shape_dtypes=[out])[0], jnp.uint32) for t in range(4))
 
 
@@ -131,3 +144,59 @@ def upper_f32(pair: jax.Array) -> jax.Array:
 def lower_f32(pair: jax.Array) -> jax.Array:
     """The lower bf16 half of uint32 ``pair`` as fp32 (the odd column)."""
     return jax.lax.bitcast_convert_type(pair << 16, jnp.float32)
+
+
+# $0 (fp32 bits) = sum over t of the two halves of $(1+t) * $(5+t): four packed fp16 pairs of weights times
+# four of activations (fp16x2 FMAs, one rounding to fp16 per operation), then the two fp16 partial sums
+# converted to fp32 and added. Each half sums 4 products: with weights and activations in [-1, 1]
+# (the GEMV scales x by a power of two first) no partial sum leaves fp16's range.
+HFMA2_ASM = "\n".join([
+    "{",
+    ".reg .b32 acc;",
+    ".reg .b16 al, ah;",
+    ".reg .f32 fl, fh;",
+    "mul.rn.f16x2 acc, $1, $5;",
+    "fma.rn.f16x2 acc, $2, $6, acc;",
+    "fma.rn.f16x2 acc, $3, $7, acc;",
+    "fma.rn.f16x2 acc, $4, $8, acc;",
+    "mov.b32 {al, ah}, acc;",
+    "cvt.f32.f16 fl, al;",
+    "cvt.f32.f16 fh, ah;",
+    "add.f32 fl, fl, fh;",
+    "mov.b32 $0, fl;",
+    "}",
+])
+
+
+def _f16_halves(pair: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint32 fp16 pair -> (upper, lower) as fp32."""
+    f16 = lambda h: jax.lax.bitcast_convert_type(h.astype(jnp.uint16), jnp.float16).astype(jnp.float32)  # noqa: E731
+    return f16(pair >> 16), f16(pair & jnp.uint32(0xFFFF))
+
+
+def dot_pairs_f16_reference(pairs: tuple[jax.Array, ...], xpairs: tuple[jax.Array, ...]) -> jax.Array:
+    """What :data:`HFMA2_ASM` computes, in jnp (fp32 arithmetic rounded to fp16 after every operation;
+    a product of two fp16 values is exact in fp32, so only a sum can round twice)."""
+    acc = None
+    for p, x in zip(pairs, xpairs):
+        (ph, pl_), (xh, xl) = _f16_halves(p), _f16_halves(x)
+        if acc is None:
+            acc = ((ph * xh).astype(jnp.float16), (pl_ * xl).astype(jnp.float16))
+        else:
+            acc = ((ph * xh + acc[0].astype(jnp.float32)).astype(jnp.float16),
+                   (pl_ * xl + acc[1].astype(jnp.float32)).astype(jnp.float16))
+    return acc[1].astype(jnp.float32) + acc[0].astype(jnp.float32)
+
+
+def dot_pairs_f16(pairs: tuple[jax.Array, ...], xpairs: tuple[jax.Array, ...], *, interpret: bool) -> jax.Array:
+    """Inside a Pallas/Triton kernel: four uint32 arrays of fp16 weight pairs (``decode_words(...,
+    dtype="float16")``) and four of fp16 activation pairs, all the same shape -> fp32, per element the
+    sum of the 8 products (packed fp16x2 FMAs: a quarter of the fp32 FMAs' instructions)."""
+    if interpret:
+        return dot_pairs_f16_reference(pairs, xpairs)
+    from jax.experimental.pallas import triton as pltriton
+
+    args = [jax.lax.bitcast_convert_type(a, jnp.int32) for a in (*pairs, *xpairs)]
+    out = pltriton.elementwise_inline_asm(HFMA2_ASM, args=args, constraints="=r" + ",r" * 8, pack=1,
+                                          result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.int32)])[0]
+    return jax.lax.bitcast_convert_type(out, jnp.float32)
