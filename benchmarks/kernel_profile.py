@@ -113,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--config", action="append", default=[], type=parse_config,
                     help="an extra GEMV candidate NAME=field:value,... (repeatable), e.g. bn32_w8=block_n:32,num_warps:8")
-    ap.add_argument("--only-extra", action="store_true", help="profile the bf16 dot and the --config candidates only")
+    ap.add_argument("--only-extra", action="store_true", help="profile the bf16 dot, the dequantize + dot and the --config candidates only")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: one small shape, interpret mode")
     args = ap.parse_args(argv)
-    candidates = {"bf16_dot": None} if args.only_extra else dict(CANDIDATES)
+    baselines = ("bf16_dot", "pallas_dequant_dot")
+    candidates = {k: v for k, v in CANDIDATES.items() if k in baselines or not args.only_extra}
     candidates.update(args.config)
     interpret = jax.default_backend() != "gpu"
     shapes = "128x192" if args.tiny else args.shapes
