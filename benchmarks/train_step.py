@@ -45,7 +45,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -137,16 +136,10 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
     cfg = model_config(c["size"])
     tc = train_config(c)
     quant = tc.model.quant_config()
-    # what train.py decides for this model on this device (per device on a mesh)
-    tc = resolve_paging(tc, SimpleNamespace(cfg=cfg, quant=quant))
-    c = {**c, "paged": tc.optim.paged}
     B, T = c["batch"], c["seq"]  # the global batch
     lora = lora_config(tc)
-    p = inputs_from_train_config(tc, cfg, seq=T)
-    planned = plan(p)  # per device
-    result: dict[str, Any] = {**c, "status": "error", "planned_bytes": planned["total"], "plan": planned,
-                              "devices": n_dev, "device": dev.device_kind, "backend": jax.default_backend(),
-                              "jax": jax.__version__}
+    result: dict[str, Any] = {**c, "status": "error", "devices": n_dev, "device": dev.device_kind,
+                              "backend": jax.default_backend(), "jax": jax.__version__}
 
     mesh = None
     if n_dev > 1:
@@ -158,6 +151,12 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
     jax.block_until_ready(nnx.state(model))
     result["build_s"] = time.perf_counter() - t0
     _log(f"[{c['name']}] built random {c['weights']} model in {result['build_s']:.1f}s")
+    # what train.py decides for this model on this device (per device on a mesh)
+    tc = resolve_paging(tc, model)
+    c = {**c, "paged": tc.optim.paged}
+    p = inputs_from_train_config(tc, cfg, seq=T)
+    planned = plan(p)  # per device
+    result.update(paged=c["paged"], planned_bytes=planned["total"], plan=planned)
     model.train()  # LoRA dropout on, as in train.py
     graphdef, lora_state, rest = nnx.split(model, nnx.LoRAParam, ...)
     del model
@@ -329,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     def unpaged_retry(c: dict[str, Any], r: dict[str, Any]) -> dict[str, Any] | None:
         # Host offload is the newest part of the stack: one failure there must not cost the run's
         # numbers. Same configuration with the optimizer state on the device, reported as its own row.
-        if r["status"] in ("error", "crashed") and c["paged"] and args.fallback_unpaged:
+        if r["status"] in ("error", "crashed") and r.get("paged", c["paged"]) and args.fallback_unpaged:
             return {**c, "name": c["name"] + "-unpaged", "paged": False, "paged_setting": False}
         return None
 

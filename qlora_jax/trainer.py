@@ -341,6 +341,12 @@ def _device_memory_gib() -> float | None:
 
 
 AUTO_PAGING_FRACTION = 0.9  # "auto" keeps the optimizer on the device if the plan fits in this share
+# Between that share and AUTO_COMPILE_ZONE x the device, "auto" compiles the step with Adam on the device and
+# asks XLA's own memory analysis (on the H200 it equals the measured peak to the byte, RESULTS.md), keeping
+# AUTO_COMPILE_HEADROOM of the device free: 65B at 1x512 in a 48 GiB pool plans 45.75 GiB, XLA says 46.47,
+# so it runs on the device at 0.52 s/step instead of 0.73 paged (RESULTS.md, fourth session).
+AUTO_COMPILE_ZONE = 1.05
+AUTO_COMPILE_HEADROOM = 0.02
 
 
 def _plan_inputs(cfg: TrainConfig, model: nnx.Module):
@@ -352,12 +358,36 @@ def _plan_inputs(cfg: TrainConfig, model: nnx.Module):
                                backend="cpu" if jax.default_backend() == "cpu" else "gpu")
 
 
+def compiled_step_bytes(cfg: TrainConfig, model: nnx.Module) -> int | None:
+    """XLA's memory analysis of ``cfg``'s one-device training step at its longest batch (``optim.paged``
+    resolved): arguments + outputs + temporaries - aliases, in bytes; compiled, not run (the optimizer
+    state is only traced). ``None`` where the backend reports no analysis. Leaves ``model`` in train mode."""
+    import jax.numpy as jnp
+
+    model.train()
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    tx = make_optimizer(cfg)
+    opt_state = jax.eval_shape(tx.init, lora)
+    seq = _plan_inputs(cfg, model).seq
+    batch = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, seq), jnp.int32)
+             for k in ("input_ids", "labels", "attention_mask")}
+    compiled = make_train_step(graphdef, tx, cfg).lower(lora, opt_state, rest, batch, 0, jax.random.key(0)).compile()
+    try:
+        ma = compiled.memory_analysis()
+        return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - a backend without the analysis
+        return None
+
+
 def resolve_paging(cfg: TrainConfig, model: nnx.Module, device_bytes: int | None = None,
-                   previous: bool | None = None) -> TrainConfig:
+                   previous: bool | None = None,
+                   step_bytes: Callable[[TrainConfig, nnx.Module], int | None] = compiled_step_bytes) -> TrainConfig:
     """``cfg`` with ``optim.paged="auto"`` decided: the optimizer state stays on the device when the
     memory plan with it there fits in ``AUTO_PAGING_FRACTION`` of ``device_bytes`` (default: the
-    first device's ``bytes_limit``); with no device figure (CPU) it is paged. ``previous`` (the value a
-    resumed run was started with) wins, so a checkpoint's optimizer state keeps its structure."""
+    first device's ``bytes_limit``), or, on one device with the plan up to ``AUTO_COMPILE_ZONE`` of it,
+    when ``step_bytes`` (XLA's analysis of the compiled step) leaves ``AUTO_COMPILE_HEADROOM`` of it free;
+    with no device figure (CPU) it is paged. ``previous`` (the value a resumed run was started with)
+    wins, so a checkpoint's optimizer state keeps its structure."""
     if cfg.optim.paged != "auto":
         return cfg
     from qlora_jax.memory import plan
@@ -370,10 +400,18 @@ def resolve_paging(cfg: TrainConfig, model: nnx.Module, device_bytes: int | None
         if device_bytes is None:
             paged, why = True, "no device memory figure on this backend"
         else:
+            on_device = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, paged=False))
             need = plan(dataclasses.replace(_plan_inputs(cfg, model), paged=False))["total"]
             paged = need > AUTO_PAGING_FRACTION * device_bytes
             why = (f"plan with Adam on the device {need / 2**30:.2f} GiB vs {AUTO_PAGING_FRACTION:.0%} of "
                    f"{device_bytes / 2**30:.2f} GiB")
+            one_device = cfg.mesh.data * cfg.mesh.fsdp == 1 and jax.process_count() == 1
+            if paged and one_device and need <= AUTO_COMPILE_ZONE * device_bytes:
+                est = step_bytes(on_device, model)
+                if est is not None:
+                    paged = est > (1 - AUTO_COMPILE_HEADROOM) * device_bytes
+                    why += (f"; XLA's analysis of that step {est / 2**30:.2f} GiB vs {1 - AUTO_COMPILE_HEADROOM:.0%} "
+                            f"of {device_bytes / 2**30:.2f} GiB")
     if jax.process_index() == 0:
         print(f"optim.paged=auto -> {'paged from host memory' if paged else 'on the device'} ({why})", flush=True)
     return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, paged=paged))

@@ -182,7 +182,8 @@ def test_embedded_default_config_loads():
 
 def test_auto_paging_keeps_adam_on_the_device_only_when_the_plan_fits(base, capsys):
     """optim.paged="auto" (bitsandbytes' paged optimizers stay in GPU memory until it runs short):
-    on the device when the plan with the moments there fits 90% of the device, paged otherwise and
+    on the device when the plan with the moments there fits 90% of the device (or, near that, when
+    XLA's analysis of the compiled step leaves 2% free), paged otherwise and
     on backends with no memory figure; a resumed run keeps its start's choice; an unresolved "auto"
     cannot build an optimizer; other values are config errors."""
     from types import SimpleNamespace
@@ -194,9 +195,26 @@ def test_auto_paging_keeps_adam_on_the_device_only_when_the_plan_fits(base, caps
     assert cfg.optim.paged == "auto"
     model = SimpleNamespace(cfg=LlamaConfig.preset("7b"), quant=QuantConfig())
     need = plan(dataclasses.replace(_plan_inputs(cfg, model), paged=False))["total"]
-    assert resolve_paging(cfg, model, device_bytes=int(need / 0.9) + 1).optim.paged is False
-    assert resolve_paging(cfg, model, device_bytes=int(need / 0.9) - 2**20).optim.paged is True
+    no_analysis = lambda c, m: None  # noqa: E731
+    assert resolve_paging(cfg, model, device_bytes=int(need / 0.9) + 1, step_bytes=no_analysis).optim.paged is False
+    assert resolve_paging(cfg, model, device_bytes=int(need / 0.9) - 2**20, step_bytes=no_analysis).optim.paged is True
     assert "on the device" in capsys.readouterr().out.splitlines()[0]
+    # Between 90% and 105% of the device, XLA's analysis of the compiled on-device step decides (2% kept
+    # free); it is asked only there, only for the on-device configuration, and only on one device.
+    asked = []
+
+    def analysis(value):
+        return lambda c, m: asked.append(c.optim.paged) or value
+
+    dev = int(need / 0.95)
+    assert resolve_paging(cfg, model, device_bytes=dev, step_bytes=analysis(int(0.98 * dev))).optim.paged is False
+    assert resolve_paging(cfg, model, device_bytes=dev, step_bytes=analysis(int(0.98 * dev) + 2**20)).optim.paged is True
+    assert "XLA's analysis" in capsys.readouterr().out
+    assert resolve_paging(cfg, model, device_bytes=int(need / 1.06), step_bytes=analysis(0)).optim.paged is True
+    assert resolve_paging(cfg, model, device_bytes=int(need / 0.5), step_bytes=analysis(10**15)).optim.paged is False
+    meshed = apply_overrides(cfg, ["mesh.data=2"])
+    assert resolve_paging(meshed, model, device_bytes=dev, step_bytes=analysis(0)).optim.paged is True
+    assert asked == [False, False]
     assert resolve_paging(cfg, model, device_bytes=10**15, previous=True).optim.paged is True
     if (jax.devices()[0].memory_stats() or {}).get("bytes_limit") is None:  # the CPU backend
         assert resolve_paging(cfg, model).optim.paged is True
@@ -206,6 +224,20 @@ def test_auto_paging_keeps_adam_on_the_device_only_when_the_plan_fits(base, caps
         make_optimizer(cfg)
     with pytest.raises(ConfigError, match="optim.paged"):
         apply_overrides(cfg, ["optim.paged=sometimes"])
+
+
+def test_compiled_step_bytes_counts_at_least_the_state_the_step_holds(base):
+    """XLA's memory analysis of the compiled on-device step (what ``optim.paged: auto`` consults near
+    the device's size) covers at least its arguments: frozen weights, LoRA, both Adam moments, batch."""
+    from qlora_jax.trainer import build_model, compiled_step_bytes
+
+    cfg = _cfg(base, "optim.paged=false")
+    model = build_model(cfg, Path(base["nf4"]))
+    est = compiled_step_bytes(cfg, model)
+    state = sum(a.nbytes for a in jax.tree.leaves(nnx.state(model)))
+    lora = sum(a.nbytes for a in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    seq = cfg.data.source_max_len + cfg.data.target_max_len
+    assert est is not None and est >= state + 2 * lora + 3 * 4 * cfg.data.batch_size * seq
 
 
 def test_bf16_lora_with_fp32_master_tracks_fp32_lora(base, short_paged_run, tmp_path):
