@@ -41,6 +41,18 @@ def _lop3(a, b, c, lut: int) -> np.ndarray:
     return out
 
 
+def _statements(asm: str):
+    """``(opcode with its type suffixes, operands)`` of each PTX statement in ``asm`` (braces and
+    ``.reg`` declarations skipped; a ``{a, b}`` vector operand stays one operand)."""
+    for line in asm.splitlines():
+        line = line.strip()
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        m = re.fullmatch(r"([\w.]+) (.+);", line)
+        assert m, f"unexpected PTX line {line!r}"
+        yield m.group(1), [t.strip() for t in re.split(r",(?![^{]*})", m.group(2))]
+
+
 def run_ptx(asm: str, word: np.ndarray) -> np.ndarray:
     """Execute one decode statement's PTX on uint32 ``word`` (numpy, vectorized); returns ``$0``."""
     regs: dict[str, np.ndarray] = {"$1": word.astype(np.uint64)}
@@ -53,13 +65,9 @@ def run_ptx(asm: str, word: np.ndarray) -> np.ndarray:
             return np.full_like(regs["$1"], int(tok))
         return regs[tok]
 
-    for line in asm.splitlines():
-        line = line.strip()
-        if line in ("{", "}") or line.startswith(".reg"):
-            continue
-        m = re.fullmatch(r"(\w+)\.b32 (.+);", line)
-        assert m, f"unexpected PTX line {line!r}"
-        op, args = m.group(1), [t.strip() for t in m.group(2).split(",")]
+    for opcode, args in _statements(asm):
+        op, _, kind = opcode.partition(".")
+        assert kind == "b32", f"unexpected PTX type in {opcode!r}"
         d = args[0]
         if op == "mov":
             regs[d] = val(args[1])
@@ -123,13 +131,7 @@ def run_hfma2_ptx(asm: str, args: list[np.ndarray]) -> np.ndarray:
     as numpy fp16 with one rounding (exact float64 products and sums first), ``mov`` unpacking,
     ``cvt.f32.f16``, ``add.f32``; returns ``$0`` as fp32."""
     regs: dict[str, object] = {f"${i + 1}": (_f16(a >> np.uint32(16)), _f16(a & np.uint32(0xFFFF))) for i, a in enumerate(args)}
-    for line in asm.splitlines():
-        line = line.strip()
-        if line in ("{", "}") or line.startswith(".reg"):
-            continue
-        m = re.fullmatch(r"([\w.]+) (.+);", line)
-        assert m, f"unexpected PTX line {line!r}"
-        op, ops = m.group(1), [t.strip() for t in re.split(r",(?![^{]*})", m.group(2))]
+    for op, ops in _statements(asm):
         if op in ("mul.rn.f16x2", "fma.rn.f16x2"):
             a, b = regs[ops[1]], regs[ops[2]]
             c = regs[ops[3]] if op.startswith("fma") else (np.float16(0), np.float16(0))
