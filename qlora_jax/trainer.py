@@ -252,6 +252,8 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def restore(self, step: int, lora: Any, opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
+        """Step ``step``'s (lora, opt_state, meta), laid out as the given ``lora`` / ``opt_state``: arrays,
+        or (to hold no second copy while restoring) their ``jax.ShapeDtypeStruct`` s with shardings."""
         ocp = self._ocp
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"lora": lora, "opt_state": opt_state})
         out = self.manager.restore(step, args=ocp.args.Composite(
@@ -595,7 +597,10 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
     metrics_path = out / "metrics.jsonl"
     history: list[dict[str, Any]] = []
     if resume and (last := ckpts.latest_step()) is not None:
-        lora, opt_state, meta = ckpts.restore(last, lora, opt_state)
+        # restore into the fresh state's shapes and layouts, releasing it first: one copy on the devices
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), (lora, opt_state))
+        del opt_state
+        lora, opt_state, meta = ckpts.restore(last, *target)
         data.train.load_state_dict(meta["data"])
         start = int(meta["step"])
         if metrics_path.exists():  # keep what was logged up to the checkpoint, drop the rest

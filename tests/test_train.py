@@ -256,3 +256,16 @@ def test_bf16_lora_with_fp32_master_tracks_fp32_lora(base, short_paged_run, tmp_
         np.testing.assert_array_equal(t, np.asarray(jax.numpy.asarray(t).astype(jax.numpy.bfloat16).astype("float32")))
     with pytest.raises(ConfigError, match="lora.param_dtype"):
         _cfg(base, "lora.param_dtype=float16")
+
+
+def test_mmlu_batch_must_split_over_the_mesh(base):
+    """On a mesh every MMLU batch is split over its devices: ``eval.mmlu_batch_size`` not a multiple of
+    the device count is a config error naming the key, raised before any question is loaded."""
+    from types import SimpleNamespace
+
+    from qlora_jax.trainer import make_mmlu_eval
+
+    mesh = SimpleNamespace(devices=np.empty((2, 2)))  # 4 devices; only their count is read
+    cfg = _cfg(base, "eval.mmlu_every=10", "eval.mmlu_batch_size=6", "eval.mmlu_data_dir=/nonexistent")
+    with pytest.raises(ConfigError, match=r"eval\.mmlu_batch_size=6 .* 4"):
+        make_mmlu_eval(cfg, None, None, 512, mesh)
