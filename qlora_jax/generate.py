@@ -218,7 +218,10 @@ class Completion:
 def layer_buffers_fit(model: Llama, memory_stats: Callable[[Any], dict | None] = lambda d: d.memory_stats()) -> bool:
     """True when every device holding part of ``model``'s layer weights has their bytes (its shards'),
     plus 10% and ``LAYER_BUFFER_SLACK``, free (``bytes_limit - bytes_in_use`` of ``memory_stats``);
-    False where a device reports no statistics."""
+    False where a device reports no statistics, and with several processes (each would judge only its
+    own devices, and processes that decided differently would run different programs)."""
+    if jax.process_count() > 1:
+        return False
     need: dict[Any, int] = {}
     for leaf in jax.tree.leaves(nnx.state(model.layers)):
         for shard in getattr(leaf, "addressable_shards", ()):
@@ -248,7 +251,8 @@ class Generator:
         5.79 (``benchmarks/RESULTS.md``); it costs the layer weights' bytes once more while a
         decode call runs. ``None`` (default): on when every device has that much memory free
         (checked at each :meth:`generate_ids` call, e.g. off while a 65B model trains in 48 GB),
-        and off where the runtime reports no memory statistics (CPU).
+        off where the runtime reports no memory statistics (CPU) and with several processes
+        (:func:`layer_buffers_fit`).
       mesh: the mesh the model's arrays are sharded over (``qlora_jax.sharding``; ``None``: one
         device). With several processes, every process runs :meth:`generate_ids` with the same
         arguments and gets every row's completion.
