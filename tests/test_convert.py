@@ -189,32 +189,21 @@ def test_bnb_4bit_import_keeps_bitsandbytes_codes(stories, tmp_path, quant_type,
 # --- GGUF -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2_gguf():
-    from qlora_jax.convert import default_gguf
-
-    try:
-        return default_gguf()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-
-
 @pytest.mark.slow
-def test_gguf_smollm2_logits_close_to_transformers(smollm2_gguf, tmp_path):
+def test_gguf_smollm2_logits_close_to_transformers(smollm2_gguf, smollm2_f32, smollm2_hf, tmp_path):
     """SmolLM2-135M-Instruct's GGUF (Q4_1 / Q8_0 blocks): converted with float weights, logits equal
     transformers loading the same GGUF (so names, layout and the rotary un-permutation are right);
-    converted to NF4, next-token distributions stay close (KL reported)."""
+    converted to NF4, next-token distributions stay close (KL reported). The fp32 conversion and the
+    transformers model are session fixtures (conftest.py), shared with test_mmlu's SmolLM2 test."""
     torch = pytest.importorskip("torch")
     import transformers
 
-    f32 = convert(smollm2_gguf, tmp_path / "f32", quant=F32, progress=False)
+    f32 = smollm2_f32
     nf4 = convert(smollm2_gguf, tmp_path / "nf4", progress=False)
     tok = transformers.AutoTokenizer.from_pretrained(nf4)  # the tokenizer written beside the weights
     ids = np.array([tok("The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is")["input_ids"]])
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
     with torch.no_grad():
-        ref = hf.eval()(torch.tensor(ids)).logits.numpy()
-    del hf
+        ref = smollm2_hf(torch.tensor(ids)).logits.numpy()
     ours = np.asarray(load_model(f32)(jnp.asarray(ids)))
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=1e-3)
 

@@ -78,14 +78,9 @@ def mesh_runs(nf4_model, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def init_layout(nf4_model) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "_mesh_child.py"), "--init", str(nf4_model)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+def init_layout(mesh_runs) -> dict:
+    """The child measures the initialized layout first, before anything else runs in its process."""
+    return mesh_runs["init"]
 
 
 def test_sharded_state_is_born_sharded_on_an_fsdp_mesh(init_layout):

@@ -289,29 +289,17 @@ def test_training_logs_mmlu_accuracy(shared, data_dir, tmp_path):
 # --- SmolLM2-135M (slow) ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2_gguf():
-    from qlora_jax.quant_report import default_gguf
-
-    try:
-        return default_gguf()
-    except SystemExit as e:
-        pytest.skip(str(e))
-
-
 @pytest.mark.slow
-def test_smollm2_zero_shot_predictions_equal_transformers(smollm2_gguf, data_dir, tmp_path):
+def test_smollm2_zero_shot_predictions_equal_transformers(smollm2_f32, smollm2_hf, data_dir):
     """SmolLM2-135M-Instruct (GGUF, converted with fp32 weights), zero-shot, the 32 shortest of the
     first questions of every subject: " A".." D" are single BPE tokens ("ĠA"), and every
     prediction equals transformers' run of the original procedure on the GGUF (one question per
-    batch there)."""
-    torch = pytest.importorskip("torch")
+    batch there). The conversion and the transformers model are conftest.py's session fixtures."""
     import transformers
 
-    from qlora_jax.convert import convert
     from qlora_jax.models.checkpoint import load_model
 
-    out = convert(smollm2_gguf, tmp_path / "f32", quant=F32, progress=False)
+    out = smollm2_f32
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     letters = tok.convert_tokens_to_ids([f"Ġ{l}" for l in LETTERS])
     assert answer_token_ids(tok, "space") == letters
@@ -320,9 +308,7 @@ def test_smollm2_zero_shot_predictions_equal_transformers(smollm2_gguf, data_dir
     ev = MMLUEvaluator(qs, tok, max_length=model.cfg.max_position_embeddings, batch_size=8)
     ours = ev(model)
     del model
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                                           dtype=torch.float32).eval()
-    ref_preds, ref_logits = hf_original_procedure(hf, tok, qs, letters, 8192, batch_size=1)
+    ref_preds, ref_logits = hf_original_procedure(smollm2_hf, tok, qs, letters, 8192, batch_size=1)
     assert ours["predictions"] == ref_preds
     np.testing.assert_allclose(ours["letter_logits"], ref_logits, atol=2e-3, rtol=1e-3)
     print(f"\nSmolLM2-135M-Instruct fp32, zero-shot, 32 questions: accuracy {ours['accuracy']:.3f} "

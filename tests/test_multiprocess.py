@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -33,15 +32,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _copy_step(src_out: Path, step: int, dst_out: Path) -> None:
-    """An output directory whose only checkpoint is ``src_out``'s step ``step`` (as if killed there)."""
-    (dst_out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(src_out / "checkpoints" / str(step), dst_out / "checkpoints" / str(step))
-
-
 @pytest.fixture(scope="module")
 def runs(stories, shared, tmp_path_factory) -> dict:
-    from _mesh_child import cfg, losses
+    from _mesh_child import cfg, copy_step, losses
     from _multiprocess_child import held_out, with_evals
 
     from qlora_jax.convert import convert
@@ -56,7 +49,7 @@ def runs(stories, shared, tmp_path_factory) -> dict:
     convert(stories, model, quant=QuantConfig(), progress=False)
     # One process, one device: the reference curve, and a step-2 checkpoint for the 2-process run to resume.
     ref = train(cfg(str(model), 1, 1, save_every=2, extra=evals), root / "ref", progress=False)
-    _copy_step(root / "ref", 2, root / "from_1proc")
+    copy_step(root / "ref", 2, root / "from_1proc")
 
     port = _free_port()
     procs = []
@@ -80,7 +73,7 @@ def runs(stories, shared, tmp_path_factory) -> dict:
         results.append(json.loads(line[len("RESULT "):]))
 
     # One process again, resuming a checkpoint the 2-process run wrote.
-    _copy_step(root / "mp_full", 2, root / "from_2proc")
+    copy_step(root / "mp_full", 2, root / "from_2proc")
     back = train(cfg(str(model), 1, 1, extra=evals), root / "from_2proc", resume=True, progress=False)
     return {"root": root, "ref": losses(ref), "procs": results, "back": losses(back),
             "ref_evals": held_out(ref), "back_evals": held_out(back),
