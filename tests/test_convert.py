@@ -198,13 +198,12 @@ def test_gguf_smollm2_logits_close_to_transformers(smollm2_gguf, smollm2_f32, sm
     torch = pytest.importorskip("torch")
     import transformers
 
-    f32 = smollm2_f32
     nf4 = convert(smollm2_gguf, tmp_path / "nf4", progress=False)
     tok = transformers.AutoTokenizer.from_pretrained(nf4)  # the tokenizer written beside the weights
     ids = np.array([tok("The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is")["input_ids"]])
     with torch.no_grad():
         ref = smollm2_hf(torch.tensor(ids)).logits.numpy()
-    ours = np.asarray(load_model(f32)(jnp.asarray(ids)))
+    ours = np.asarray(load_model(smollm2_f32)(jnp.asarray(ids)))
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=1e-3)
 
     q = np.asarray(load_model(nf4, compute_dtype="float32")(jnp.asarray(ids)))
