@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax.models.llama import KVCache, Llama
+from qlora_jax.models.llama import KVCache, Llama, fuse_projections
 from qlora_jax.sharding import host_values, put_replicated, tracing_mesh
 
 GUANACO_STOP = "### Human:"
@@ -167,19 +167,23 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax
 
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: jax.Array, *,
             sampling: SamplingConfig, eos: tuple[int, ...], unroll_layers: bool = False,
-            layer_buffers: bool = False, mesh: jax.sharding.Mesh | None = None) -> DecodeState:
+            layer_buffers: bool = False, join_projections: bool = True,
+            mesh: jax.sharding.Mesh | None = None) -> DecodeState:
     """Generate tokens ``ds.step .. stop_at - 1`` (fewer if every row finishes) in one ``while_loop``.
 
     ``layer_buffers``: slice every layer's weights out of the stacked layer state once, before the
     loop (their own buffers for the loop's duration: the layer weights' bytes once more), instead of
-    in every iteration (see :class:`Generator`).
+    in every iteration, as :func:`~qlora_jax.models.llama.fuse_projections` (q/k/v and gate/up joined
+    with ``join_projections``; see :class:`Generator`).
     """
     uses_seen = sampling.repetition_penalty != 1.0
-    layer_states = None
+    layer_states = layer_projections = None
     if layer_buffers:
         model = nnx.merge(graphdef, state, copy=True)
-        _, stacked = nnx.split(model.layers)  # every leaf [L, ...]
+        layer_graphdef, stacked = nnx.split(model.layers)  # every leaf [L, ...]
         layer_states = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.cfg.num_hidden_layers)]
+        layer_projections = [fuse_projections(nnx.merge(layer_graphdef, st), join=join_projections)
+                             for st in layer_states]
 
     def cond(ds: DecodeState) -> jax.Array:
         return (ds.step < stop_at) & ~jnp.all(ds.done)
@@ -192,7 +196,8 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: 
         with tracing_mesh(mesh):
             logits, cache = model(ds.last[:, None], positions=pos[:, None],
                                   attention_mask=jnp.ones_like(ds.last)[:, None], cache=ds.cache, deterministic=True,
-                                  unroll_layers=unroll_layers, layer_states=layer_states)
+                                  unroll_layers=unroll_layers, layer_states=layer_states,
+                                  layer_projections=layer_projections)
         tok = sample_logits(logits[:, 0], jax.random.fold_in(ds.key, ds.step), sampling, ds.seen if uses_seen else None)
         return _record(dataclasses.replace(ds, cache=cache, positions=pos), tok, eos, uses_seen)
 
@@ -202,7 +207,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: 
 LAYER_BUFFER_SLACK = 512 << 20  # bytes left free beside the layer buffers (KV cache growth, workspace)
 _STATIC = ("graphdef", "sampling", "eos", "unroll_layers", "mesh")
 _prefill_jit = jax.jit(_prefill, static_argnames=(*_STATIC, "cache_len", "max_new"))
-_decode_jit = jax.jit(_decode, static_argnames=(*_STATIC, "layer_buffers"), donate_argnames=("ds",))
+_decode_jit = jax.jit(_decode, static_argnames=(*_STATIC, "layer_buffers", "join_projections"), donate_argnames=("ds",))
 
 
 @dataclasses.dataclass
@@ -253,15 +258,19 @@ class Generator:
         (checked at each :meth:`generate_ids` call, e.g. off while a 65B model trains in 48 GB),
         off where the runtime reports no memory statistics (CPU) and with several processes
         (:func:`layer_buffers_fit`).
+      join_projections: with layer buffers, join q/k/v and gate/up into one layer each for decoding
+        (one 4-bit GEMV and one adapter matmul pair per group instead of per projection; same tokens
+        up to the last bit of a matmul's rounding; :func:`~qlora_jax.models.llama.fuse_projections`).
       mesh: the mesh the model's arrays are sharded over (``qlora_jax.sharding``; ``None``: one
         device). With several processes, every process runs :meth:`generate_ids` with the same
         arguments and gets every row's completion.
     """
 
     def __init__(self, model: Llama, tokenizer: Any = None, *, eos_token_ids: Sequence[int] | None = None,
-                 unroll_layers: bool = True, layer_buffers: bool | None = None,
+                 unroll_layers: bool = True, layer_buffers: bool | None = None, join_projections: bool = True,
                  mesh: jax.sharding.Mesh | None = None):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+        self.join_projections = bool(join_projections)
         self.unroll_layers = bool(unroll_layers)
         self.layer_buffers = None if layer_buffers is None else bool(layer_buffers)
         self.graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
@@ -345,7 +354,7 @@ class Generator:
             step = min(step + chunk, max_new_tokens)
             ds = _decode_jit(self.graphdef, self.state, ds, put_replicated(np.int32(step), self.mesh),
                              sampling=sampling, eos=self.eos, unroll_layers=self.unroll_layers,
-                             layer_buffers=buffers, mesh=self.mesh)
+                             layer_buffers=buffers, join_projections=self.join_projections, mesh=self.mesh)
             step = int(host_values(ds.step))
         out = []
         for i, row in enumerate(rows):

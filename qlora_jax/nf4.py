@@ -124,7 +124,8 @@ class QuantizedTensor:
       packed:        uint8 ``[ceil(n / 2)]``, two codes per byte, first in the high nibble.
       absmax:        fp32 ``[nb]`` block scales, or uint8 ``[nb]`` codes with double quantization.
       nested_absmax: fp32 ``[ceil(nb / 256)]`` scales of the absmax codes (double quant only).
-      nested_offset: fp32 ``[]`` mean subtracted from absmax before quantizing it (double quant only).
+      nested_offset: fp32 ``[]`` mean subtracted from absmax before quantizing it (double quant only);
+                     ``[ceil(nb / 256)]``, one per block of 256 scales, in tensors joined by :func:`concat_rows`.
       nested_code:   fp32 ``[256]`` the 8-bit map the absmax codes index (double quant only).
     Static: ``shape`` and ``dtype`` of the original tensor, ``blocksize``, ``quant_type``.
 
@@ -324,7 +325,60 @@ def block_absmax(qt: QuantizedTensor) -> jax.Array:
     code = jnp.broadcast_to(qt.nested_code, (*lead, qt.nested_code.shape[-1]))
     values = jnp.take_along_axis(code, qt.absmax.astype(jnp.int32), axis=-1)
     scale = jnp.repeat(qt.nested_absmax, NESTED_BLOCKSIZE, axis=-1)[..., :nb]
+    if per_nested_offset(qt):
+        return values * scale + jnp.repeat(qt.nested_offset, NESTED_BLOCKSIZE, axis=-1)[..., :nb]
     return values * scale + qt.nested_offset[..., None]
+
+
+def per_nested_offset(qt: QuantizedTensor) -> bool:
+    """Whether ``qt`` has one double-quantization offset per block of 256 scales (:func:`concat_rows`)
+    rather than one for the tensor (leading stacked axes aside)."""
+    return qt.double_quant and qt.nested_offset.ndim == qt.nested_absmax.ndim
+
+
+def concat_rows(tensors: "list[QuantizedTensor] | tuple[QuantizedTensor, ...]") -> QuantizedTensor:
+    """Join 2-D tensors ``[N_i, K]`` along their rows into one ``[sum N_i, K]`` tensor, exactly: every
+    element dequantizes to the value it had (e.g. q/k/v projections as one weight, read by one kernel).
+
+    The codes and block scales are concatenated; with double quantization each tensor's offset is
+    repeated over its blocks of 256 scales (``nested_offset [ceil(nb / 256)]``), so every tensor but
+    the last needs a whole number of those (``N_i * K`` a multiple of ``256 * blocksize``), and all share
+    the 8-bit map of the first (the signed dynamic map :func:`quantize` and bitsandbytes use). Raises
+    ``ValueError`` naming the first tensor that does not fit.
+    """
+    if not tensors:
+        raise ValueError("concat_rows: no tensors")
+    first = tensors[0]
+    k = first.shape[-1]
+    for i, t in enumerate(tensors):
+        what = f"concat_rows: tensor {i} {t!r}"
+        if len(t.shape) != 2 or t.packed.ndim != 1:
+            raise ValueError(f"{what} is not one 2-D tensor")
+        if (t.shape[1], t.blocksize, t.quant_type, t.double_quant, t.dtype) != (k, first.blocksize, first.quant_type, first.double_quant, first.dtype):
+            raise ValueError(f"{what} does not match tensor 0 {first!r} in K, blocksize, quant_type, double_quant or dtype")
+        n = t.shape[0] * k
+        whole = t.blocksize * (NESTED_BLOCKSIZE if t.double_quant else 1)
+        if i < len(tensors) - 1 and n % whole:
+            raise ValueError(f"{what}: {n} elements are not a whole number of {whole}-element "
+                             f"{'groups of 256 blocks' if t.double_quant else 'blocks'}")
+    cat = lambda name: jnp.concatenate([getattr(t, name) for t in tensors])  # noqa: E731
+    offset = None
+    if first.double_quant:
+        offset = jnp.concatenate([
+            jnp.broadcast_to(t.nested_offset, t.nested_absmax.shape) if not per_nested_offset(t) else t.nested_offset
+            for t in tensors
+        ])
+    return QuantizedTensor(
+        packed=cat("packed"),
+        absmax=cat("absmax"),
+        nested_absmax=cat("nested_absmax") if first.double_quant else None,
+        nested_offset=offset,
+        nested_code=first.nested_code,
+        shape=(sum(t.shape[0] for t in tensors), k),
+        dtype=first.dtype,
+        blocksize=first.blocksize,
+        quant_type=first.quant_type,
+    )
 
 
 def dequantize(qt: QuantizedTensor, dtype: Any = jnp.bfloat16) -> jax.Array:
@@ -404,6 +458,8 @@ def to_bnb_state_dict(qt: QuantizedTensor, prefix: str = "") -> dict[str, np.nda
         "dtype": qt.dtype,
         "shape": list(qt.shape),
     }
+    if qt.double_quant and per_nested_offset(qt):
+        raise ValueError(f"{p}: a tensor joined by concat_rows (one offset per block of 256 scales) has no bitsandbytes form")
     if qt.double_quant:
         out[f"{p}.nested_absmax"] = np.asarray(qt.nested_absmax)
         out[f"{p}.nested_quant_map"] = np.asarray(qt.nested_code)

@@ -19,7 +19,9 @@ of ``W`` is ever saved for the backward pass.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -28,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax import kernels
-from qlora_jax.nf4 import QuantizedTensor, quantize
+from qlora_jax.nf4 import NESTED_BLOCKSIZE, QuantizedTensor, concat_rows, quantize
 from qlora_jax.sharding import gather_for_compute
 
 
@@ -282,3 +284,111 @@ class NF4Dense(LoRADense):
             return weight
         self._check_shape(weight.shape, "weight")
         return quantize(weight, quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant)
+
+
+# --- inference: layers that read the same input, as one ------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FusedDense:
+    """Linear layers that read the same input (q/k/v; gate/up), prepared for inference as one layer.
+
+    weight:     their base weights joined along ``out``: ``[sum(out), in]`` (:func:`qlora_jax.nf4.concat_rows`,
+                or a float array), in the layers' storage.
+    lora_a:     ``[in, sum(r)]`` their adapters' ``A`` side by side, in ``compute_dtype``, or ``None``.
+    lora_b:     ``[sum(r), sum(out)]`` block-diagonal: each layer's ``B`` in its own rows and columns.
+    lora_scale: fp32 ``[sum(out)]`` each output column's layer's LoRA scaling (0 without an adapter).
+    bias:       ``[sum(out)]`` or ``None``.
+    splits:     each layer's ``out`` (static).
+
+    :func:`fused_dense` then makes one base matmul, one ``A`` and one ``B`` matmul for the group,
+    instead of three per layer: decoding one token is bound by kernel launches, not FLOPs.
+    """
+
+    weight: Any
+    lora_a: jax.Array | None
+    lora_b: jax.Array | None
+    lora_scale: jax.Array | None
+    bias: jax.Array | None
+    splits: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    compute_dtype: str = dataclasses.field(metadata=dict(static=True))
+
+
+def _joinable(weights: Sequence[Any]) -> bool:
+    """Whether :func:`qlora_jax.nf4.concat_rows` (or a float concatenation) joins these weights."""
+    if all(not isinstance(w, QuantizedTensor) for w in weights):
+        return len({(w.shape[1], w.dtype) for w in weights}) == 1
+    if not all(isinstance(w, QuantizedTensor) for w in weights):
+        return False
+    first = weights[0]
+    for w in weights:
+        if len(w.shape) != 2 or w.packed.ndim != 1 or (w.shape[1], w.blocksize, w.quant_type, w.double_quant, w.dtype) != (
+                first.shape[1], first.blocksize, first.quant_type, first.double_quant, first.dtype):
+            return False
+    whole = first.blocksize * (NESTED_BLOCKSIZE if first.double_quant else 1)
+    return all(w.shape[0] * w.shape[1] % whole == 0 for w in weights[:-1])
+
+
+def fuse_dense(layers: Sequence[LoRADense]) -> tuple[FusedDense, ...]:
+    """``layers`` (one 2-D weight each, same input) as one :class:`FusedDense`, or one per layer where their
+    weights cannot be joined exactly (different formats, or double-quantized scales that do not fill whole
+    groups of 256); adapters in the layers' ``compute_dtype``. Inference only: no dropout, no gradients.
+    Runs inside ``jit`` (e.g. once before a decode loop); the result holds a copy of the weights."""
+    layers = list(layers)
+    cdt = jnp.dtype(layers[0].compute_dtype)
+    if len(layers) > 1 and (
+        any(jnp.dtype(l.compute_dtype) != cdt or l.in_features != layers[0].in_features for l in layers)
+        or not _joinable([l.weight.get_value() for l in layers])
+    ):
+        return tuple(f for l in layers for f in fuse_dense([l]))
+    weights = [l.weight.get_value() for l in layers]
+    if len(weights) == 1:
+        weight = weights[0]
+    elif isinstance(weights[0], QuantizedTensor):
+        weight = concat_rows(weights)
+    else:
+        weight = jnp.concatenate(weights)
+    splits = tuple(l.out_features for l in layers)
+    lora_a = lora_b = lora_scale = None
+    adapted = [l for l in layers if l.lora_a is not None]
+    if adapted:
+        rs = [0 if l.lora_a is None else l.r for l in layers]
+        lora_a = jnp.concatenate([l.lora_a[...].astype(cdt) for l in adapted], axis=1)
+        lora_b = jnp.zeros((sum(rs), sum(splits)), cdt)
+        row = col = 0
+        for l, r, n in zip(layers, rs, splits):
+            if r:
+                lora_b = jax.lax.dynamic_update_slice(lora_b, l.lora_b[...].astype(cdt), (row, col))
+            row, col = row + r, col + n
+        lora_scale = jnp.concatenate([jnp.full((n,), l.scaling if l.lora_a is not None else 0.0, jnp.float32)
+                                      for l, n in zip(layers, splits)])
+    bias = None
+    if any(l.bias is not None for l in layers):
+        bias = jnp.concatenate([jnp.zeros((n,), jnp.float32) if l.bias is None else l.bias[...].astype(jnp.float32)
+                                for l, n in zip(layers, splits)])
+    return (FusedDense(weight, lora_a, lora_b, lora_scale, bias, splits, cdt.name),)
+
+
+def fused_dense(x: jax.Array, group: Sequence[FusedDense]) -> list[jax.Array]:
+    """``x [..., in]`` through every layer of ``group`` (:func:`fuse_dense`'s output): one ``[..., out_i]``
+    array per original layer, in ``compute_dtype``, equal to each layer's :func:`nf4_dense` in eval mode."""
+    outs = []
+    for f in group:
+        cdt = jnp.dtype(f.compute_dtype)
+        xc = x.astype(cdt)
+        if isinstance(f.weight, QuantizedTensor):
+            y = frozen_matmul(xc, f.weight)
+        else:
+            w = f.weight.astype(cdt)
+            y = jax.lax.dot_general(xc, w, (((xc.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            y = y.astype(cdt)
+        if f.lora_a is not None:
+            a, b = gather_for_compute((f.lora_a, f.lora_b))
+            h = jnp.matmul(xc, a, preferred_element_type=jnp.float32).astype(cdt)
+            delta = jnp.matmul(h, b, preferred_element_type=jnp.float32)
+            y = (y.astype(jnp.float32) + f.lora_scale * delta).astype(cdt)
+        if f.bias is not None:
+            y = y + f.bias.astype(cdt)
+        outs += jnp.split(y, np.cumsum(f.splits)[:-1].tolist(), axis=-1) if len(f.splits) > 1 else [y]
+    return outs

@@ -87,11 +87,48 @@ def test_layer_buffers_give_the_same_tokens(gen, stories, tmp_path):
     nf4_dir = tmp_path / "nf4"
     convert(stories, nf4_dir, progress=False)
     for base in (gen, Generator(*load_for_generation(nf4_dir))):
-        buffered = Generator(base.model, base.tokenizer, layer_buffers=True)
-        for sampling in (SamplingConfig(), s):
-            want = base.generate(PROMPTS, sampling=sampling, seed=3, **kw)
-            got = buffered.generate(PROMPTS, sampling=sampling, seed=3, **kw)
-            assert [c.tokens for c in got] == [c.tokens for c in want]
+        for join in (True, False):
+            buffered = Generator(base.model, base.tokenizer, layer_buffers=True, join_projections=join)
+            for sampling in (SamplingConfig(), s):
+                want = base.generate(PROMPTS, sampling=sampling, seed=3, **kw)
+                got = buffered.generate(PROMPTS, sampling=sampling, seed=3, **kw)
+                assert [c.tokens for c in got] == [c.tokens for c in want]
+
+
+def test_joined_projections_decode_like_the_modules():
+    """With layer buffers, q/k/v and gate/up are joined into one layer each (NF4 with double quant,
+    grouped-query attention, adapters with nonzero B on all projections but k): the logits are the
+    plain modules' and so are the greedy tokens, joined or not."""
+    from qlora_jax.models.llama import Llama, LlamaConfig, LoRAConfig, fuse_projections
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    targets = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    model = Llama(cfg, lora=LoRAConfig(r=8, targets=targets), quant=QuantConfig(compute_dtype="float32"),
+                  rngs=nnx.Rngs(0))
+    lora = nnx.state(model, nnx.LoRAParam)
+    lora = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.random.normal(jax.random.key(len(str(path))), x.shape, x.dtype) * 0.05
+        if "lora_b" in str(path) else x, lora)
+    nnx.update(model, lora)
+    model.eval()
+
+    layer_graphdef, stacked = nnx.split(model.layers)
+    states = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.num_hidden_layers)]
+    projections = [fuse_projections(nnx.merge(layer_graphdef, st)) for st in states]
+    assert [len(projections[0][k]) for k in ("qkv", "o", "gate_up", "down")] == [1, 1, 1, 1]
+    assert projections[0]["qkv"][0].splits == (256, 128, 128)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 9)), jnp.int32)
+    want = model(ids)
+    got = model(ids, layer_states=states, layer_projections=projections)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+    prompts = [[1, 5, 9, 17], [1, 3]]
+    kw = dict(max_new_tokens=8, chunk_size=4)
+    plain = Generator(model, eos_token_ids=(), layer_buffers=False).generate_ids(prompts, **kw)
+    for join in (True, False):
+        got = Generator(model, eos_token_ids=(), layer_buffers=True, join_projections=join).generate_ids(prompts, **kw)
+        assert [c.tokens for c in got] == [c.tokens for c in plain]
 
 
 def test_seeded_sampling_is_reproducible_and_chunking_free(gen):

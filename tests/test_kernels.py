@@ -107,13 +107,16 @@ def test_entry_point_equals_reference_on_any_shape(n, k, lead):
 
 
 def test_kernels_lower_for_cuda_on_an_abstract_h100():
-    """Pallas -> Triton lowering of every kernel for CUDA, without a GPU."""
+    """Pallas -> Triton lowering of every kernel for CUDA, without a GPU (double quantization with one
+    offset, one per group of 256 scales as ``concat_rows`` makes, and none)."""
+    from qlora_jax.nf4 import concat_rows
+
     device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
     x = jnp.ones((3, 512), jnp.bfloat16)
     dy = jnp.ones((3, 256), jnp.bfloat16)
-    for double_quant in (True, False):
-        w = _weight(256, 512, double_quant=double_quant)
+    joined = concat_rows([_weight(128, 512), _weight(128, 512, seed=1)])
+    for w in (_weight(256, 512), joined, _weight(256, 512, double_quant=False)):
         with jax.sharding.use_abstract_mesh(mesh):
             for fn, arg in ((small_m.nf4_matmul_small_m, x), (small_m.nf4_matmul_t_small_m, dy)):
                 text = jax.jit(fn).trace(arg, w).lower(lowering_platforms=("cuda",)).as_text()
@@ -347,3 +350,22 @@ def test_kernel_profile_benchmark_runs_and_checks_every_candidate(tmp_path):
         assert "error" not in r, r
         if r["impl"] != "bf16_dot":
             assert r["rel_err"] < 1e-2, r
+
+
+def test_kernels_read_joined_tensors_with_one_offset_per_scale_group():
+    """A weight joined by ``concat_rows`` (q/k/v as one) carries one double-quant offset per group of
+    256 scales; the GEMV (both register decodes and in-kernel / XLA scales) and the Pallas dequantize
+    read it exactly as the reference does."""
+    from qlora_jax.nf4 import concat_rows
+
+    k = 512
+    w = concat_rows([quantize(jax.random.normal(jax.random.key(i), (n, k)) * s) for i, (n, s) in
+                     enumerate([(64, 0.02), (32, 2.0), (48, 0.4)])])
+    x = jax.random.normal(jax.random.key(7), (2, k), jnp.bfloat16)
+    ref = kernels.nf4_matmul_reference(x, w)
+    for config in (gemv.GemvConfig(), gemv.GemvConfig(decode="prmt", split=2), gemv.GemvConfig(scales_in_kernel=False),
+                   gemv.GemvConfig(decode="gather16", block_n=8)):
+        assert _rel_err(gemv.nf4_gemv(x, w, config=config, interpret=INTERPRET), ref) < 1e-2, config
+    got = dequant.dequantize_pallas(w, jnp.float16, interpret=INTERPRET)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(dequantize(w, jnp.float16), np.float32),
+                               rtol=1e-3, atol=0)

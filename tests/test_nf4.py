@@ -272,3 +272,38 @@ def test_dequantize_halves_are_the_even_and_odd_columns(quant_type, double_quant
     assert se.shape == (2, 3, 128)
     with pytest.raises(ValueError, match=r"\(5, 96\)"):
         dequantize_halves(quantize(jnp.ones((5, 96)), blocksize=64))
+
+
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False)])
+def test_concat_rows_dequantizes_to_the_joined_tensors(quant_type, double_quant):
+    """Tensors of different scales (different double-quant offsets) joined along their rows dequantize,
+    bit for bit, to the concatenation of their own dequantizations; the result keeps one offset per
+    block of 256 scales, which bitsandbytes' format cannot hold."""
+    from qlora_jax.nf4 import concat_rows, per_nested_offset
+
+    k = 256  # 4 blocks per row: 64 rows fill one group of 256 scales
+    parts = [quantize(jax.random.normal(jax.random.key(i), (n, k)) * s, quant_type=quant_type, double_quant=double_quant)
+             for i, (n, s) in enumerate([(128, 0.02), (64, 1.5), (100, 0.3)])]
+    joined = concat_rows(parts)
+    assert joined.shape == (292, k) and joined.quant_type == quant_type
+    want = jnp.concatenate([dequantize(p, jnp.float32) for p in parts])
+    np.testing.assert_array_equal(np.asarray(dequantize(joined, jnp.float32)), np.asarray(want))
+    assert per_nested_offset(joined) == double_quant
+    if double_quant:
+        assert len(set(np.asarray(joined.nested_offset).tolist())) == 3
+        with pytest.raises(ValueError, match="concat_rows"):
+            to_bnb_state_dict(joined)
+
+
+def test_concat_rows_rejects_what_it_cannot_join_exactly():
+    from qlora_jax.nf4 import concat_rows
+
+    w = lambda n, k, **kw: quantize(jnp.ones((n, k)), **kw)  # noqa: E731
+    with pytest.raises(ValueError, match=r"tensor 0 .*not a whole number of 16384-element groups of 256 blocks"):
+        concat_rows([w(8, 256), w(64, 256)])  # 32 scales: a group of 256 would span both tensors
+    concat_rows([w(64, 256), w(8, 256)])  # the last tensor may end mid-group
+    concat_rows([w(8, 256, double_quant=False), w(8, 256, double_quant=False)])
+    with pytest.raises(ValueError, match=r"tensor 1 .*does not match tensor 0"):
+        concat_rows([w(64, 256), w(64, 128)])
+    with pytest.raises(ValueError, match=r"tensor 1 .*does not match tensor 0"):
+        concat_rows([w(64, 256), w(64, 256, quant_type="fp4")])

@@ -177,3 +177,30 @@ def test_dropout_mask_drops_the_requested_share_and_rescales_exactly():
     a, _ = dropout_keep_mask(jax.random.key(4), 0.05, (64,))
     b, _ = dropout_keep_mask(jax.random.key(4), 0.05, (64,))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("first_out, joined", [(256, True), (8, False)], ids=["joined", "per-layer"])
+@pytest.mark.parametrize("weights", ["nf4", "float"])
+def test_fused_layers_equal_each_layer_in_eval_mode(first_out, joined, weights):
+    """``fuse_dense`` + ``fused_dense`` (layers that read the same input as one: joined base weights,
+    ``A`` side by side, block-diagonal ``B``) give each layer's own eval-mode output: with and without
+    an adapter, with a bias, ranks and widths that differ; layers whose double-quantized scales do
+    not fill whole groups of 256 (``first_out=8``) stay separate, with the same outputs."""
+    from qlora_jax.nf4_dense import fuse_dense, fused_dense
+
+    cls = NF4Dense if weights == "nf4" else LoRADense
+    rngs = nnx.Rngs(params=0, dropout=1)
+    kw = dict(param_dtype=jnp.float32, compute_dtype=jnp.float32, rngs=rngs)
+    layers = [cls(256, first_out, r=8, **kw), cls(256, 64, r=0, **kw), cls(256, 128, r=4, alpha=32.0, use_bias=True, **kw)]
+    for i, layer in enumerate(layers):
+        if layer.lora_b is not None:
+            layer.lora_b[...] = jax.random.normal(jax.random.key(10 + i), layer.lora_b.shape) * 0.1
+    layers[2].bias[...] = jnp.linspace(-1.0, 1.0, 128)
+    x = jax.random.normal(jax.random.key(3), (2, 3, 256), jnp.float32)
+    group = fuse_dense(layers)
+    fused_out = fused_dense(x, group)
+    assert len(group) == (1 if joined or weights == "float" else 3)
+    for layer, got in zip(layers, fused_out, strict=True):
+        want = layer(x, deterministic=True)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

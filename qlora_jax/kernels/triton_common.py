@@ -35,15 +35,17 @@ def scale_operands(w: QuantizedTensor, in_kernel: bool) -> tuple[jax.Array, tupl
     three nested operands are unused placeholders that keep one kernel signature.
     """
     if w.double_quant and in_kernel:
-        return w.absmax, (w.nested_absmax, w.nested_code, w.nested_offset.reshape(1)), True
+        return w.absmax, (w.nested_absmax, w.nested_code, w.nested_offset.reshape(-1)), True
     return block_absmax(w).astype(jnp.float32), tuple(jnp.zeros((1,), jnp.float32) for _ in range(3)), False
 
 
 def decode_scales(codes: jax.Array, flat_block: jax.Array, nested_ref: Any, ncode_ref: Any, offset_ref: Any) -> jax.Array:
     """In a kernel: fp32 scales of the blocks numbered ``flat_block`` (int32, row-major over the tensor)
-    from their 8-bit ``codes``: ``nested_code[q] * nested_absmax[block // 256] + offset``."""
-    return ncode_ref[codes.astype(jnp.int32)] * nested_ref[jax.lax.shift_right_logical(flat_block, NESTED_SHIFT)] \
-        + offset_ref[0]
+    from their 8-bit ``codes``: ``nested_code[q] * nested_absmax[block // 256] + offset``, where ``offset_ref``
+    holds one offset, or one per block of 256 scales (tensors joined by ``nf4.concat_rows``)."""
+    nested = jax.lax.shift_right_logical(flat_block, NESTED_SHIFT)
+    offset = offset_ref[nested] if offset_ref.shape[0] > 1 else offset_ref[0]
+    return ncode_ref[codes.astype(jnp.int32)] * nested_ref[nested] + offset
 
 
 def triton_params(config: Any):

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax.nf4 import MAX_BLOCKSIZE, MIN_BLOCKSIZE, QUANT_TYPES
-from qlora_jax.nf4_dense import Frozen, LoRADense, NF4Dense, lora_scaling, torch_linear_init
+from qlora_jax.nf4_dense import Frozen, FusedDense, LoRADense, NF4Dense, fuse_dense, fused_dense, lora_scaling, torch_linear_init
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
@@ -346,11 +346,15 @@ class Attention(nnx.Module):
         self.v_proj = _linear(cfg, lora, quant, "v_proj", d, self.num_kv_heads * hd, b, rngs)
         self.o_proj = _linear(cfg, lora, quant, "o_proj", self.num_heads * hd, d, b, rngs)
 
-    def __call__(self, x, cos, sin, mask, kv, cache_index, deterministic):
+    def __call__(self, x, cos, sin, mask, kv, cache_index, deterministic, fused=None):
         B, T, _ = x.shape
-        q = self.q_proj(x, deterministic=deterministic).reshape(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x, deterministic=deterministic).reshape(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, deterministic=deterministic).reshape(B, T, self.num_kv_heads, self.head_dim)
+        if fused is None:
+            q, k, v = (p(x, deterministic=deterministic) for p in (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            q, k, v = fused_dense(x, fused["qkv"])
+        q = q.reshape(B, T, self.num_heads, self.head_dim)
+        k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:  # write this step's keys/values into the cache, attend over all of it
             ck, cv = kv
@@ -359,8 +363,10 @@ class Attention(nnx.Module):
             new_kv = (k, v)
         else:
             new_kv = None
-        out = _attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)  # (B, T, H, D)
-        return self.o_proj(out.reshape(B, T, -1), deterministic=deterministic), new_kv
+        out = _attention(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(B, T, -1)  # (B, T, H * D)
+        if fused is None:
+            return self.o_proj(out, deterministic=deterministic), new_kv
+        return fused_dense(out, fused["o"])[0], new_kv
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -390,10 +396,13 @@ class MLP(nnx.Module):
         self.up_proj = _linear(cfg, lora, quant, "up_proj", d, f, b, rngs)
         self.down_proj = _linear(cfg, lora, quant, "down_proj", f, d, b, rngs)
 
-    def __call__(self, x, deterministic):
-        g = self.gate_proj(x, deterministic=deterministic)
-        u = self.up_proj(x, deterministic=deterministic)
-        return self.down_proj(jax.nn.silu(g) * u, deterministic=deterministic)
+    def __call__(self, x, deterministic, fused=None):
+        if fused is None:
+            g = self.gate_proj(x, deterministic=deterministic)
+            u = self.up_proj(x, deterministic=deterministic)
+            return self.down_proj(jax.nn.silu(g) * u, deterministic=deterministic)
+        g, u = fused_dense(x, fused["gate_up"])
+        return fused_dense(jax.nn.silu(g) * u, fused["down"])[0]
 
 
 class DecoderLayer(nnx.Module):
@@ -406,10 +415,26 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
         self.mlp = MLP(cfg, lora, quant, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv, cache_index, deterministic):
-        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, cache_index, deterministic)
+    def __call__(self, x, cos, sin, mask, kv, cache_index, deterministic, fused=None):
+        """``fused``: :func:`fuse_projections` of this layer, used instead of its projection modules."""
+        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, cache_index, deterministic, fused)
         h = x + a
-        return h + self.mlp(self.post_attention_layernorm(h), deterministic), new_kv
+        return h + self.mlp(self.post_attention_layernorm(h), deterministic, fused), new_kv
+
+
+def fuse_projections(layer: DecoderLayer, *, join: bool = True) -> dict[str, tuple[FusedDense, ...]]:
+    """A decoder layer's projections prepared for inference (:func:`qlora_jax.nf4_dense.fuse_dense`):
+    adapters cast to the compute dtype once, and with ``join`` q/k/v and gate/up each joined into one
+    layer (one 4-bit GEMV and two adapter matmuls instead of three of each per projection).
+    Keys ``qkv``, ``o``, ``gate_up``, ``down``. For one layer's arrays (not the stacked ``[L, ...]``
+    state); made inside ``jit`` before a decode loop, it holds a copy of the layer's weights."""
+    a, m = layer.self_attn, layer.mlp
+
+    def group(*layers):
+        return fuse_dense(layers) if join else tuple(f for l in layers for f in fuse_dense([l]))
+
+    return {"qkv": group(a.q_proj, a.k_proj, a.v_proj), "o": group(a.o_proj),
+            "gate_up": group(m.gate_proj, m.up_proj), "down": group(m.down_proj)}
 
 
 class Llama(nnx.Module):
@@ -468,6 +493,7 @@ class Llama(nnx.Module):
         deterministic: bool | None = None,
         unroll_layers: bool = False,
         layer_states: Sequence[nnx.State] | None = None,
+        layer_projections: Sequence[dict[str, tuple[FusedDense, ...]]] | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits for every position.
 
@@ -484,10 +510,14 @@ class Llama(nnx.Module):
             here; the layers run as straight-line code. A decode loop that slices them once, outside
             the loop, saves a copy of every layer's weights per token (a custom call or cuBLAS operand
             is its own buffer). Module state the layers write (dropout RNG counters) is not kept.
+          layer_projections: with ``layer_states``: each layer's :func:`fuse_projections`, used for its
+            projections (made once outside a decode loop, like ``layer_states``).
 
         Returns:
           fp32 logits ``[B, T, vocab]``, and the updated cache when one was passed.
         """
+        if layer_projections is not None and layer_states is None:
+            raise ValueError("layer_projections needs layer_states (the layers' own arrays)")
         B, T = input_ids.shape
         cdt = jnp.dtype(self.quant.compute_dtype)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(cdt)  # (B, T, D)
@@ -510,10 +540,10 @@ class Llama(nnx.Module):
 
         graphdef, state = nnx.split(self.layers)
 
-        def body(x, xs):
+        def body(x, xs, fused=None):
             layer_state, layer_kv = xs
             layer = nnx.merge(graphdef, layer_state)
-            x, new_kv = layer(x, cos, sin, mask, layer_kv, cache_index, deterministic)
+            x, new_kv = layer(x, cos, sin, mask, layer_kv, cache_index, deterministic, fused)
             return x, (nnx.state(layer, nnx.RngState), new_kv)
 
         policy = REMAT_POLICIES[self.remat]
@@ -525,9 +555,12 @@ class Llama(nnx.Module):
         else:
             if len(layer_states) != self.cfg.num_hidden_layers:
                 raise ValueError(f"layer_states: {len(layer_states)} layers, the model has {self.cfg.num_hidden_layers}")
+            if layer_projections is not None and len(layer_projections) != len(layer_states):
+                raise ValueError(f"layer_projections: {len(layer_projections)} layers, the model has {len(layer_states)}")
             new_kv = kv
             for i, layer_state in enumerate(layer_states):
-                x, (_, layer_kv) = body(x, (layer_state, None if kv is None else (new_kv[0][i], new_kv[1][i])))
+                fused = None if layer_projections is None else layer_projections[i]
+                x, (_, layer_kv) = body(x, (layer_state, None if kv is None else (new_kv[0][i], new_kv[1][i])), fused)
                 if kv is not None:  # written in place into the stacked cache
                     new_kv = (new_kv[0].at[i].set(layer_kv[0]), new_kv[1].at[i].set(layer_kv[1]))
 
