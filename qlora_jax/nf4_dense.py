@@ -296,7 +296,9 @@ class FusedDense:
 
     weight:     their base weights joined along ``out``: ``[sum(out), in]`` (:func:`qlora_jax.nf4.concat_rows`,
                 or a float array), in the layers' storage.
-    lora_a:     ``[in, sum(r)]`` their adapters' ``A`` side by side, in ``compute_dtype``, or ``None``.
+    lora_a:     ``[sum(r), in]`` their adapters' ``A`` stacked, transposed (PEFT's ``lora_A.weight``), in
+                ``compute_dtype``, or ``None``: for a few rows of ``x`` the product is then a reduction along
+                rows of contiguous memory (on an H200 XLA's ``[in, r]`` product at M = 1 took ~6 us, 80 GB/s).
     lora_b:     ``[sum(r), sum(out)]`` block-diagonal: each layer's ``B`` in its own rows and columns.
     lora_scale: fp32 ``[sum(out)]`` each output column's layer's LoRA scaling (0 without an adapter).
     bias:       ``[sum(out)]`` or ``None``.
@@ -354,7 +356,7 @@ def fuse_dense(layers: Sequence[LoRADense]) -> tuple[FusedDense, ...]:
     adapted = [l for l in layers if l.lora_a is not None]
     if adapted:
         rs = [0 if l.lora_a is None else l.r for l in layers]
-        lora_a = jnp.concatenate([l.lora_a[...].astype(cdt) for l in adapted], axis=1)
+        lora_a = jnp.concatenate([l.lora_a[...].astype(cdt).T for l in adapted], axis=0)
         lora_b = jnp.zeros((sum(rs), sum(splits)), cdt)
         row = col = 0
         for l, r, n in zip(layers, rs, splits):
@@ -385,7 +387,8 @@ def fused_dense(x: jax.Array, group: Sequence[FusedDense]) -> list[jax.Array]:
             y = y.astype(cdt)
         if f.lora_a is not None:
             a, b = gather_for_compute((f.lora_a, f.lora_b))
-            h = jnp.matmul(xc, a, preferred_element_type=jnp.float32).astype(cdt)
+            h = jax.lax.dot_general(xc, a, (((xc.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            h = h.astype(cdt)
             delta = jnp.matmul(h, b, preferred_element_type=jnp.float32)
             y = (y.astype(jnp.float32) + f.lora_scale * delta).astype(cdt)
         if f.bias is not None:
