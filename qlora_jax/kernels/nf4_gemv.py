@@ -37,10 +37,8 @@ scale multiplies each block's partial sum once instead of every weight.
 multiplies them by x's fp16 pairs with packed fp16x2 FMAs (``prmt_decode.dot_pairs_f16``: four
 instructions for a word's 8 products, instead of 8 FMAs plus 8 bf16 -> fp32 conversions of the
 weights and 8 of x); each word's two fp16 partial sums go to fp32, and fp32 from there on. x enters
-as it is (bf16 / fp16, viewed as uint32 pairs: no XLA op before the kernel); each program first finds
-the largest magnitude of each row of x in its K slice and converts its x to fp16 pairs scaled by the
-power of two above it into [-1, 1] (undone on its fp32 sums), so no fp16 product or 4-term sum can
-overflow. (Scaling by XLA beforehand cost two small kernels per call, ~2.5 us at M = 1 on an H200.) The ncu profile of the
+as one plane of fp16 pairs per byte position, each row scaled by a power of two into [-1, 1]
+first (undone on the output), so no fp16 product or 4-term sum can overflow. The ncu profile of the
 fp32-FMA kernel (``"prmt"``) showed it bound by instruction issue (0.74 warp instructions per cycle
 per scheduler, 19% of DRAM bandwidth), so this variant cuts instructions per weight.
 
@@ -213,39 +211,20 @@ def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_
         o_ref[0, m, :] = acc.astype(o_ref.dtype)
 
 
-def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_type, interpret, f16x2, x_dtype):
+def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_type, interpret, f16x2):
     """The register decodes: as :func:`_fwd_kernel`, on uint32 words ``p_ref [N, NB, hb/4]``.
 
     ``decode="prmt"`` (``f16x2=False``): ``refs[:2]`` are x planes ``xe / xo [Mp, 4, NB, hb/4]`` (even /
     odd columns of byte ``t`` of each word); the bf16-rounded codes times x in fp32 FMAs.
-    ``decode="prmt_f16x2"``: ``refs[0]`` is x itself as uint32 pairs ``[Mp, NB, hb/4, 4]`` (``[..., t]``: the
-    columns of byte ``t`` of each word; even column in the lower half, as memory has it). The program
-    first finds the largest magnitude of each row of x in its K slice, then scales its x by the power
-    of two above it into [-1, 1] while converting it to fp16 pairs (even column upper), so no fp16
-    product or 4-term sum can overflow, and multiplies its fp32 sums back by that power of two (exact)
-    before writing them: fp16 codes times those pairs in packed fp16x2 FMAs, fp32 from each word's
-    8-product sums on.
+    ``decode="prmt_f16x2"``: ``refs[0]`` is ``xp [Mp, 4, NB, hb/4]`` uint32, the fp16 pair (even column
+    upper, odd lower) of byte ``t`` of each word, of x scaled into [-1, 1]; fp16 codes times those pairs
+    in packed fp16x2 FMAs, fp32 from each word's 8-product sums on.
     """
     x_refs, (p_ref, a_ref, na_ref, nc_ref, off_ref, o_ref) = refs[:len(refs) - 6], refs[len(refs) - 6:]
     i, s = pl.program_id(0), pl.program_id(1)
     lo_b = (s * nb) // split
     hi_b = ((s + 1) * nb) // split
     rows = pl.ds(i * bn, bn)
-
-    def k_blocks(c):  # the blocks of step c (the last step moved back inside the slice)
-        return pl.ds(jnp.minimum(lo_b + c * g, hi_b - g), g)
-
-    if f16x2:
-        def row_max(c, maxes):  # largest |x| of each row in this slice (re-reading an overlap is harmless)
-            out = []
-            for m in range(mp):
-                even, odd = _half_pairs_f32(x_refs[0][m, k_blocks(c), :, :], x_dtype)  # [g, hb/4, 4] each
-                v = jnp.maximum(jnp.abs(even), jnp.abs(odd))
-                out.append(jnp.maximum(maxes[m], jnp.max(jnp.max(jnp.max(v, axis=2), axis=1), axis=0)))
-            return tuple(out)
-
-        maxes = jax.lax.fori_loop(0, steps, row_max, tuple(jnp.zeros((), jnp.float32) for _ in range(mp)))
-        x_scales = [_pow2_above(a) for a in maxes]  # (scale, 1 / scale) per row
 
     def body(c, accs):
         blocks, scale = _k_step(c, lo_b, hi_b, g, rows, (a_ref, na_ref, nc_ref, off_ref), nb, dq_in_kernel)  # [bn, g]
@@ -256,11 +235,7 @@ def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_ty
         out = []
         for m in range(mp):
             if f16x2:
-                inv = x_scales[m][1]
-                xp = []
-                for t in range(4):
-                    even, odd = _half_pairs_f32(x_refs[0][m, blocks, :, t], x_dtype)  # [g, hb/4]
-                    xp.append(jnp.broadcast_to(_f16_pair(even * inv, odd * inv)[None], pairs[0].shape))
+                xp = [jnp.broadcast_to(x_refs[0][m, t, blocks, :][None], pairs[0].shape) for t in range(4)]
                 prod = prmt_decode.dot_pairs_f16(pairs, xp, interpret=interpret)
             else:
                 prod = None
@@ -274,31 +249,26 @@ def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_ty
 
     accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(mp)))
     for m in range(mp):
-        acc = accs[m] * x_scales[m][0] if f16x2 else accs[m]
-        o_ref[0, m, :] = acc.astype(o_ref.dtype)
+        o_ref[0, m, :] = accs[m].astype(o_ref.dtype)
 
 
-def _half_pairs_f32(pairs: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """uint32 pairs of 16-bit floats ``dtype`` as memory holds them -> (even = lower half, odd = upper), fp32."""
-    if jnp.dtype(dtype) == jnp.bfloat16:  # a bf16 is the upper half of an fp32
-        return (jax.lax.bitcast_convert_type(pairs << 16, jnp.float32),
-                jax.lax.bitcast_convert_type(pairs & jnp.uint32(0xFFFF0000), jnp.float32))
-    half = lambda h: jax.lax.bitcast_convert_type(h.astype(jnp.uint16), dtype).astype(jnp.float32)  # noqa: E731
-    return half(pairs & jnp.uint32(0xFFFF)), half(pairs >> 16)
+def f16_pair_planes(x2: jax.Array, blocksize: int) -> tuple[jax.Array, jax.Array]:
+    """``x2 [Mp, K]`` -> (uint32 ``[Mp, 4, NB, hb/4]`` fp16 pairs of ``x2 / scale`` (plane ``t``: the
+    columns of byte ``t`` of each code word; even column in the upper half), fp32 ``scale [Mp]``).
 
-
-def _f16_pair(upper: jax.Array, lower: jax.Array) -> jax.Array:
-    """fp32 values -> uint32 ``fp16(upper) << 16 | fp16(lower)`` (round to nearest even)."""
-    bits = lambda v: jax.lax.bitcast_convert_type(v.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)  # noqa: E731
-    return (bits(upper) << 16) | bits(lower)
-
-
-def _pow2_above(amax: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """fp32 ``amax >= 0`` -> (``2^e``, ``2^-e``): the power of two with ``amax < 2^e`` (from amax's exponent
-    bits, so it works inside a kernel; ``2^-126`` for zero, capped at ``2^126``)."""
-    biased = jnp.minimum(jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(amax, jnp.int32), 23) & 0xFF, 252)
-    as_f32 = lambda b: jax.lax.bitcast_convert_type(jax.lax.shift_left(b, 23), jnp.float32)  # noqa: E731
-    return as_f32(biased + 1), as_f32(253 - biased)
+    ``scale`` is the power of two at or above each row's largest magnitude (1 for a zero row), so the
+    scaled row lies in [-1, 1] (fp16's range holds any bf16 activation after it) and is exact to
+    fp16 except where it falls below fp16's normal range (2^-14 of the row's maximum).
+    """
+    mp, k = x2.shape
+    nb, hb = k // blocksize, blocksize // 2
+    xf = x2.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=1)
+    _, e = jnp.frexp(amax)  # amax = f * 2^e, f in [0.5, 1): 2^e >= amax
+    scale = jnp.where(amax > 0, jnp.ldexp(jnp.ones_like(amax), e), 1.0)
+    bits = jax.lax.bitcast_convert_type((xf / scale[:, None]).astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
+    pairs = (bits[:, 0::2] << 16) | bits[:, 1::2]  # [Mp, K/2]
+    return pairs.reshape(mp, nb, hb // 4, 4).transpose(0, 3, 1, 2), scale
 
 
 def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
@@ -395,22 +365,22 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     nb, hb = k // w.blocksize, w.blocksize // 2
     x2 = _pad_m(x.reshape(m, k))
     mp = x2.shape[0]
-    if config.decode == "prmt_f16x2" and x2.dtype.itemsize != 2:  # fp32 x: the fp32-FMA register decode
-        config = dataclasses.replace(config, decode="prmt")
     split = max(1, min(config.split, nb))
     g = min(pow2_at_most(config.blocks_per_step), pow2_at_most(nb // split))
     steps = -(-(-(-nb // split)) // g)  # ceil(ceil(nb / split) / g)
     bn = pow2_divisor(n, config.block_n)
     operands, dq = _weight_operands(w, config)
-    if config.decode == "prmt_f16x2":  # x as it is, viewed as uint32 pairs [Mp, NB, hb/4, 4] (a free reshape)
-        xs = (jax.lax.bitcast_convert_type(x2.reshape(mp, nb, hb // 4, 4, 2), jnp.uint32),)
+    x_scale = None
+    if config.decode == "prmt_f16x2":
+        xp, x_scale = f16_pair_planes(x2, w.blocksize)
+        xs = (xp,)
     elif config.decode == "prmt":
         planes = lambda half: half.reshape(mp, nb, hb // 4, 4).transpose(0, 3, 1, 2)  # [Mp, 4, NB, hb/4]
         xs = (planes(x2[:, 0::2]), planes(x2[:, 1::2]))
     if config.decode in REGISTER_DECODES:
         kernel = functools.partial(_fwd_kernel_words, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
                                    dq_in_kernel=dq, quant_type=w.quant_type, interpret=interpret,
-                                   f16x2=config.decode == "prmt_f16x2", x_dtype=x2.dtype)
+                                   f16x2=config.decode == "prmt_f16x2")
     else:
         if config.x_layout == "strided":
             x4 = x2.reshape(mp, nb, hb, 2)
@@ -435,6 +405,8 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
         name="nf4_gemv",
     )(*xs, *operands)
     y = partial[0] if split == 1 else partial.sum(0)
+    if x_scale is not None:
+        y = y * x_scale[:, None].astype(y.dtype)  # a power of two: exact
     return y[:m].astype(x.dtype).reshape(*x.shape[:-1], n)
 
 
