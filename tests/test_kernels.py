@@ -170,20 +170,37 @@ def test_gemv_forward_and_backward_equal_reference(m, n, k, quant_type, double_q
     assert _rel_err(dx, kernels.nf4_matmul_t_reference(dy, w)) < 1e-2
 
 
-def test_gemv_f16x2_keeps_precision_at_any_activation_scale():
-    """``decode="prmt_f16x2"`` scales each row of x by a power of two into [-1, 1] before the fp16
-    products: rows far outside fp16's range (1e6), tiny rows (1e-6), a zero row and a row with one
-    outlier all stay at bf16-level error (the fp32-FMA register decode's on the same input)."""
+@pytest.mark.parametrize("split", [1, 4])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gemv_f16x2_keeps_precision_at_any_activation_scale(dtype, split):
+    """``decode="prmt_f16x2"`` scales each row of x by a power of two into [-1, 1] before
+    the fp16 products: rows far outside fp16's range (bf16: 1e6 and 1e-6), a zero row, rows with one
+    outlier (3e4; 6e4, near fp16's top), and a row whose halves differ by 10^8, all stay at bf16-level
+    error; bf16 and fp16 activations, one K slice or four."""
     w = _weight(96, 512, seed=5)
-    x = jax.random.normal(jax.random.key(9), (5, 512), jnp.float32)
-    x = x * jnp.asarray([1e6, 1e-6, 0.0, 1.0, 1.0])[:, None]
-    x = x.at[4, 17].set(3e4).astype(jnp.bfloat16)
-    want = kernels.nf4_matmul_reference(x, w)
-    y = gemv.nf4_gemv(x, w, config=gemv.GemvConfig(decode="prmt_f16x2"), interpret=INTERPRET)
+    x = jax.random.normal(jax.random.key(9), (7, 512), jnp.float32) * 0.5
+    big, tiny = (1e6, 1e-6) if dtype == jnp.bfloat16 else (2e4, 1e-2)  # fp16: outputs stay normal fp16 numbers
+    x = x * jnp.asarray([big, tiny, 0.0, 1.0, 1.0, 1.0, 1.0])[:, None]
+    x = x.at[4, 17].set(3e4)
+    x = x.at[5, :256].multiply(1e4).at[5, 256:].multiply(1e-4)
+    x = x.at[6, 300].set(6e4).astype(dtype)
+    want = kernels.nf4_matmul_reference(x.astype(jnp.float32), w)
+    y = gemv.nf4_gemv(x, w, config=gemv.GemvConfig(decode="prmt_f16x2", split=split), interpret=INTERPRET)
+    assert y.dtype == dtype
     assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
     assert not bool(jnp.any(y[2]))
-    for r in (0, 1, 3, 4):
+    for r in (0, 1, 3, 4, 5, 6):
         assert _rel_err(y[r], want[r]) < 1e-2, r
+
+
+def test_gemv_f16x2_with_float32_activations():
+    """fp32 x with the default config: fp16 pairs of the scaled x, bf16-level error."""
+    w = _weight(64, 256, seed=6)
+    x = jax.random.normal(jax.random.key(4), (3, 256), jnp.float32) * 1e5
+    y = gemv.nf4_gemv(x, w, interpret=INTERPRET)
+    with jax.default_matmul_precision("highest"):
+        want = kernels.nf4_matmul_reference(x, w)
+    assert y.dtype == jnp.float32 and _rel_err(y, want) < 1e-2
 
 
 def test_gemv_float32_and_lead_dims():

@@ -392,8 +392,9 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
         kernel = functools.partial(_fwd_kernel, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
                                    dq_in_kernel=dq, decode=config.decode, x_strided=config.x_layout == "strided",
                                    reduce_at_end=_reduce_at_end(config, mp, bn * g * hb))
-    # one K slice: write x.dtype directly (no XLA epilogue); else fp32 partials summed by XLA
-    out_dtype = x.dtype if split == 1 else jnp.float32
+    # one K slice: write x.dtype directly (no XLA epilogue); else fp32 partials summed by XLA. fp32 also
+    # when x was scaled: the power of two that undoes it may lie outside x.dtype's range (fp16: 2^16)
+    out_dtype = x.dtype if split == 1 and x_scale is None else jnp.float32
     partial = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((split, mp, n), out_dtype),
@@ -406,7 +407,7 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     )(*xs, *operands)
     y = partial[0] if split == 1 else partial.sum(0)
     if x_scale is not None:
-        y = y * x_scale[:, None].astype(y.dtype)  # a power of two: exact
+        y = y * x_scale[:, None]  # a power of two: exact
     return y[:m].astype(x.dtype).reshape(*x.shape[:-1], n)
 
 
