@@ -298,7 +298,8 @@ class FusedDense:
                 or a float array), in the layers' storage.
     lora_a:     ``[sum(r), in]`` their adapters' ``A`` stacked, transposed (PEFT's ``lora_A.weight``), in
                 ``compute_dtype``, or ``None``: for a few rows of ``x`` the product is then a reduction along
-                rows of contiguous memory (on an H200 XLA's ``[in, r]`` product at M = 1 took ~6 us, 80 GB/s).
+                contiguous rows (with ``[in, r]`` XLA reduced across rows: 6.4 us, ~80 GB/s, per product at
+                M = 1 on an H200; ``benchmarks/RESULTS.md``, fifth session).
     lora_b:     ``[sum(r), sum(out)]`` block-diagonal: each layer's ``B`` in its own rows and columns.
     lora_scale: fp32 ``[sum(out)]`` each output column's layer's LoRA scaling (0 without an adapter).
     bias:       ``[sum(out)]`` or ``None``.
