@@ -152,27 +152,28 @@ def run_jax(args) -> list[dict]:
         model = build_random_model(cfg, variant)
         build_s = time.perf_counter() - t0
         nbytes = model_bytes(model, skip_embeddings=not cfg["tie_word_embeddings"])
-        grid = [(i, u, lb, j, b) for i in args.implementation for u in args.unroll_layers for lb in args.layer_buffers
-                for j in args.join_projections for b in args.batch]
-        for impl, unroll, buffers, join, batch in grid:
+        grid = [(i, u, lb, j, d, b) for i in args.implementation for u in args.unroll_layers for lb in args.layer_buffers
+                for j in args.join_projections for d in args.dequantize_layers for b in args.batch]
+        for impl, unroll, buffers, join, deq, batch in grid:
             jax.clear_caches()  # the kernel choice is made while tracing: no trace may be reused across impls
             with kernels.use_implementation(impl):
-                rows.append(_jax_row(model, variant, impl, unroll, buffers, join, batch, args, cfg, device, build_s,
-                                     nbytes))
+                rows.append(_jax_row(model, variant, impl, unroll, buffers, join, deq, batch, args, cfg, device,
+                                     build_s, nbytes))
             print(table([rows[-1]]).splitlines()[-1], file=sys.stderr, flush=True)  # progress, if later rows time out
         del model
     return rows
 
 
-def _jax_row(model, variant: str, impl: str, unroll: bool, buffers: bool | None, join: bool, batch: int, args, cfg: dict,
-             device: str, build_s: float, nbytes: int) -> dict:
+def _jax_row(model, variant: str, impl: str, unroll: bool, buffers: bool | None, join: bool, deq: bool | None, batch: int,
+             args, cfg: dict, device: str, build_s: float, nbytes: int) -> dict:
     """One JAX row: compile, then time prefill and whole generate calls (and profile one, if asked)."""
     import jax
     import numpy as np
 
     from qlora_jax.generate import Generator, _prefill_jit, SamplingConfig
 
-    gen = Generator(model, eos_token_ids=(), unroll_layers=unroll, layer_buffers=buffers, join_projections=join)
+    gen = Generator(model, eos_token_ids=(), unroll_layers=unroll, layer_buffers=buffers, join_projections=join,
+                    dequantize_layers=deq)
     prompts = np.random.default_rng(batch).integers(3, cfg["vocab_size"], (batch, args.prompt_len)).tolist()
     kw = dict(max_new_tokens=args.new_tokens, sampling=SamplingConfig(), chunk_size=None)
     t0 = time.perf_counter()
@@ -197,10 +198,12 @@ def _jax_row(model, variant: str, impl: str, unroll: bool, buffers: bool | None,
         total_s.append(time.perf_counter() - t0)
         assert all(len(c.tokens) == args.new_tokens for c in out)
     extra = {"build_s": build_s, "compile_s": compile_s, "unroll_layers": unroll, "layer_buffers": gen.uses_layer_buffers(),
-             "join_projections": join and gen.uses_layer_buffers(), "implementation": impl}
+             "join_projections": join and gen.uses_layer_buffers(),
+             "dequantized_layers": gen.uses_layer_buffers() and gen.uses_dequantized_layers(batch) and model.quant.quantize,
+             "implementation": impl}
     if args.profile:
         trace = Path(args.profile) / (f"{variant}_{impl}_b{batch}_unroll{int(unroll)}_buffers{int(extra['layer_buffers'])}"
-                                      f"_join{int(extra['join_projections'])}")
+                                      f"_join{int(extra['join_projections'])}_deq{int(extra['dequantized_layers'])}")
         with jax.profiler.trace(str(trace)):
             gen.generate_ids(prompts, **kw)
         from benchmarks.profile_summary import summarize
@@ -315,7 +318,8 @@ def table(rows: list[dict]) -> str:
         fl = "n/a" if r["floor_ms"] is None else f"{r['floor_ms']:.2f}"
         xf = "n/a" if r["x_floor"] is None else f"{r['x_floor']:.1f}x"
         variant = r["variant"] + (" (layers unrolled)" if r.get("unroll_layers") else "") + \
-            (" (layer buffers)" if r.get("layer_buffers") else "") + (" (joined q/k/v, gate/up)" if r.get("join_projections") else "")
+            (" (layer buffers)" if r.get("layer_buffers") else "") + (" (joined q/k/v, gate/up)" if r.get("join_projections") else "") + \
+            (" (dequantized)" if r.get("dequantized_layers") else "")
         if r.get("implementation", "auto") != "auto":
             variant += f" [{r['implementation']}]"
         lines.append(f"| {r['impl']} | {variant} | {r['batch']} | {r['prefill_ms']:.1f} | "
@@ -343,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                          "call (auto: when the device has room)")
     ap.add_argument("--join-projections", default="1",
                     help="comma-separated 0/1: Generator(join_projections=): q/k/v and gate/up joined with layer buffers")
+    ap.add_argument("--dequantize-layers", default="auto",
+                    help="comma-separated 0/1/auto: Generator(dequantize_layers=): 4-bit weights dequantized into the "
+                         "layer buffers (auto: from DEQUANTIZE_MIN_BATCH rows on, when the device has room)")
     ap.add_argument("--profile", help="write a profiler trace of one generate call per JAX row here; rows get a summary")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -354,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     args.layer_buffers = [None if u == "auto" else bool(int(u)) for u in args.layer_buffers.split(",") if u]
     args.implementation = [i for i in args.implementation.split(",") if i]
     args.join_projections = [bool(int(j)) for j in args.join_projections.split(",") if j]
+    args.dequantize_layers = [None if d == "auto" else bool(int(d)) for d in args.dequantize_layers.split(",") if d]
     if args.tmp_dir:
         Path(args.tmp_dir).mkdir(parents=True, exist_ok=True)
     bad = (set(args.variants) - set(JAX_VARIANTS)) | (set(args.baselines) - set(BASELINES))

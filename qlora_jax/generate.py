@@ -49,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax.models.llama import KVCache, Llama, fuse_projections
+from qlora_jax.nf4 import QuantizedTensor
 from qlora_jax.sharding import host_values, put_replicated, tracing_mesh
 
 GUANACO_STOP = "### Human:"
@@ -167,14 +168,14 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax
 
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: jax.Array, *,
             sampling: SamplingConfig, eos: tuple[int, ...], unroll_layers: bool = False,
-            layer_buffers: bool = False, join_projections: bool = True,
+            layer_buffers: bool = False, join_projections: bool = True, dequantize_layers: bool = False,
             mesh: jax.sharding.Mesh | None = None) -> DecodeState:
     """Generate tokens ``ds.step .. stop_at - 1`` (fewer if every row finishes) in one ``while_loop``.
 
     ``layer_buffers``: slice every layer's weights out of the stacked layer state once, before the
     loop (their own buffers for the loop's duration: the layer weights' bytes once more), instead of
     in every iteration, as :func:`~qlora_jax.models.llama.fuse_projections` (q/k/v and gate/up joined
-    with ``join_projections``; see :class:`Generator`).
+    with ``join_projections``, 4-bit weights dequantized with ``dequantize_layers``; see :class:`Generator`).
     """
     uses_seen = sampling.repetition_penalty != 1.0
     layer_states = layer_projections = None
@@ -182,8 +183,8 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: 
         model = nnx.merge(graphdef, state, copy=True)
         layer_graphdef, stacked = nnx.split(model.layers)  # every leaf [L, ...]
         layer_states = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.cfg.num_hidden_layers)]
-        layer_projections = [fuse_projections(nnx.merge(layer_graphdef, st), join=join_projections)
-                             for st in layer_states]
+        layer_projections = [fuse_projections(nnx.merge(layer_graphdef, st), join=join_projections,
+                                              dequantize=dequantize_layers) for st in layer_states]
 
     def cond(ds: DecodeState) -> jax.Array:
         return (ds.step < stop_at) & ~jnp.all(ds.done)
@@ -207,7 +208,12 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: 
 LAYER_BUFFER_SLACK = 512 << 20  # bytes left free beside the layer buffers (KV cache growth, workspace)
 _STATIC = ("graphdef", "sampling", "eos", "unroll_layers", "mesh")
 _prefill_jit = jax.jit(_prefill, static_argnames=(*_STATIC, "cache_len", "max_new"))
-_decode_jit = jax.jit(_decode, static_argnames=(*_STATIC, "layer_buffers", "join_projections"), donate_argnames=("ds",))
+_decode_jit = jax.jit(_decode, static_argnames=(*_STATIC, "layer_buffers", "join_projections", "dequantize_layers"),
+                      donate_argnames=("ds",))
+# From this batch size on, dequantized layer buffers (a bf16 dot per token) beat the 4-bit GEMV: at M = 4
+# the GEMV took 0.80-0.99x of the bf16 dot's time on the LLaMA-7B/65B shapes, at M = 2 0.91-1.38x
+# (H200, benchmarks/RESULTS.md, fourth session).
+DEQUANTIZE_MIN_BATCH = 4
 
 
 @dataclasses.dataclass
@@ -220,17 +226,25 @@ class Completion:
     finish_reason: str
 
 
-def layer_buffers_fit(model: Llama, memory_stats: Callable[[Any], dict | None] = lambda d: d.memory_stats()) -> bool:
+def layer_buffers_fit(model: Llama, memory_stats: Callable[[Any], dict | None] = lambda d: d.memory_stats(), *,
+                      dequantized: bool = False) -> bool:
     """True when every device holding part of ``model``'s layer weights has their bytes (its shards'),
     plus 10% and ``LAYER_BUFFER_SLACK``, free (``bytes_limit - bytes_in_use`` of ``memory_stats``);
     False where a device reports no statistics, and with several processes (each would judge only its
-    own devices, and processes that decided differently would run different programs)."""
+    own devices, and processes that decided differently would run different programs). ``dequantized``:
+    the 4-bit weights count as their compute-dtype size (two values per packed byte)."""
     if jax.process_count() > 1:
         return False
+    itemsize = jnp.dtype(model.quant.compute_dtype).itemsize
     need: dict[Any, int] = {}
-    for leaf in jax.tree.leaves(nnx.state(model.layers)):
-        for shard in getattr(leaf, "addressable_shards", ()):
-            need[shard.device] = need.get(shard.device, 0) + shard.data.nbytes
+    for node in jax.tree.leaves(nnx.state(model.layers), is_leaf=lambda x: isinstance(x, QuantizedTensor)):
+        if dequantized and isinstance(node, QuantizedTensor):
+            sized = [(s.device, 2 * s.data.size * itemsize) for s in getattr(node.packed, "addressable_shards", ())]
+        else:
+            sized = [(s.device, s.data.nbytes) for leaf in jax.tree.leaves(node)
+                     for s in getattr(leaf, "addressable_shards", ())]
+        for device, nbytes in sized:
+            need[device] = need.get(device, 0) + nbytes
     for device, nbytes in need.items():
         stats = memory_stats(device)
         if not stats or "bytes_limit" not in stats:
@@ -263,6 +277,11 @@ class Generator:
         up to the last bit of a matmul's rounding; :func:`~qlora_jax.models.llama.fuse_projections`).
         On an H200 (7B, batch 1) NF4 decoding went from 3.78 to 3.51 ms/token, with an unmerged adapter
         from 5.97 to 4.14 (with the adapters' ``A`` stored ``[r, in]``; ``benchmarks/RESULTS.md``).
+      dequantize_layers: with layer buffers, dequantize the 4-bit weights into them (compute dtype,
+        once per decode call) and decode with a plain dot: faster than the 4-bit GEMV from a few rows
+        on, at 4x the buffers' bytes. ``None`` (default): from ``DEQUANTIZE_MIN_BATCH`` rows on, when
+        every device has room (:meth:`uses_dequantized_layers`). The tokens are those of the dequantize +
+        dot path (prefill's), not bit for bit the GEMV's.
       mesh: the mesh the model's arrays are sharded over (``qlora_jax.sharding``; ``None``: one
         device). With several processes, every process runs :meth:`generate_ids` with the same
         arguments and gets every row's completion.
@@ -270,9 +289,10 @@ class Generator:
 
     def __init__(self, model: Llama, tokenizer: Any = None, *, eos_token_ids: Sequence[int] | None = None,
                  unroll_layers: bool = True, layer_buffers: bool | None = None, join_projections: bool = True,
-                 mesh: jax.sharding.Mesh | None = None):
+                 dequantize_layers: bool | None = None, mesh: jax.sharding.Mesh | None = None):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.join_projections = bool(join_projections)
+        self.dequantize_layers = None if dequantize_layers is None else bool(dequantize_layers)
         self.unroll_layers = bool(unroll_layers)
         self.layer_buffers = None if layer_buffers is None else bool(layer_buffers)
         self.graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
@@ -339,6 +359,7 @@ class Generator:
                           unroll_layers=self.unroll_layers, mesh=self.mesh)
         chunk = max_new_tokens if chunk_size is None else max(1, int(chunk_size))
         buffers = self.uses_layer_buffers()
+        dequantized = buffers and self.uses_dequantized_layers(B)
         stopped: dict[int, tuple[list[int], str]] = {}
         step = 1
         while True:
@@ -356,7 +377,8 @@ class Generator:
             step = min(step + chunk, max_new_tokens)
             ds = _decode_jit(self.graphdef, self.state, ds, put_replicated(np.int32(step), self.mesh),
                              sampling=sampling, eos=self.eos, unroll_layers=self.unroll_layers,
-                             layer_buffers=buffers, join_projections=self.join_projections, mesh=self.mesh)
+                             layer_buffers=buffers, join_projections=self.join_projections,
+                             dequantize_layers=dequantized, mesh=self.mesh)
             step = int(host_values(ds.step))
         out = []
         for i, row in enumerate(rows):
@@ -374,6 +396,15 @@ class Generator:
         """Whether decode calls now slice the layer weights once per call (``layer_buffers``; ``None``:
         :func:`layer_buffers_fit`)."""
         return layer_buffers_fit(self.model) if self.layer_buffers is None else self.layer_buffers
+
+    def uses_dequantized_layers(self, batch: int) -> bool:
+        """Whether a decode call for ``batch`` rows would dequantize the 4-bit layer weights into its layer
+        buffers (``dequantize_layers``; ``None``: from ``DEQUANTIZE_MIN_BATCH`` rows on, when the model
+        has 4-bit weights and every device has room for them in the compute dtype)."""
+        if self.dequantize_layers is not None:
+            return self.dequantize_layers
+        return (batch >= DEQUANTIZE_MIN_BATCH and self.model.quant.quantize
+                and layer_buffers_fit(self.model, dequantized=True))
 
     def _check_stops(self, prompts, rows, stop_strings, stopped, done) -> np.ndarray | None:
         """Rows whose text now contains a stop string: record (tokens, text before the stop) in

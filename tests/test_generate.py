@@ -95,11 +95,10 @@ def test_layer_buffers_give_the_same_tokens(gen, stories, tmp_path):
                 assert [c.tokens for c in got] == [c.tokens for c in want]
 
 
-def test_joined_projections_decode_like_the_modules():
-    """With layer buffers, q/k/v and gate/up are joined into one layer each (NF4 with double quant,
-    grouped-query attention, adapters with nonzero B on all projections but k): the logits are the
-    plain modules' and so are the greedy tokens, joined or not."""
-    from qlora_jax.models.llama import Llama, LlamaConfig, LoRAConfig, fuse_projections
+def _random_nf4_model():
+    """A random 2-layer NF4 (double quant) LLaMA with grouped-query attention, fp32 compute, and adapters
+    with nonzero B on every projection but k."""
+    from qlora_jax.models.llama import Llama, LlamaConfig, LoRAConfig
 
     cfg = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -112,7 +111,18 @@ def test_joined_projections_decode_like_the_modules():
         if "lora_b" in str(path) else x, lora)
     nnx.update(model, lora)
     model.eval()
+    return model
 
+
+def test_joined_projections_decode_like_the_modules():
+    """With layer buffers, q/k/v and gate/up are joined into one layer each (NF4 with double quant,
+    grouped-query attention, adapters with nonzero B on all projections but k): the logits are the
+    plain modules' and so are the greedy tokens, joined or not, and with the 4-bit weights dequantized
+    into the buffers."""
+    from qlora_jax.models.llama import fuse_projections
+
+    model = _random_nf4_model()
+    cfg = model.cfg
     layer_graphdef, stacked = nnx.split(model.layers)
     states = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.num_hidden_layers)]
     projections = [fuse_projections(nnx.merge(layer_graphdef, st)) for st in states]
@@ -126,9 +136,37 @@ def test_joined_projections_decode_like_the_modules():
     prompts = [[1, 5, 9, 17], [1, 3]]
     kw = dict(max_new_tokens=8, chunk_size=4)
     plain = Generator(model, eos_token_ids=(), layer_buffers=False).generate_ids(prompts, **kw)
-    for join in (True, False):
-        got = Generator(model, eos_token_ids=(), layer_buffers=True, join_projections=join).generate_ids(prompts, **kw)
-        assert [c.tokens for c in got] == [c.tokens for c in plain]
+    for join, dequantize in ((True, False), (False, False), (True, True)):
+        got = Generator(model, eos_token_ids=(), layer_buffers=True, join_projections=join,
+                        dequantize_layers=dequantize).generate_ids(prompts, **kw)
+        assert [c.tokens for c in got] == [c.tokens for c in plain], (join, dequantize)
+    dequantized = [fuse_projections(nnx.merge(layer_graphdef, st), dequantize=True) for st in states]
+    assert dequantized[0]["qkv"][0].weight.shape == (512, 256) and dequantized[0]["qkv"][0].weight.dtype == jnp.float32
+    got = model(ids, layer_states=states, layer_projections=dequantized)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_dequantized_layer_buffers_default_follows_batch_and_memory():
+    """``dequantize_layers=None`` dequantizes the 4-bit weights into the layer buffers from
+    ``DEQUANTIZE_MIN_BATCH`` rows on, when every device has room for them in the compute dtype."""
+    from qlora_jax.generate import DEQUANTIZE_MIN_BATCH, LAYER_BUFFER_SLACK, layer_buffers_fit
+    from qlora_jax.nf4 import QuantizedTensor
+
+    model = _random_nf4_model()
+    nodes = jax.tree.leaves(nnx.state(model.layers), is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    qts = [n for n in nodes if isinstance(n, QuantizedTensor)]
+    assert len(qts) == 7
+    other = sum(a.nbytes for n in nodes if not isinstance(n, QuantizedTensor) for a in jax.tree.leaves(n))
+    need = (sum(2 * q.packed.size * 4 for q in qts) + other) * 1.1 + LAYER_BUFFER_SLACK  # fp32 compute
+    stats = lambda free: (lambda d: {"bytes_limit": 10 * need, "bytes_in_use": 10 * need - free})  # noqa: E731
+    assert layer_buffers_fit(model, stats(need + 1), dequantized=True)
+    assert not layer_buffers_fit(model, stats(need - 1), dequantized=True)
+    assert layer_buffers_fit(model, stats(need - 1))  # the 4-bit buffers are several times smaller
+    gen = Generator(model)
+    assert not gen.uses_dequantized_layers(DEQUANTIZE_MIN_BATCH - 1)
+    assert gen.uses_dequantized_layers(DEQUANTIZE_MIN_BATCH) == layer_buffers_fit(model, dequantized=True)
+    assert Generator(model, dequantize_layers=True).uses_dequantized_layers(1)
+    assert not Generator(model, dequantize_layers=False).uses_dequantized_layers(64)
 
 
 def test_seeded_sampling_is_reproducible_and_chunking_free(gen):

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax.nf4 import MAX_BLOCKSIZE, MIN_BLOCKSIZE, QUANT_TYPES
+from qlora_jax import kernels
+from qlora_jax.nf4 import MAX_BLOCKSIZE, MIN_BLOCKSIZE, QUANT_TYPES, QuantizedTensor
 from qlora_jax.nf4_dense import Frozen, FusedDense, LoRADense, NF4Dense, fuse_dense, fused_dense, lora_scaling, torch_linear_init
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -422,16 +423,22 @@ class DecoderLayer(nnx.Module):
         return h + self.mlp(self.post_attention_layernorm(h), deterministic, fused), new_kv
 
 
-def fuse_projections(layer: DecoderLayer, *, join: bool = True) -> dict[str, tuple[FusedDense, ...]]:
+def fuse_projections(layer: DecoderLayer, *, join: bool = True, dequantize: bool = False) -> dict[str, tuple[FusedDense, ...]]:
     """A decoder layer's projections prepared for inference (:func:`qlora_jax.nf4_dense.fuse_dense`):
     adapters cast to the compute dtype once, and with ``join`` q/k/v and gate/up each joined into one
-    layer (one 4-bit GEMV and two adapter matmuls instead of three of each per projection).
+    layer (one 4-bit GEMV and two adapter matmuls instead of three of each per projection). With
+    ``dequantize`` the 4-bit weights are dequantized to the compute dtype here, once (the numbers of
+    the dequantize + dot path that prefill and training run), for a plain dot on every token.
     Keys ``qkv``, ``o``, ``gate_up``, ``down``. For one layer's arrays (not the stacked ``[L, ...]``
     state); made inside ``jit`` before a decode loop, it holds a copy of the layer's weights."""
     a, m = layer.self_attn, layer.mlp
 
     def group(*layers):
-        return fuse_dense(layers) if join else tuple(f for l in layers for f in fuse_dense([l]))
+        fused = fuse_dense(layers) if join else tuple(f for l in layers for f in fuse_dense([l]))
+        if dequantize:
+            fused = tuple(dataclasses.replace(f, weight=kernels.dequantize(f.weight, jnp.dtype(f.compute_dtype)))
+                          if isinstance(f.weight, QuantizedTensor) else f for f in fused)
+        return fused
 
     return {"qkv": group(a.q_proj, a.k_proj, a.v_proj), "o": group(a.o_proj),
             "gate_up": group(m.gate_proj, m.up_proj), "down": group(m.down_proj)}
