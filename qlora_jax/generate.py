@@ -211,8 +211,9 @@ _prefill_jit = jax.jit(_prefill, static_argnames=(*_STATIC, "cache_len", "max_ne
 _decode_jit = jax.jit(_decode, static_argnames=(*_STATIC, "layer_buffers", "join_projections", "dequantize_layers"),
                       donate_argnames=("ds",))
 # From this batch size on, dequantized layer buffers (a bf16 dot per token) beat the 4-bit GEMV: at M = 4
-# the GEMV took 0.80-0.99x of the bf16 dot's time on the LLaMA-7B/65B shapes, at M = 2 0.91-1.38x
-# (H200, benchmarks/RESULTS.md, fourth session).
+# the GEMV ran at 0.80-0.99x the bf16 dot's speed on the LLaMA-7B/65B shapes, at M = 2 at 0.91-1.38x
+# (H200, fourth session); 7B with an adapter at batch 8 decoded in 7.67 instead of 10.36 ms per step
+# (fifth session; benchmarks/RESULTS.md).
 DEQUANTIZE_MIN_BATCH = 4
 
 
