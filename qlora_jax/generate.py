@@ -401,10 +401,13 @@ class Generator:
     def uses_dequantized_layers(self, batch: int) -> bool:
         """Whether a decode call for ``batch`` rows would dequantize the 4-bit layer weights into its layer
         buffers (``dequantize_layers``; ``None``: from ``DEQUANTIZE_MIN_BATCH`` rows on, when the model
-        has 4-bit weights and every device has room for them in the compute dtype)."""
+        has 4-bit weights, every device has room for them in the compute dtype, and they are not split
+        over an ``fsdp`` mesh axis: the dequantize kernel's output is whole on every device, which the
+        room check, counting each device's shards, would underestimate)."""
         if self.dequantize_layers is not None:
             return self.dequantize_layers
-        return (batch >= DEQUANTIZE_MIN_BATCH and self.model.quant.quantize
+        fsdp = 1 if self.mesh is None else dict(self.mesh.shape).get("fsdp", 1)
+        return (batch >= DEQUANTIZE_MIN_BATCH and self.model.quant.quantize and fsdp == 1
                 and layer_buffers_fit(self.model, dequantized=True))
 
     def _check_stops(self, prompts, rows, stop_strings, stopped, done) -> np.ndarray | None:

@@ -148,7 +148,8 @@ def test_joined_projections_decode_like_the_modules():
 
 def test_dequantized_layer_buffers_default_follows_batch_and_memory():
     """``dequantize_layers=None`` dequantizes the 4-bit weights into the layer buffers from
-    ``DEQUANTIZE_MIN_BATCH`` rows on, when every device has room for them in the compute dtype."""
+    ``DEQUANTIZE_MIN_BATCH`` rows on, when every device has room for them in the compute dtype and
+    they are not split over an ``fsdp`` mesh axis."""
     from qlora_jax.generate import DEQUANTIZE_MIN_BATCH, LAYER_BUFFER_SLACK, layer_buffers_fit
     from qlora_jax.nf4 import QuantizedTensor
 
@@ -167,6 +168,18 @@ def test_dequantized_layer_buffers_default_follows_batch_and_memory():
     assert gen.uses_dequantized_layers(DEQUANTIZE_MIN_BATCH) == layer_buffers_fit(model, dequantized=True)
     assert Generator(model, dequantize_layers=True).uses_dequantized_layers(1)
     assert not Generator(model, dequantize_layers=False).uses_dequantized_layers(64)
+    fit = lambda m, memory_stats=None, dequantized=False: True  # noqa: E731 - room everywhere
+    import qlora_jax.generate as generate_module
+
+    original, generate_module.layer_buffers_fit = generate_module.layer_buffers_fit, fit
+    try:
+        assert Generator(model).uses_dequantized_layers(DEQUANTIZE_MIN_BATCH)
+        fsdp_mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+        assert Generator(model, mesh=fsdp_mesh).uses_dequantized_layers(DEQUANTIZE_MIN_BATCH)  # fsdp axis of 1
+        split = jax.sharding.AbstractMesh((1, 2), ("data", "fsdp"))  # weights split over 2 devices: no
+        assert not Generator(model, mesh=split).uses_dequantized_layers(DEQUANTIZE_MIN_BATCH)
+    finally:
+        generate_module.layer_buffers_fit = original
 
 
 def test_seeded_sampling_is_reproducible_and_chunking_free(gen):
