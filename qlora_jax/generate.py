@@ -255,6 +255,11 @@ def layer_buffers_fit(model: Llama, memory_stats: Callable[[Any], dict | None] =
     return bool(need)
 
 
+def _fsdp(mesh: Any) -> int:
+    """The size of ``mesh``'s ``fsdp`` axis (1 without a mesh or that axis)."""
+    return 1 if mesh is None else dict(mesh.shape).get("fsdp", 1)
+
+
 class Generator:
     """Batched generation from a :class:`~qlora_jax.models.llama.Llama` (NF4 + LoRA, merged, or float).
 
@@ -276,6 +281,8 @@ class Generator:
       join_projections: with layer buffers, join q/k/v and gate/up into one layer each for decoding
         (one 4-bit GEMV and one adapter matmul pair per group instead of per projection; same tokens
         up to the last bit of a matmul's rounding; :func:`~qlora_jax.models.llama.fuse_projections`).
+        Not on a mesh that splits the weights over an ``fsdp`` axis (the joined copy's layout would be
+        XLA's choice, not the shards the room check counts).
         On an H200 (7B, batch 1) NF4 decoding went from 3.78 to 3.51 ms/token, with an unmerged adapter
         from 5.97 to 4.14 (with the adapters' ``A`` stored ``[r, in]``; ``benchmarks/RESULTS.md``).
       dequantize_layers: with layer buffers, dequantize the 4-bit weights into them (compute dtype,
@@ -378,7 +385,7 @@ class Generator:
             step = min(step + chunk, max_new_tokens)
             ds = _decode_jit(self.graphdef, self.state, ds, put_replicated(np.int32(step), self.mesh),
                              sampling=sampling, eos=self.eos, unroll_layers=self.unroll_layers,
-                             layer_buffers=buffers, join_projections=self.join_projections,
+                             layer_buffers=buffers, join_projections=self.join_projections and _fsdp(self.mesh) == 1,
                              dequantize_layers=dequantized, mesh=self.mesh)
             step = int(host_values(ds.step))
         out = []
@@ -406,8 +413,7 @@ class Generator:
         room check, counting each device's shards, would underestimate)."""
         if self.dequantize_layers is not None:
             return self.dequantize_layers
-        fsdp = 1 if self.mesh is None else dict(self.mesh.shape).get("fsdp", 1)
-        return (batch >= DEQUANTIZE_MIN_BATCH and self.model.quant.quantize and fsdp == 1
+        return (batch >= DEQUANTIZE_MIN_BATCH and self.model.quant.quantize and _fsdp(self.mesh) == 1
                 and layer_buffers_fit(self.model, dequantized=True))
 
     def _check_stops(self, prompts, rows, stop_strings, stopped, done) -> np.ndarray | None:
