@@ -336,6 +336,26 @@ def per_nested_offset(qt: QuantizedTensor) -> bool:
     return qt.double_quant and qt.nested_offset.ndim == qt.nested_absmax.ndim
 
 
+def concat_rows_problem(tensors: "list[QuantizedTensor] | tuple[QuantizedTensor, ...]") -> str | None:
+    """Why :func:`concat_rows` cannot join ``tensors`` exactly, or ``None`` if it can."""
+    if not tensors:
+        return "no tensors"
+    first = tensors[0]
+    k = first.shape[-1]
+    for i, t in enumerate(tensors):
+        what = f"tensor {i} {t!r}"
+        if len(t.shape) != 2 or t.packed.ndim != 1:
+            return f"{what} is not one 2-D tensor"
+        if (t.shape[1], t.blocksize, t.quant_type, t.double_quant, t.dtype) != (k, first.blocksize, first.quant_type, first.double_quant, first.dtype):
+            return f"{what} does not match tensor 0 {first!r} in K, blocksize, quant_type, double_quant or dtype"
+        n = t.shape[0] * k
+        whole = t.blocksize * (NESTED_BLOCKSIZE if t.double_quant else 1)
+        if i < len(tensors) - 1 and n % whole:
+            return (f"{what}: {n} elements are not a whole number of {whole}-element "
+                    f"{'groups of 256 blocks' if t.double_quant else 'blocks'}")
+    return None
+
+
 def concat_rows(tensors: "list[QuantizedTensor] | tuple[QuantizedTensor, ...]") -> QuantizedTensor:
     """Join 2-D tensors ``[N_i, K]`` along their rows into one ``[sum N_i, K]`` tensor, exactly: every
     element dequantizes to the value it had (e.g. q/k/v projections as one weight, read by one kernel).
@@ -344,23 +364,12 @@ def concat_rows(tensors: "list[QuantizedTensor] | tuple[QuantizedTensor, ...]") 
     repeated over its blocks of 256 scales (``nested_offset [ceil(nb / 256)]``), so every tensor but
     the last needs a whole number of those (``N_i * K`` a multiple of ``256 * blocksize``), and all share
     the 8-bit map of the first (the signed dynamic map :func:`quantize` and bitsandbytes use). Raises
-    ``ValueError`` naming the first tensor that does not fit.
+    ``ValueError`` naming the first tensor that does not fit (:func:`concat_rows_problem`).
     """
-    if not tensors:
-        raise ValueError("concat_rows: no tensors")
+    if (problem := concat_rows_problem(tensors)) is not None:
+        raise ValueError(f"concat_rows: {problem}")
     first = tensors[0]
     k = first.shape[-1]
-    for i, t in enumerate(tensors):
-        what = f"concat_rows: tensor {i} {t!r}"
-        if len(t.shape) != 2 or t.packed.ndim != 1:
-            raise ValueError(f"{what} is not one 2-D tensor")
-        if (t.shape[1], t.blocksize, t.quant_type, t.double_quant, t.dtype) != (k, first.blocksize, first.quant_type, first.double_quant, first.dtype):
-            raise ValueError(f"{what} does not match tensor 0 {first!r} in K, blocksize, quant_type, double_quant or dtype")
-        n = t.shape[0] * k
-        whole = t.blocksize * (NESTED_BLOCKSIZE if t.double_quant else 1)
-        if i < len(tensors) - 1 and n % whole:
-            raise ValueError(f"{what}: {n} elements are not a whole number of {whole}-element "
-                             f"{'groups of 256 blocks' if t.double_quant else 'blocks'}")
     cat = lambda name: jnp.concatenate([getattr(t, name) for t in tensors])  # noqa: E731
     offset = None
     if first.double_quant:

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax import kernels
-from qlora_jax.nf4 import NESTED_BLOCKSIZE, QuantizedTensor, concat_rows, quantize
+from qlora_jax.nf4 import QuantizedTensor, concat_rows, concat_rows_problem, quantize
 from qlora_jax.sharding import gather_for_compute
 
 
@@ -322,15 +322,7 @@ def _joinable(weights: Sequence[Any]) -> bool:
     """Whether :func:`qlora_jax.nf4.concat_rows` (or a float concatenation) joins these weights."""
     if all(not isinstance(w, QuantizedTensor) for w in weights):
         return len({(w.shape[1], w.dtype) for w in weights}) == 1
-    if not all(isinstance(w, QuantizedTensor) for w in weights):
-        return False
-    first = weights[0]
-    for w in weights:
-        if len(w.shape) != 2 or w.packed.ndim != 1 or (w.shape[1], w.blocksize, w.quant_type, w.double_quant, w.dtype) != (
-                first.shape[1], first.blocksize, first.quant_type, first.double_quant, first.dtype):
-            return False
-    whole = first.blocksize * (NESTED_BLOCKSIZE if first.double_quant else 1)
-    return all(w.shape[0] * w.shape[1] % whole == 0 for w in weights[:-1])
+    return all(isinstance(w, QuantizedTensor) for w in weights) and concat_rows_problem(weights) is None
 
 
 def fuse_dense(layers: Sequence[LoRADense]) -> tuple[FusedDense, ...]:
