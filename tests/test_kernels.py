@@ -124,7 +124,8 @@ def test_kernels_lower_for_cuda_on_an_abstract_h100():
             for cfg in (gemv.GemvConfig(decode="gather16", reduce="end"),
                         gemv.GemvConfig(decode="pair256", scales_in_kernel=False, reduce="step", split=1,
                                         x_layout="strided"),
-                        gemv.GemvConfig(decode="prmt"), gemv.GemvConfig(decode="prmt_f16x2", split=1)):
+                        gemv.GemvConfig(decode="prmt"), gemv.GemvConfig(decode="prmt_f16x2", split=1),
+                        gemv.GemvConfig(decode="prmt_f16x2", reduce="end")):
                 for fn, arg in ((gemv.nf4_gemv, x), (gemv.nf4_gemv_t, dy)):
                     f = functools.partial(fn, config=cfg)
                     text = jax.jit(f).trace(arg, w).lower(lowering_platforms=("cuda",)).as_text()
@@ -154,6 +155,9 @@ GEMV_CASES = [
     (1, 172, 640, "nf4", True, gemv.GemvConfig(decode="prmt_f16x2", block_n=4, blocks_per_step=4, split=3)),
     (8, 64, 512, "fp4", False, gemv.GemvConfig(decode="prmt_f16x2", scales_in_kernel=False, split=2)),
     (1, 64, 256, "nf4", False, gemv.GemvConfig(decode="prmt_f16x2", split=1)),
+    # register decodes reducing once after the loop
+    (1, 172, 640, "nf4", True, gemv.GemvConfig(decode="prmt_f16x2", reduce="end", block_n=4, blocks_per_step=4, split=3)),
+    (3, 64, 512, "fp4", False, gemv.GemvConfig(decode="prmt", reduce="end", split=2)),
 ]
 
 

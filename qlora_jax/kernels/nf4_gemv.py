@@ -88,8 +88,9 @@ class GemvConfig:
     ``scales_in_kernel``: decode double-quantized scales in the kernel (else one small XLA op
     makes fp32 ``[N, NB]`` scales first: 4 extra bytes read per 32 code bytes).
     ``reduce``: ``"end"`` keeps one elementwise fp32 accumulator per row of x the size of the byte
-    tile and reduces it once after the loop (no shuffles / shared-memory reductions in the loop,
-    but ``M * tile`` registers); ``"step"`` reduces every step into ``[block_n]`` (forward) or
+    tile (the word tile for the register decodes) and reduces it once after the loop (no shuffles /
+    shared-memory reductions in the loop, but ``M * tile`` registers; for the register decodes not yet
+    timed on a GPU); ``"step"`` reduces every step into ``[block_n]`` (forward) or
     ``[blocks_per_step, hb]`` (gradient) accumulators; ``"auto"`` picks ``"end"`` while the
     accumulators need at most 64 fp32 registers per thread.
     ``x_layout`` (forward): ``"split"`` de-interleaves x into even / odd columns with one small XLA
@@ -211,7 +212,8 @@ def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_
         o_ref[0, m, :] = acc.astype(o_ref.dtype)
 
 
-def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_type, interpret, f16x2):
+def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_type, interpret, f16x2,
+                      reduce_at_end=False):
     """The register decodes: as :func:`_fwd_kernel`, on uint32 words ``p_ref [N, NB, hb/4]``.
 
     ``decode="prmt"`` (``f16x2=False``): ``refs[:2]`` are x planes ``xe / xo [Mp, 4, NB, hb/4]`` (even /
@@ -219,6 +221,8 @@ def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_ty
     ``decode="prmt_f16x2"``: ``refs[0]`` is ``xp [Mp, 4, NB, hb/4]`` uint32, the fp16 pair (even column
     upper, odd lower) of byte ``t`` of each word, of x scaled into [-1, 1]; fp16 codes times those pairs
     in packed fp16x2 FMAs, fp32 from each word's 8-product sums on.
+    ``reduce_at_end``: accumulate ``scale * (word sums)`` elementwise in a ``[bn, g, hb/4]`` fp32 tile per
+    row of x and reduce it once after the loop, instead of reducing every step.
     """
     x_refs, (p_ref, a_ref, na_ref, nc_ref, off_ref, o_ref) = refs[:len(refs) - 6], refs[len(refs) - 6:]
     i, s = pl.program_id(0), pl.program_id(1)
@@ -244,12 +248,17 @@ def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_ty
                     xo = x_refs[1][m, t, blocks, :].astype(jnp.float32)[None]
                     term = whi * xe + wlo * xo
                     prod = term if prod is None else prod + term
-            out.append(accs[m] + jnp.sum(jnp.sum(prod, axis=2) * scale, axis=1))
+            if reduce_at_end:
+                out.append(accs[m] + prod * scale[:, :, None])
+            else:
+                out.append(accs[m] + jnp.sum(jnp.sum(prod, axis=2) * scale, axis=1))
         return tuple(out)
 
-    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(mp)))
+    acc_shape = (bn, g, p_ref.shape[2]) if reduce_at_end else (bn,)
+    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(mp)))
     for m in range(mp):
-        o_ref[0, m, :] = accs[m].astype(o_ref.dtype)
+        acc = jnp.sum(jnp.sum(accs[m], axis=2), axis=1) if reduce_at_end else accs[m]
+        o_ref[0, m, :] = acc.astype(o_ref.dtype)
 
 
 def f16_pair_planes(x2: jax.Array, blocksize: int) -> tuple[jax.Array, jax.Array]:
@@ -380,7 +389,8 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     if config.decode in REGISTER_DECODES:
         kernel = functools.partial(_fwd_kernel_words, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
                                    dq_in_kernel=dq, quant_type=w.quant_type, interpret=interpret,
-                                   f16x2=config.decode == "prmt_f16x2")
+                                   f16x2=config.decode == "prmt_f16x2",
+                                   reduce_at_end=_reduce_at_end(config, mp, bn * g * (hb // 4)))
     else:
         if config.x_layout == "strided":
             x4 = x2.reshape(mp, nb, hb, 2)
