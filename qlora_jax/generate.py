@@ -50,7 +50,7 @@ from flax import nnx
 
 from qlora_jax.models.llama import KVCache, Llama, fuse_projections
 from qlora_jax.nf4 import QuantizedTensor
-from qlora_jax.sharding import host_values, put_replicated, tracing_mesh
+from qlora_jax.sharding import fsdp_size, host_values, put_replicated, tracing_mesh
 
 GUANACO_STOP = "### Human:"
 PROMPT_BUCKET = 16  # padded prompt lengths are multiples of this, so chat turns reuse compilations
@@ -255,11 +255,6 @@ def layer_buffers_fit(model: Llama, memory_stats: Callable[[Any], dict | None] =
     return bool(need)
 
 
-def _fsdp(mesh: Any) -> int:
-    """The size of ``mesh``'s ``fsdp`` axis (1 without a mesh or that axis)."""
-    return 1 if mesh is None else dict(mesh.shape).get("fsdp", 1)
-
-
 class Generator:
     """Batched generation from a :class:`~qlora_jax.models.llama.Llama` (NF4 + LoRA, merged, or float).
 
@@ -385,7 +380,7 @@ class Generator:
             step = min(step + chunk, max_new_tokens)
             ds = _decode_jit(self.graphdef, self.state, ds, put_replicated(np.int32(step), self.mesh),
                              sampling=sampling, eos=self.eos, unroll_layers=self.unroll_layers,
-                             layer_buffers=buffers, join_projections=self.join_projections and _fsdp(self.mesh) == 1,
+                             layer_buffers=buffers, join_projections=self.join_projections and fsdp_size(self.mesh) == 1,
                              dequantize_layers=dequantized, mesh=self.mesh)
             step = int(host_values(ds.step))
         out = []
@@ -413,7 +408,7 @@ class Generator:
         room check, counting each device's shards, would underestimate)."""
         if self.dequantize_layers is not None:
             return self.dequantize_layers
-        return (batch >= DEQUANTIZE_MIN_BATCH and self.model.quant.quantize and _fsdp(self.mesh) == 1
+        return (batch >= DEQUANTIZE_MIN_BATCH and self.model.quant.quantize and fsdp_size(self.mesh) == 1
                 and layer_buffers_fit(self.model, dequantized=True))
 
     def _check_stops(self, prompts, rows, stop_strings, stopped, done) -> np.ndarray | None:

@@ -467,7 +467,7 @@ def to_bnb_state_dict(qt: QuantizedTensor, prefix: str = "") -> dict[str, np.nda
         "dtype": qt.dtype,
         "shape": list(qt.shape),
     }
-    if qt.double_quant and per_nested_offset(qt):
+    if per_nested_offset(qt):
         raise ValueError(f"{p}: a tensor joined by concat_rows (one offset per block of 256 scales) has no bitsandbytes form")
     if qt.double_quant:
         out[f"{p}.nested_absmax"] = np.asarray(qt.nested_absmax)

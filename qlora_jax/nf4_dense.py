@@ -103,12 +103,7 @@ def nf4_dense(
         raise ValueError(f"nf4_dense: dropout_rate={dropout_rate} must be in [0, 1)")
 
     xc = x.astype(compute_dtype)
-    if isinstance(qweight, QuantizedTensor):
-        y = frozen_matmul(xc, qweight)
-    else:
-        w = jax.lax.stop_gradient(qweight).astype(compute_dtype)
-        y = jax.lax.dot_general(xc, w, (((xc.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        y = y.astype(compute_dtype)
+    y = _base_product(xc, qweight)
     if lora_a is not None:
         lora_a, lora_b = gather_for_compute((lora_a, lora_b))  # FSDP: whole adapters where they are used
         xa = xc
@@ -121,6 +116,16 @@ def nf4_dense(
     if bias is not None:
         y = y + bias.astype(compute_dtype)
     return y
+
+
+def _base_product(xc: jax.Array, weight: QuantizedTensor | jax.Array) -> jax.Array:
+    """``xc [..., in] @ weight [out, in].T`` in ``xc.dtype``: the frozen base weight, 4-bit
+    (:func:`frozen_matmul`) or float (cast to ``xc.dtype``, fp32 accumulation, no gradient)."""
+    if isinstance(weight, QuantizedTensor):
+        return frozen_matmul(xc, weight)
+    w = jax.lax.stop_gradient(weight).astype(xc.dtype)
+    y = jax.lax.dot_general(xc, w, (((xc.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return y.astype(xc.dtype)
 
 
 def dropout_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.Array, float]:
@@ -372,12 +377,7 @@ def fused_dense(x: jax.Array, group: Sequence[FusedDense]) -> list[jax.Array]:
     for f in group:
         cdt = jnp.dtype(f.compute_dtype)
         xc = x.astype(cdt)
-        if isinstance(f.weight, QuantizedTensor):
-            y = frozen_matmul(xc, f.weight)
-        else:
-            w = f.weight.astype(cdt)
-            y = jax.lax.dot_general(xc, w, (((xc.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            y = y.astype(cdt)
+        y = _base_product(xc, f.weight)
         if f.lora_a is not None:
             a, b = gather_for_compute((f.lora_a, f.lora_b))
             h = jax.lax.dot_general(xc, a, (((xc.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

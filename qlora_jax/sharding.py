@@ -226,6 +226,13 @@ def check_batch(batch_size: int, mesh: Mesh, name: str = "data.batch_size") -> N
 # --- FSDP inside the step ---------------------------------------------------------------------------
 
 
+def fsdp_size(mesh: Mesh | jax.sharding.AbstractMesh | None) -> int:
+    """The size of ``mesh``'s ``"fsdp"`` axis: 1 without a mesh, for an empty one, or without that axis."""
+    if mesh is None or mesh.empty:
+        return 1
+    return dict(zip(mesh.axis_names, mesh.axis_sizes)).get("fsdp", 1)
+
+
 def gather_for_compute(w: Any) -> Any:
     """``w`` (a :class:`QuantizedTensor` or any pytree of arrays) replicated over the current mesh.
 
@@ -233,8 +240,7 @@ def gather_for_compute(w: Any) -> Any:
     has no ``fsdp`` axis larger than 1. Inside the scanned layer loop this is FSDP's per-layer
     all-gather: only this layer's 4-bit codes and scales are whole on every device at once.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    fsdp = 1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes)).get("fsdp", 1)
+    fsdp = fsdp_size(jax.sharding.get_abstract_mesh())
     if fsdp <= 1:
         return w
     if isinstance(w, QuantizedTensor):
