@@ -20,6 +20,7 @@ of ``W`` is ever saved for the backward pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -110,9 +111,7 @@ def nf4_dense(
         if dropout_rng is not None and dropout_rate > 0.0:
             keep, kept_share = dropout_keep_mask(dropout_rng, dropout_rate, xc.shape)
             xa = jnp.where(keep, xc / jnp.asarray(kept_share, compute_dtype), jnp.zeros((), compute_dtype))
-        h = jnp.matmul(xa, lora_a.astype(compute_dtype), preferred_element_type=jnp.float32).astype(compute_dtype)
-        delta = jnp.matmul(h, lora_b.astype(compute_dtype), preferred_element_type=jnp.float32)
-        y = (y.astype(jnp.float32) + scaling * delta).astype(compute_dtype)
+        y = lora_update(y, xa, lora_a, lora_b, scaling)
     if bias is not None:
         y = y + bias.astype(compute_dtype)
     return y
@@ -123,9 +122,74 @@ def _base_product(xc: jax.Array, weight: QuantizedTensor | jax.Array) -> jax.Arr
     (:func:`frozen_matmul`) or float (cast to ``xc.dtype``, fp32 accumulation, no gradient)."""
     if isinstance(weight, QuantizedTensor):
         return frozen_matmul(xc, weight)
-    w = jax.lax.stop_gradient(weight).astype(xc.dtype)
-    y = jax.lax.dot_general(xc, w, (((xc.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return y.astype(xc.dtype)
+    return matmul_t_f32(xc, jax.lax.stop_gradient(weight)).astype(xc.dtype)
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """``a`` and ``b`` (2-D or with leading batch dims flattened) contracted on ``contract``, fp32 result."""
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def matmul_t_f32(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [..., in] @ w [out, in].T`` -> fp32 ``[..., out]``, ``w`` cast to ``x.dtype`` (bf16 operands, fp32
+    accumulation). The backward products round the fp32 cotangent to ``x.dtype`` once and take
+    ``x.dtype`` operands too, as PyTorch's autocast does (plain autodiff would run them in fp32: an fp32
+    ``[tokens, vocab]`` cotangent against an fp32 copy of a bf16 ``lm_head``)."""
+    return _dot(x, w.astype(x.dtype), (x.ndim - 1, 1))
+
+
+def _matmul_t_f32_fwd(x, w):
+    return matmul_t_f32(x, w), (x, w)
+
+
+def _matmul_t_f32_bwd(res, ct):
+    x, w = res
+    g = ct.astype(x.dtype)
+    dx = _dot(g, w.astype(x.dtype), (g.ndim - 1, 0)).astype(x.dtype)
+    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    dw = _dot(g2, x2, (0, 0)).astype(w.dtype)  # [out, in]; dropped by XLA when w is frozen
+    return dx, dw
+
+
+matmul_t_f32.defvjp(_matmul_t_f32_fwd, _matmul_t_f32_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lora_update(y: jax.Array, xa: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scaling: float) -> jax.Array:
+    """``y + scaling * (xa @ A) @ B`` in ``y.dtype``: ``y``, ``xa`` ``[..., out]`` / ``[..., in]`` in the compute
+    dtype, ``A [in, r]`` and ``B [r, out]`` in any float dtype (cast to the compute dtype for the products).
+
+    Every product, forward and backward, takes compute-dtype operands and accumulates in fp32 (what
+    PyTorch's autocast does for PEFT). Plain autodiff would instead run the four backward products in
+    fp32: the cotangent of an fp32-accumulated product is fp32, so ``xa``, ``h`` and both adapters get
+    converted up and the thin ``[tokens, r]`` GEMMs read twice the bytes.
+    """
+    return _lora_update_fwd(y, xa, lora_a, lora_b, scaling)[0]
+
+
+def _lora_update_fwd(y, xa, lora_a, lora_b, scaling):
+    cdt = y.dtype
+    a, b = lora_a.astype(cdt), lora_b.astype(cdt)
+    h = _dot(xa, a, (xa.ndim - 1, 0)).astype(cdt)  # [..., r]
+    delta = _dot(h, b, (h.ndim - 1, 0))  # [..., out] fp32
+    return (y.astype(jnp.float32) + scaling * delta).astype(cdt), (xa, h, lora_a, lora_b)
+
+
+def _lora_update_bwd(scaling, res, dy):
+    xa, h, lora_a, lora_b = res
+    cdt = dy.dtype
+    a, b = lora_a.astype(cdt), lora_b.astype(cdt)
+    lead = dy.shape[:-1]
+    dy2, h2, xa2 = dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1]), xa.reshape(-1, xa.shape[-1])
+    d_b = (scaling * _dot(h2, dy2, (0, 0))).astype(lora_b.dtype)  # [r, out]
+    dh = (scaling * _dot(dy2, b, (1, 1))).astype(cdt)  # [T, r]
+    d_a = _dot(xa2, dh, (0, 0)).astype(lora_a.dtype)  # [in, r]
+    dxa = _dot(dh, a, (1, 1)).astype(cdt).reshape(*lead, xa.shape[-1])  # [..., in]
+    return dy, dxa, d_a, d_b
+
+
+lora_update.defvjp(_lora_update_fwd, _lora_update_bwd)
 
 
 def dropout_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.Array, float]:

@@ -303,6 +303,31 @@ def test_remat_policies_give_identical_loss_and_grads(policy, no_remat_loss_and_
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(g0))
 
 
+def test_bf16_training_gradient_runs_every_product_on_bf16_operands():
+    """The LoRA gradient of a bf16 NF4 model (the training configuration) runs every linear-layer and
+    ``lm_head`` product on bf16 operands: the adapters' backward products and the ``lm_head`` input
+    gradient take the fp32 cotangents rounded to bf16, never fp32 copies of bf16 tensors (as PyTorch's
+    autocast). (XLA's attention, whose products have 4-5-D operands, is left out: on a GPU cuDNN's
+    fused attention replaces it.)"""
+    from test_nf4_dense import _dot_operand_dtypes
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = Llama(cfg, lora=LoRAConfig(r=4, dropout=0.1), quant=QuantConfig(quantize=True), remat="full",
+                  rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)))
+    model.train()
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+    def loss(lora):
+        logits = nnx.merge(graphdef, lora, rest, copy=True)(ids[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
+
+    dtypes = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(loss))(lora).jaxpr, max_rank=3)
+    assert len(dtypes) > 30
+    assert all(d == ("bfloat16", "bfloat16") for d in dtypes), sorted(set(dtypes))
+
+
 def test_layers_are_stacked_and_scanned():
     """Every layer parameter has a leading layer axis and the forward jaxpr does not grow with depth."""
     def n_eqns(layers):

@@ -7,6 +7,7 @@ import contextlib
 import io
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -65,6 +66,40 @@ def test_gradients_equal_float_reference_and_weight_gets_none():
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
     for leaf in jax.tree.leaves(grads[3]):  # the frozen weight: zero (float) or float0 (integer) cotangents
         assert leaf.dtype == jax.dtypes.float0 or not np.any(np.asarray(leaf))
+
+
+def _dot_operand_dtypes(jaxpr, max_rank: int = 8) -> list[tuple[str, ...]]:
+    """The operand dtypes of every dot_general in ``jaxpr`` (nested jaxprs included) whose operands
+    have at most ``max_rank`` dimensions."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and max(v.aval.ndim for v in eqn.invars) <= max_rank:
+            out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out.extend(_dot_operand_dtypes(sub, max_rank))
+    return out
+
+
+def test_bf16_backward_products_take_bf16_operands_and_match_float_reference():
+    """In bf16 compute every product of the forward and backward pass (LoRA ``A`` / ``B``, their
+    gradients, the input gradient) takes bf16 operands (fp32 accumulation, as PyTorch's autocast),
+    and the gradients stay within bf16 rounding of the fp32 reference, dropout included."""
+    w, x, a, b = _setup(in_f=256, out_f=128, batch=(4, 16))
+    rng = jax.random.key(3)
+
+    def loss(x, a, b, dtype):
+        y = nf4_dense(x, w, a, b, scaling=2.0, compute_dtype=dtype, dropout_rate=0.1, dropout_rng=rng)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    dtypes = _dot_operand_dtypes(jax.make_jaxpr(grad, static_argnums=3)(x, a, b, jnp.bfloat16).jaxpr)
+    assert len(dtypes) >= 6 and all(d == ("bfloat16", "bfloat16") for d in dtypes), dtypes
+    got = grad(x, a, b, jnp.bfloat16)
+    ref = grad(x, a, b, jnp.float32)
+    for g, r, name in zip(got, ref, ("x", "A", "B")):
+        assert g.dtype == r.dtype, name
+        err = float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r))
+        assert err < 2e-2, (name, err)
 
 
 def test_backward_saves_only_the_packed_weight():

@@ -89,10 +89,10 @@ class GemvConfig:
     makes fp32 ``[N, NB]`` scales first: 4 extra bytes read per 32 code bytes).
     ``reduce``: ``"end"`` keeps one elementwise fp32 accumulator per row of x the size of the byte
     tile (the word tile for the register decodes) and reduces it once after the loop (no shuffles /
-    shared-memory reductions in the loop, but ``M * tile`` registers; for the register decodes not yet
-    timed on a GPU); ``"step"`` reduces every step into ``[block_n]`` (forward) or
-    ``[blocks_per_step, hb]`` (gradient) accumulators; ``"auto"`` picks ``"end"`` while the
-    accumulators need at most 64 fp32 registers per thread.
+    shared-memory reductions in the loop, but ``M * tile`` registers); ``"step"`` reduces every step
+    into ``[block_n]`` (forward) or ``[blocks_per_step, hb]`` (gradient) accumulators; ``"auto"`` (the
+    default) picks ``"end"`` for a register decode's forward with one row of x, else ``"step"`` (what
+    the H200 measurements favour, below).
     ``x_layout`` (forward): ``"split"`` de-interleaves x into even / odd columns with one small XLA
     op first, so the kernel's activation loads are contiguous (vectorizable); ``"strided"`` reads
     x in place with stride 2 (no op before the kernel, but scalar loads: one per weight and row of x).
@@ -106,7 +106,10 @@ class GemvConfig:
     # "gather16" on the three LLaMA shapes; at M = 8 1.6-1.9x faster than "prmt" (H200 profiles, RESULTS.md)
     decode: str = "prmt_f16x2"
     scales_in_kernel: bool = True
-    reduce: str = "step"  # fastest at M = 1 on both 7B shapes (H200 sweep, benchmarks/RESULTS.md)
+    # "auto": "end" for the register decodes at Mp = 1 (H200, sixth session: 5-10% faster on three of the four
+    # joined 7B shapes, 1.5% slower on 11008x4096) and "step" otherwise ("end" 2-8% slower at M = 8; "step"
+    # fastest for the gather decodes at M = 1, second session's sweep). benchmarks/RESULTS.md.
+    reduce: str = "auto"
     x_layout: str = "split"
     num_warps: int = 4
     num_stages: int = 3
@@ -318,11 +321,11 @@ def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
         o_ref[0, m, :, :, 1] = o.astype(o_ref.dtype)
 
 
-def _reduce_at_end(config: GemvConfig, mp: int, tile_elems: int) -> bool:
+def _reduce_at_end(config: GemvConfig, mp: int, direction: str = "fwd") -> bool:
     if config.reduce not in ("auto", "end", "step"):
         raise ValueError(f"reduce={config.reduce!r} is not one of ('auto', 'end', 'step')")
     if config.reduce == "auto":
-        return mp * tile_elems <= 64 * 32 * config.num_warps
+        return direction == "fwd" and config.decode in REGISTER_DECODES and mp == 1
     return config.reduce == "end"
 
 
@@ -390,7 +393,7 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
         kernel = functools.partial(_fwd_kernel_words, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
                                    dq_in_kernel=dq, quant_type=w.quant_type, interpret=interpret,
                                    f16x2=config.decode == "prmt_f16x2",
-                                   reduce_at_end=_reduce_at_end(config, mp, bn * g * (hb // 4)))
+                                   reduce_at_end=_reduce_at_end(config, mp))
     else:
         if config.x_layout == "strided":
             x4 = x2.reshape(mp, nb, hb, 2)
@@ -401,7 +404,7 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
             raise ValueError(f"x_layout={config.x_layout!r} is not 'split' or 'strided'")
         kernel = functools.partial(_fwd_kernel, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
                                    dq_in_kernel=dq, decode=config.decode, x_strided=config.x_layout == "strided",
-                                   reduce_at_end=_reduce_at_end(config, mp, bn * g * hb))
+                                   reduce_at_end=_reduce_at_end(config, mp))
     # one K slice: write x.dtype directly (no XLA epilogue); else fp32 partials summed by XLA. fp32 also
     # when x was scaled: the power of two that undoes it may lie outside x.dtype's range (fp16: 2^16)
     out_dtype = x.dtype if split == 1 and x_scale is None else jnp.float32
@@ -439,7 +442,7 @@ def nf4_gemv_t(dy: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAUL
     operands, dq = _weight_operands(w, config)
     kernel = functools.partial(_bwd_kernel, bn=bn, g=g, steps=steps, split=split, n=n, nb=nb, mp=mp,
                                dq_in_kernel=dq, decode=config.decode,
-                               reduce_at_end=_reduce_at_end(config, 2 * mp, bn * g * hb))
+                               reduce_at_end=_reduce_at_end(config, 2 * mp, "t"))
     out_dtype = dy.dtype if split == 1 else jnp.float32
     partial = pl.pallas_call(
         kernel,
