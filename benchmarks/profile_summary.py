@@ -8,6 +8,8 @@ ops sorted by total time, their share, count, and a category (``--steps`` divide
 per-step figures). Categories come from the op's HLO name and the profiler's ``hlo_category``
 stat where present: matmul (dots, cuBLAS/cuDNN GEMMs), attention (cuDNN fused attention),
 collective, copy/transfer (host offload, copies), dequant-like fusions and other fusions.
+``--detail N`` also prints, for the N costliest ops, what the profiler says the op computes (its
+``long_name`` / ``hlo_op`` stats: the fused HLO instruction), to tell one fusion from another.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def summarize(trace_dir: str | Path, steps: int = 1, top: int = 40) -> dict:
     files = sorted(Path(trace_dir).rglob("*.xplane.pb"))
     if not files:
         raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
-    by_name: dict[str, list] = collections.defaultdict(lambda: [0.0, 0, ""])
+    by_name: dict[str, list] = collections.defaultdict(lambda: [0.0, 0, "", ""])
     lines_seen = set()
     datas = [ProfileData.from_file(str(f)) for f in files]
     gpu_lines = [(p.name, line) for d in datas for p in d.planes if p.name.startswith("/device:GPU") for line in p.lines]
@@ -68,8 +70,9 @@ def summarize(trace_dir: str | Path, steps: int = 1, top: int = 40) -> dict:
                 rec[0] += ev.duration_ns
                 rec[1] += 1
                 rec[2] = rec[2] or category(ev.name, st)
+                rec[3] = rec[3] or str(st.get("long_name") or st.get("hlo_op") or "")
     total = sum(v[0] for v in by_name.values())
-    ops = sorted(({"name": k, "ms": v[0] / 1e6 / steps, "count": v[1] / steps, "category": v[2]}
+    ops = sorted(({"name": k, "ms": v[0] / 1e6 / steps, "count": v[1] / steps, "category": v[2], "detail": v[3]}
                   for k, v in by_name.items()), key=lambda r: -r["ms"])
     cats: dict[str, float] = collections.defaultdict(float)
     for r in ops:
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("trace_dir")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--steps", type=int, default=1, help="divide totals by this many profiled steps")
+    ap.add_argument("--detail", type=int, default=0, help="print what the N costliest ops compute")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     s = summarize(a.trace_dir, a.steps, a.top)
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'op':<70} {'ms/step':>9} {'%':>6} {'count':>7}  category")
     for r in s["top"]:
         print(f"{r['name'][:70]:<70} {r['ms']:9.3f} {100 * r['ms'] / max(t, 1e-9):6.1f} {r['count']:7.1f}  {r['category']}")
+    for r in s["top"][:a.detail]:
+        print(f"\n{r['name']} ({r['ms']:.3f} ms/step, {r['count']:.0f} calls): {r['detail'][:1500] or '(no detail)'}")
     if a.json:
         Path(a.json).write_text(json.dumps(s, indent=1))
 

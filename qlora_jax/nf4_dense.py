@@ -125,9 +125,10 @@ def _base_product(xc: jax.Array, weight: QuantizedTensor | jax.Array) -> jax.Arr
     return matmul_t_f32(xc, jax.lax.stop_gradient(weight)).astype(xc.dtype)
 
 
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-    """``a`` and ``b`` (2-D or with leading batch dims flattened) contracted on ``contract``, fp32 result."""
-    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], dtype: Any = jnp.float32) -> jax.Array:
+    """``a`` contracted with ``b`` on axes ``contract``, fp32 accumulation, result in ``dtype`` (asked of
+    the dot itself: a 16-bit result is written as such, not as fp32 plus a conversion)."""
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=dtype)
 
 
 @jax.custom_vjp
@@ -146,7 +147,7 @@ def _matmul_t_f32_fwd(x, w):
 def _matmul_t_f32_bwd(res, ct):
     x, w = res
     g = ct.astype(x.dtype)
-    dx = _dot(g, w.astype(x.dtype), (g.ndim - 1, 0)).astype(x.dtype)
+    dx = _dot(g, w.astype(x.dtype), (g.ndim - 1, 0), x.dtype)
     g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
     dw = _dot(g2, x2, (0, 0)).astype(w.dtype)  # [out, in]; dropped by XLA when w is frozen
     return dx, dw
@@ -160,10 +161,12 @@ def lora_update(y: jax.Array, xa: jax.Array, lora_a: jax.Array, lora_b: jax.Arra
     """``y + scaling * (xa @ A) @ B`` in ``y.dtype``: ``y``, ``xa`` ``[..., out]`` / ``[..., in]`` in the compute
     dtype, ``A [in, r]`` and ``B [r, out]`` in any float dtype (cast to the compute dtype for the products).
 
-    Every product, forward and backward, takes compute-dtype operands and accumulates in fp32 (what
-    PyTorch's autocast does for PEFT). Plain autodiff would instead run the four backward products in
-    fp32: the cotangent of an fp32-accumulated product is fp32, so ``xa``, ``h`` and both adapters get
-    converted up and the thin ``[tokens, r]`` GEMMs read twice the bytes.
+    What PyTorch's autocast does for PEFT: every product, forward and backward, takes compute-dtype
+    operands and accumulates in fp32, and the products the size of the activations (``(xa @ A) @ B``,
+    the input gradient) come out in the compute dtype; the adapters' gradients are fp32 sums. Plain
+    autodiff would run the four backward products in fp32 instead (the cotangent of an fp32-accumulated
+    product is fp32, so ``xa``, ``h`` and both adapters get converted up), and XLA would write the fp32
+    ``[tokens, out]`` products to memory.
     """
     return _lora_update_fwd(y, xa, lora_a, lora_b, scaling)[0]
 
@@ -172,8 +175,8 @@ def _lora_update_fwd(y, xa, lora_a, lora_b, scaling):
     cdt = y.dtype
     a, b = lora_a.astype(cdt), lora_b.astype(cdt)
     h = _dot(xa, a, (xa.ndim - 1, 0)).astype(cdt)  # [..., r]
-    delta = _dot(h, b, (h.ndim - 1, 0))  # [..., out] fp32
-    return (y.astype(jnp.float32) + scaling * delta).astype(cdt), (xa, h, lora_a, lora_b)
+    delta = _dot(h, b, (h.ndim - 1, 0), cdt)  # [..., out]
+    return y + (scaling * delta.astype(jnp.float32)).astype(cdt), (xa, h, lora_a, lora_b)  # PEFT's order
 
 
 def _lora_update_bwd(scaling, res, dy):
@@ -185,7 +188,7 @@ def _lora_update_bwd(scaling, res, dy):
     d_b = (scaling * _dot(h2, dy2, (0, 0))).astype(lora_b.dtype)  # [r, out]
     dh = (scaling * _dot(dy2, b, (1, 1))).astype(cdt)  # [T, r]
     d_a = _dot(xa2, dh, (0, 0)).astype(lora_a.dtype)  # [in, r]
-    dxa = _dot(dh, a, (1, 1)).astype(cdt).reshape(*lead, xa.shape[-1])  # [..., in]
+    dxa = _dot(dh, a, (1, 1), cdt).reshape(*lead, xa.shape[-1])  # [..., in]
     return dy, dxa, d_a, d_b
 
 

@@ -42,9 +42,13 @@ def operand_rows(name: str, a: jax.Array, w: QuantizedTensor, dim: int, supports
 
 def dot_dequantized(a: jax.Array, wd: jax.Array, contract: int) -> jax.Array:
     """``a [..., d]`` contracted with axis ``contract`` of a dequantized ``wd [out, in]``, fp32
-    accumulation, result in ``a.dtype``."""
-    y = jax.lax.dot_general(a, wd, (((a.ndim - 1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
-    return y.astype(a.dtype)
+    accumulation, result in ``a.dtype``.
+
+    The product is asked for in ``a.dtype`` directly: XLA accumulates 16-bit dots in fp32 on every
+    backend, and on a GPU an fp32 result would be written to memory as fp32 and converted by a second
+    kernel (the 7B training step's HLO had five such fp32 ``[2048, 11008]`` GEMM outputs per layer).
+    """
+    return jax.lax.dot_general(a, wd, (((a.ndim - 1,), (contract,)), ((), ())), preferred_element_type=a.dtype)
 
 
 def nf4_matmul_reference(x: jax.Array, w: QuantizedTensor) -> jax.Array:
