@@ -44,23 +44,34 @@ def _zero_cotangent(tree: Any) -> Any:
     return jax.tree.map(zero, tree)
 
 
+def _whole(w: QuantizedTensor | tuple[QuantizedTensor, ...]) -> QuantizedTensor:
+    """``w`` gathered for compute; a tuple of weights gathered and joined along ``out`` (``concat_rows``)."""
+    if isinstance(w, QuantizedTensor):
+        return gather_for_compute(w)
+    return concat_rows([gather_for_compute(t) for t in w])
+
+
 @jax.custom_vjp
-def frozen_matmul(x: jax.Array, w: QuantizedTensor) -> jax.Array:
+def frozen_matmul(x: jax.Array, w: QuantizedTensor | tuple[QuantizedTensor, ...]) -> jax.Array:
     """``x [..., in] @ dequant(w).T -> [..., out]`` whose backward pass saves only ``w``.
+
+    ``w`` may be a tuple of weights with the same ``in`` that :func:`qlora_jax.nf4.concat_rows` joins
+    exactly: their products side by side, ``[..., sum(out)]``, from one joined 4-bit weight (one
+    dequantize and one GEMM each way).
 
     On a mesh with an ``fsdp`` axis, ``w`` is gathered whole right here (FSDP,
     :func:`qlora_jax.sharding.gather_for_compute`) in the forward pass and again in the backward
     pass; the residual is the sharded ``w``, so no gathered copy outlives its matmul.
     """
-    return kernels.nf4_matmul(x, gather_for_compute(w))
+    return kernels.nf4_matmul(x, _whole(w))
 
 
 def _frozen_matmul_fwd(x, w):
-    return kernels.nf4_matmul(x, gather_for_compute(w)), w
+    return kernels.nf4_matmul(x, _whole(w)), w
 
 
 def _frozen_matmul_bwd(w, dy):
-    return kernels.nf4_matmul_t(dy, gather_for_compute(w)), _zero_cotangent(w)
+    return kernels.nf4_matmul_t(dy, _whole(w)), _zero_cotangent(w)
 
 
 frozen_matmul.defvjp(_frozen_matmul_fwd, _frozen_matmul_bwd)
@@ -104,16 +115,32 @@ def nf4_dense(
         raise ValueError(f"nf4_dense: dropout_rate={dropout_rate} must be in [0, 1)")
 
     xc = x.astype(compute_dtype)
-    y = _base_product(xc, qweight)
+    return add_adapter(_base_product(xc, qweight), xc, lora_a, lora_b, scaling=scaling, bias=bias,
+                       dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+
+def add_adapter(
+    y: jax.Array,
+    xc: jax.Array,
+    lora_a: jax.Array | None,
+    lora_b: jax.Array | None,
+    *,
+    scaling: float,
+    bias: jax.Array | None,
+    dropout_rate: float,
+    dropout_rng: jax.Array | None,
+) -> jax.Array:
+    """``y [..., out]`` (the base product of ``xc [..., in]``, both in the compute dtype) plus the adapter's
+    ``scaling * dropout(xc) @ A @ B`` and ``bias`` (either may be ``None``): the rest of :func:`nf4_dense`."""
     if lora_a is not None:
         lora_a, lora_b = gather_for_compute((lora_a, lora_b))  # FSDP: whole adapters where they are used
         xa = xc
         if dropout_rng is not None and dropout_rate > 0.0:
             keep, kept_share = dropout_keep_mask(dropout_rng, dropout_rate, xc.shape)
-            xa = jnp.where(keep, xc / jnp.asarray(kept_share, compute_dtype), jnp.zeros((), compute_dtype))
+            xa = jnp.where(keep, xc / jnp.asarray(kept_share, xc.dtype), jnp.zeros((), xc.dtype))
         y = lora_update(y, xa, lora_a, lora_b, scaling)
     if bias is not None:
-        y = y + bias.astype(compute_dtype)
+        y = y + bias.astype(y.dtype)
     return y
 
 
@@ -309,23 +336,25 @@ class LoRADense(nnx.Module):
         """The factor on ``x @ A @ B`` (:func:`lora_scaling`)."""
         return lora_scaling(self.alpha, self.r, self.rslora)
 
-    def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
-        """``x [..., in] -> [..., out]`` in ``compute_dtype``."""
+    def _adapter_args(self, deterministic: bool | None) -> dict[str, Any]:
+        """Keyword arguments of :func:`nf4_dense` / :func:`add_adapter` besides ``x`` and the weight (draws
+        this call's dropout key)."""
         deterministic = self.deterministic if deterministic is None else deterministic
         rng = None
         if self.rngs is not None and not deterministic:
             rng = self.rngs()
-        return nf4_dense(
-            x,
-            self.weight.get_value(),
-            None if self.lora_a is None else self.lora_a[...],
-            None if self.lora_b is None else self.lora_b[...],
+        return dict(
+            lora_a=None if self.lora_a is None else self.lora_a[...],
+            lora_b=None if self.lora_b is None else self.lora_b[...],
             scaling=self.scaling,
             bias=None if self.bias is None else self.bias[...],
-            compute_dtype=self.compute_dtype,
             dropout_rate=self.dropout_rate,
             dropout_rng=rng,
         )
+
+    def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+        """``x [..., in] -> [..., out]`` in ``compute_dtype``."""
+        return nf4_dense(x, self.weight.get_value(), compute_dtype=self.compute_dtype, **self._adapter_args(deterministic))
 
 
 class NF4Dense(LoRADense):
@@ -356,6 +385,31 @@ class NF4Dense(LoRADense):
             return weight
         self._check_shape(weight.shape, "weight")
         return quantize(weight, quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant)
+
+
+# --- training: layers that read the same input, one base product ----------------------------------
+
+
+def shared_input_dense(x: jax.Array, layers: Sequence[LoRADense], *, deterministic: bool | None = None) -> list[jax.Array]:
+    """``[layer(x) for layer in layers]`` for layers that read the same ``x [..., in]`` (q/k/v; gate/up).
+
+    Where their 4-bit weights join exactly (:func:`qlora_jax.nf4.concat_rows`: same format, whole
+    double-quantization groups) and their compute dtypes agree, one frozen product computes all base
+    outputs: one dequantize and one GEMM forward and backward instead of one per layer (on a GPU XLA
+    otherwise merges two of the dots itself by copying their dequantized weights side by side: a 64 MiB
+    copy per 7B attention layer and pass). The joined weight exists only inside the product. Each
+    adapter keeps its own dropout mask and key, exactly as its own ``__call__`` would draw it.
+    """
+    weights = [layer.weight.get_value() for layer in layers]
+    dtypes = {layer.compute_dtype for layer in layers}
+    if (len(layers) < 2 or len(dtypes) != 1 or not all(isinstance(w, QuantizedTensor) for w in weights)
+            or concat_rows_problem(weights) is not None or x.shape[-1] != weights[0].shape[1]):
+        return [layer(x, deterministic=deterministic) for layer in layers]
+    xc = x.astype(dtypes.pop())
+    y = frozen_matmul(xc, tuple(weights))
+    cuts = np.cumsum([w.shape[0] for w in weights])[:-1]
+    return [add_adapter(part, xc, **layer._adapter_args(deterministic))
+            for layer, part in zip(layers, jnp.split(y, cuts, axis=-1))]
 
 
 # --- inference: layers that read the same input, as one ------------------------------------------

@@ -4,6 +4,7 @@ weight; the frozen weight gets no gradient and is never saved dequantized for th
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 
 import jax
@@ -239,3 +240,50 @@ def test_fused_layers_equal_each_layer_in_eval_mode(first_out, joined, weights):
         want = layer(x, deterministic=True)
         assert got.shape == want.shape and got.dtype == want.dtype
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("first_out, joined", [(256, True), (8, False)], ids=["joined", "per-layer"])
+def test_shared_input_layers_train_as_each_layer_does(first_out, joined, monkeypatch):
+    """``shared_input_dense`` (training: one frozen product for layers that read the same input, each
+    adapter with its own dropout) gives each layer's own train-mode output and the same LoRA gradients,
+    drawing the same dropout keys; weights that cannot join exactly (``first_out=8``: double-quantized
+    scales short of whole groups of 256) run one product per layer."""
+    nd = importlib.import_module("qlora_jax.nf4_dense")  # the module (the package exports the function)
+    joins = []
+    real_concat = nd.concat_rows
+    monkeypatch.setattr(nd, "concat_rows", lambda ts: joins.append(len(ts)) or real_concat(ts))
+
+    def build():
+        rngs = nnx.Rngs(params=0, dropout=1)
+        kw = dict(param_dtype=jnp.float32, compute_dtype=jnp.float32, dropout=0.3, rngs=rngs)
+        layers = [NF4Dense(256, first_out, r=8, **kw), NF4Dense(256, 64, r=0, **kw),
+                  NF4Dense(256, 128, r=4, alpha=32.0, use_bias=True, **kw)]
+        for i, layer in enumerate(layers):
+            if layer.lora_b is not None:
+                layer.lora_b[...] = jax.random.normal(jax.random.key(10 + i), layer.lora_b.shape) * 0.1
+        layers[2].bias[...] = jnp.linspace(-1.0, 1.0, 128)
+        return nnx.List(layers)
+
+    x = jax.random.normal(jax.random.key(3), (2, 3, 256), jnp.float32)
+
+    def loss_and_grads(f):
+        layers = build()
+
+        def loss(lora, rest):
+            ls = nnx.merge(graphdef, lora, rest, copy=True)
+            outs = f(ls)
+            return sum(jnp.sum(jnp.sin(o)) for o in outs), outs
+
+        graphdef, lora, rest = nnx.split(layers, nnx.LoRAParam, ...)
+        (_, outs), grads = jax.value_and_grad(loss, has_aux=True)(lora, rest)
+        return outs, grads
+
+    joins.clear()
+    outs, grads = loss_and_grads(lambda ls: nd.shared_input_dense(x, list(ls), deterministic=False))
+    assert joins == ([3] if joined else [])  # one joined weight (x gets no gradient: no backward product)
+    ref_outs, ref_grads = loss_and_grads(lambda ls: [layer(x, deterministic=False) for layer in ls])
+    for got, want in zip(outs, ref_outs, strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

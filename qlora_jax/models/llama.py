@@ -26,7 +26,7 @@ from flax import nnx
 
 from qlora_jax import kernels
 from qlora_jax.nf4 import MAX_BLOCKSIZE, MIN_BLOCKSIZE, QUANT_TYPES, QuantizedTensor
-from qlora_jax.nf4_dense import Frozen, FusedDense, LoRADense, NF4Dense, fuse_dense, fused_dense, lora_scaling, matmul_t_f32, torch_linear_init
+from qlora_jax.nf4_dense import Frozen, FusedDense, LoRADense, NF4Dense, fuse_dense, fused_dense, lora_scaling, matmul_t_f32, shared_input_dense, torch_linear_init
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
@@ -350,7 +350,7 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, kv, cache_index, deterministic, fused=None):
         B, T, _ = x.shape
         if fused is None:
-            q, k, v = (p(x, deterministic=deterministic) for p in (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = shared_input_dense(x, (self.q_proj, self.k_proj, self.v_proj), deterministic=deterministic)
         else:
             q, k, v = fused_dense(x, fused["qkv"])
         q = q.reshape(B, T, self.num_heads, self.head_dim)
@@ -399,8 +399,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x, deterministic, fused=None):
         if fused is None:
-            g = self.gate_proj(x, deterministic=deterministic)
-            u = self.up_proj(x, deterministic=deterministic)
+            g, u = shared_input_dense(x, (self.gate_proj, self.up_proj), deterministic=deterministic)
             return self.down_proj(jax.nn.silu(g) * u, deterministic=deterministic)
         g, u = fused_dense(x, fused["gate_up"])
         return fused_dense(jax.nn.silu(g) * u, fused["down"])[0]
