@@ -242,6 +242,28 @@ def test_fused_layers_equal_each_layer_in_eval_mode(first_out, joined, weights):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
+def test_dropout_bits_are_uniform_and_independent_across_elements_and_keys():
+    """The hash behind the dropout masks: its top 16 bits are uniform (chi-square over 256 bins), and
+    neither neighbouring elements (along rows and columns) nor the masks of two keys, also shifted
+    against each other, are correlated beyond sampling error."""
+    from qlora_jax.nf4_dense import dropout_bits
+
+    shape = (512, 1024)
+    n = np.prod(shape)
+    bits = np.asarray(dropout_bits(jax.random.key(0), shape))
+    counts = np.bincount((bits >> 24).ravel(), minlength=256)
+    chi2 = float(np.sum((counts - n / 256) ** 2 / (n / 256)))
+    assert chi2 < 255 + 6 * np.sqrt(2 * 255), chi2  # 255 degrees of freedom, 6 sigma
+    u = (bits >> 16).astype(np.float64) / 65536 - 0.5
+    other = (np.asarray(dropout_bits(jax.random.key(1), shape)) >> 16).astype(np.float64) / 65536 - 0.5
+    bound = 6 / np.sqrt(n)  # 6 sigma for the correlation of independent uniforms
+    corr = lambda a, b: float(np.corrcoef(a.ravel(), b.ravel())[0, 1])  # noqa: E731
+    assert abs(corr(u[:, 1:], u[:, :-1])) < bound  # along a row
+    assert abs(corr(u[1:], u[:-1])) < bound  # along a column
+    for shift in (0, 1, 7, 1024):
+        assert abs(corr(u.ravel()[shift:], other.ravel()[: n - shift])) < bound, shift
+
+
 @pytest.mark.parametrize("first_out, joined", [(256, True), (8, False)], ids=["joined", "per-layer"])
 def test_shared_input_layers_train_as_each_layer_does(first_out, joined, monkeypatch):
     """``shared_input_dense`` (training: one frozen product for layers that read the same input, each
