@@ -240,13 +240,24 @@ def dropout_bits(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     rematerialized forward, backward), and in a 7B LoRA step's HLO those fusions were bound by
     threefry's arithmetic. Each element's bits depend on its index and the key only, so a mask is the
     same wherever and however often it is computed (and on any sharding of ``shape``).
+
+    Arrays of 2**32 elements or more (a 32-bit index would wrap) hash the row (all leading axes
+    together) and the column (last axis) in turn instead: ``mix32(mix32(mix32(row ^ s0) + col) + s1)``.
     """
-    n = math.prod(shape)
-    if n >= 2**32:
-        raise ValueError(f"dropout_bits: {shape} has {n} elements; the 32-bit counter covers < 2**32")
     seed = jax.random.bits(rng, (2,), jnp.uint32)
-    idx = jax.lax.iota(jnp.uint32, n).reshape(shape)
-    return _mix32(_mix32(idx ^ seed[0]) + seed[1])
+    if math.prod(shape) < 2**32:
+        idx = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+        return _mix32(_mix32(idx ^ seed[0]) + seed[1])
+    return _dropout_bits_by_row(seed, shape)
+
+
+def _dropout_bits_by_row(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """:func:`dropout_bits` for arrays too large for one 32-bit index: rows and columns hashed in turn."""
+    if not shape or math.prod(shape[:-1]) >= 2**32 or shape[-1] >= 2**32:
+        raise ValueError(f"dropout_bits: {shape} has 2**32 or more rows or columns")
+    rows = jax.lax.iota(jnp.uint32, math.prod(shape[:-1])).reshape(*shape[:-1], 1)
+    cols = jax.lax.iota(jnp.uint32, shape[-1])
+    return _mix32(_mix32(_mix32(rows ^ seed[0]) + cols) + seed[1])
 
 
 def dropout_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.Array, float]:

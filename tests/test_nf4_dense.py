@@ -264,6 +264,25 @@ def test_dropout_bits_are_uniform_and_independent_across_elements_and_keys():
         assert abs(corr(u.ravel()[shift:], other.ravel()[: n - shift])) < bound, shift
 
 
+def test_dropout_bits_of_huge_arrays_hash_rows_and_columns():
+    """Past 2**32 elements (a 32-bit index would wrap: e.g. 16 x 16384 tokens x 22016 features) the bits
+    come from hashing row and column in turn: the shape is accepted (traced abstractly, nothing
+    allocated), and that hash, run on a small array, is as uniform and uncorrelated as the default."""
+    nd = importlib.import_module("qlora_jax.nf4_dense")
+
+    huge = (16, 16384, 22016)
+    out = jax.eval_shape(lambda k: nd.dropout_keep_mask(k, 0.05, huge)[0], jax.random.key(0))
+    assert out.shape == huge and out.dtype == jnp.bool_
+    seed = jax.random.bits(jax.random.key(0), (2,), jnp.uint32)
+    bits = np.asarray(nd._dropout_bits_by_row(seed, (512, 1024)))
+    n = bits.size
+    counts = np.bincount((bits >> 24).ravel(), minlength=256)
+    assert float(np.sum((counts - n / 256) ** 2 / (n / 256))) < 255 + 6 * np.sqrt(2 * 255)
+    u = (bits >> 16).astype(np.float64) / 65536 - 0.5
+    for a, b in ((u[:, 1:], u[:, :-1]), (u[1:], u[:-1])):
+        assert abs(float(np.corrcoef(a.ravel(), b.ravel())[0, 1])) < 6 / np.sqrt(n)
+
+
 @pytest.mark.parametrize("first_out, joined", [(256, True), (8, False)], ids=["joined", "per-layer"])
 def test_shared_input_layers_train_as_each_layer_does(first_out, joined, monkeypatch):
     """``shared_input_dense`` (training: one frozen product for layers that read the same input, each
