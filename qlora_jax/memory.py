@@ -19,7 +19,8 @@ without one (``huggyllama/llama-65b``), from the LLaMA preset named by its trail
 * attention: nothing with cuDNN's fused attention (a GPU, 16-bit compute: the training step passes
   no padding mask); XLA attention materializes ``[B, H, T, T]`` probabilities in fp32 and 16 bits,
   and the ``[B, T, T]`` mask;
-* logits ``[B, T, V]`` in fp32 (on the CPU backend also their gradient and a loss temporary at once);
+* logits ``[B, T, V]`` in fp32 and their gradient (16-bit on the GPU, fp32 on the CPU backend), as far as
+  they exceed the layers' backward phase (the two are not live at the same time);
 * the dequantized 16-bit copy of the largest weight (dequantize + dot, forward and backward);
 * on the GPU a 64 MiB allowance for allocator rounding.
 
@@ -37,8 +38,9 @@ per-device buffer assignment of the real step at the 7B shape (4 x 512 rows per 
 The per-token activation counts are written out in :func:`layer_activation_bytes_per_token`.
 Calibration (``backend``): ``"gpu"`` (the default, what a training run needs) against the measured
 ``peak_bytes_in_use`` of the H200 benchmark runs of 2026-11-28 (``benchmarks/RESULTS.md``): 7B 4x512 and
-1x2048 with Adam on the device (measured 7.53 GiB, planned 7.61: +1.1%), 65B 1x2048 paged in a 48 GiB
-pool (44.38 / 44.51: +0.3%) and 7B on a 1x2 FSDP mesh (4.90 / 5.26 per GPU: +7.4%). ``"cpu"``: XLA's
+1x2048 with Adam on the device (sixth session: measured 7.35 GiB, planned 7.37), 65B 1x512 in a 48 GiB
+pool (46.38 / 45.73), 65B 1x2048 with bf16 adapters and 8-layer pages (40.11 / 39.87) and 7B on a 1x2
+FSDP mesh (second session: 4.90 / 5.26 per GPU); ``tests/test_memory.py`` checks every committed result. ``"cpu"``: XLA's
 CPU buffer assignment of the real jitted step compiled from abstract inputs (``tests/test_memory.py``,
 ``tests/test_mesh.py``), within 10% at the 7B shape, counting the paged optimizer state as device
 memory (the CPU has one memory space).
@@ -252,11 +254,15 @@ def plan(p: PlanInputs) -> dict[str, int]:
         out["attention_scores"] = 0
     else:  # XLA attention: fp32 and 16-bit probabilities, and the causal mask
         out["attention_scores"] = scores * (4 + c) * (1 if p.remat != "none" else L) + p.device_batch * p.seq * p.seq
-    # fp32 logits (and on the CPU their gradient and a loss temporary at the same time; on the GPU the
-    # logits' backward is over before the layers' recompute peak)
-    out["logits_and_loss"] = (1 if p.backend == "gpu" else 3) * tokens * cfg.vocab_size * 4
+    # fp32 logits and their gradient (rounded to the compute dtype for the lm_head product on the GPU, where
+    # XLA fuses that rounding; fp32 on the CPU). The logits' backward is over before the layers' backward
+    # starts, so the two never live at once: the plan counts the logits only as far as they exceed the
+    # layer phase (recompute, attention scores, dequantized weight).
+    logits = (4 + (c if p.backend == "gpu" else 4)) * tokens * cfg.vocab_size
+    layer_phase = out["layer_recompute_and_grads"] + out["attention_scores"]
     largest = max(i * o for i, o in shapes.values())
     out["dequantized_weight"] = 2 * largest * c if p.quantize else 0
+    out["logits_and_loss"] = max(0, logits - layer_phase - out["dequantized_weight"])
     out["workspace"] = GPU_SLACK if p.backend == "gpu" else 0
     out["total"] = sum(out.values())
     out["host_optimizer"] = host
@@ -320,7 +326,7 @@ LABELS = {
     "saved_activations": "saved activations (layer inputs, remat)",
     "layer_recompute_and_grads": "one layer's recomputed activations",
     "attention_scores": "attention scores/probs (XLA attention; 0 with cuDNN)",
-    "logits_and_loss": "logits fp32 (+ grad + loss temp on CPU)",
+    "logits_and_loss": "logits fp32 + their gradient, beyond the layer phase",
     "dequantized_weight": "dequantized largest weight (fwd + bwd)",
     "workspace": "allocator allowance (GPU)",
 }
