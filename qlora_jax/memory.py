@@ -39,7 +39,7 @@ The per-token activation counts are written out in :func:`layer_activation_bytes
 Calibration (``backend``): ``"gpu"`` (the default, what a training run needs) against the measured
 ``peak_bytes_in_use`` of the H200 benchmark runs of 2026-11-28 (``benchmarks/RESULTS.md``): 7B 4x512 and
 1x2048 with Adam on the device (sixth session: measured 7.35 GiB, planned 7.37), 65B 1x512 in a 48 GiB
-pool (46.38 / 45.73), 65B 1x2048 with bf16 adapters and 8-layer pages (40.11 / 39.87) and 7B on a 1x2
+pool (46.38 / 45.69), 65B 1x2048 with bf16 adapters and 8-layer pages (40.11 / 39.87) and 7B on a 1x2
 FSDP mesh (second session: 4.90 / 5.26 per GPU); ``tests/test_memory.py`` checks every committed result. ``"cpu"``: XLA's
 CPU buffer assignment of the real jitted step compiled from abstract inputs (``tests/test_memory.py``,
 ``tests/test_mesh.py``), within 10% at the 7B shape, counting the paged optimizer state as device
