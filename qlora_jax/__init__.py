@@ -9,7 +9,7 @@ from qlora_jax.nf4 import (
     quantize,
     to_bnb_state_dict,
 )
-from qlora_jax.nf4_dense import Frozen, LoRADense, NF4Dense, nf4_dense
+from qlora_jax.nf4_dense import Frozen, LoRADense, NF4Dense, nf4_dense, shared_input_dense
 
 __all__ = [
     "QUANT_TYPES",
@@ -23,5 +23,6 @@ __all__ = [
     "LoRADense",
     "NF4Dense",
     "nf4_dense",
+    "shared_input_dense",
 ]
 __version__ = "0.1.0"
