@@ -149,7 +149,7 @@ def _base_product(xc: jax.Array, weight: QuantizedTensor | jax.Array) -> jax.Arr
     (:func:`frozen_matmul`) or float (cast to ``xc.dtype``, fp32 accumulation, no gradient)."""
     if isinstance(weight, QuantizedTensor):
         return frozen_matmul(xc, weight)
-    return matmul_t_f32(xc, jax.lax.stop_gradient(weight)).astype(xc.dtype)
+    return matmul_t(xc, jax.lax.stop_gradient(weight), xc.dtype)
 
 
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], dtype: Any = jnp.float32) -> jax.Array:
@@ -158,20 +158,21 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], dtype: Any = jnp
     return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=dtype)
 
 
-@jax.custom_vjp
-def matmul_t_f32(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x [..., in] @ w [out, in].T`` -> fp32 ``[..., out]``, ``w`` cast to ``x.dtype`` (bf16 operands, fp32
-    accumulation). The backward products round the fp32 cotangent to ``x.dtype`` once and take
-    ``x.dtype`` operands too, as PyTorch's autocast does (plain autodiff would run them in fp32: an fp32
-    ``[tokens, vocab]`` cotangent against an fp32 copy of a bf16 ``lm_head``)."""
-    return _dot(x, w.astype(x.dtype), (x.ndim - 1, 1))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul_t(x: jax.Array, w: jax.Array, out_dtype: Any = jnp.float32) -> jax.Array:
+    """``x [..., in] @ w [out, in].T -> [..., out]`` in ``out_dtype`` (asked of the dot itself), ``w`` cast to
+    ``x.dtype`` (16-bit operands, fp32 accumulation). The backward products round the cotangent to
+    ``x.dtype`` once and take ``x.dtype`` operands too, as PyTorch's autocast does (plain autodiff would
+    run them in fp32 for an fp32 result: an fp32 ``[tokens, vocab]`` cotangent against an fp32 copy of a
+    bf16 ``lm_head``)."""
+    return _dot(x, w.astype(x.dtype), (x.ndim - 1, 1), out_dtype)
 
 
-def _matmul_t_f32_fwd(x, w):
-    return matmul_t_f32(x, w), (x, w)
+def _matmul_t_fwd(x, w, out_dtype):
+    return matmul_t(x, w, out_dtype), (x, w)
 
 
-def _matmul_t_f32_bwd(res, ct):
+def _matmul_t_bwd(out_dtype, res, ct):
     x, w = res
     g = ct.astype(x.dtype)
     dx = _dot(g, w.astype(x.dtype), (g.ndim - 1, 0), x.dtype)
@@ -180,7 +181,7 @@ def _matmul_t_f32_bwd(res, ct):
     return dx, dw
 
 
-matmul_t_f32.defvjp(_matmul_t_f32_fwd, _matmul_t_f32_bwd)
+matmul_t.defvjp(_matmul_t_fwd, _matmul_t_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

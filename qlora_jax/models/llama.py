@@ -26,7 +26,7 @@ from flax import nnx
 
 from qlora_jax import kernels
 from qlora_jax.nf4 import MAX_BLOCKSIZE, MIN_BLOCKSIZE, QUANT_TYPES, QuantizedTensor
-from qlora_jax.nf4_dense import Frozen, FusedDense, LoRADense, NF4Dense, fuse_dense, fused_dense, lora_scaling, matmul_t_f32, shared_input_dense, torch_linear_init
+from qlora_jax.nf4_dense import Frozen, FusedDense, LoRADense, NF4Dense, fuse_dense, fused_dense, lora_scaling, matmul_t, shared_input_dense, torch_linear_init
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
@@ -572,7 +572,7 @@ class Llama(nnx.Module):
 
         x = self.norm(x)
         head = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...]
-        logits = matmul_t_f32(x, head)  # fp32 [B, T, V]; bf16 operands in the backward pass too
+        logits = matmul_t(x, head)  # fp32 [B, T, V]; bf16 operands in the backward pass too
         if cache is None:
             return logits
         return logits, KVCache(new_kv[0], new_kv[1], valid, start + T)
