@@ -258,11 +258,11 @@ def plan(p: PlanInputs) -> dict[str, int]:
     # XLA fuses that rounding; fp32 on the CPU). The logits' backward is over before the layers' backward
     # starts, so the two never live at once: the plan counts the logits only as far as they exceed the
     # layer phase (recompute, attention scores, dequantized weight).
-    logits = (4 + (c if p.backend == "gpu" else 4)) * tokens * cfg.vocab_size
-    layer_phase = out["layer_recompute_and_grads"] + out["attention_scores"]
     largest = max(i * o for i, o in shapes.values())
     out["dequantized_weight"] = 2 * largest * c if p.quantize else 0
-    out["logits_and_loss"] = max(0, logits - layer_phase - out["dequantized_weight"])
+    layer_phase = out["layer_recompute_and_grads"] + out["attention_scores"] + out["dequantized_weight"]
+    logits = (4 + (c if p.backend == "gpu" else 4)) * tokens * cfg.vocab_size
+    out["logits_and_loss"] = max(0, logits - layer_phase)
     out["workspace"] = GPU_SLACK if p.backend == "gpu" else 0
     out["total"] = sum(out.values())
     out["host_optimizer"] = host

@@ -246,8 +246,8 @@ def dropout_bits(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     together) and the column (last axis) in turn instead: ``mix32(mix32(mix32(row ^ s0) + col) + s1)``.
     """
     seed = jax.random.bits(rng, (2,), jnp.uint32)
-    if math.prod(shape) < 2**32:
-        idx = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    if (n := math.prod(shape)) < 2**32:
+        idx = jax.lax.iota(jnp.uint32, n).reshape(shape)
         return _mix32(_mix32(idx ^ seed[0]) + seed[1])
     return _dropout_bits_by_row(seed, shape)
 
@@ -439,8 +439,8 @@ def shared_input_dense(x: jax.Array, layers: Sequence[LoRADense], *, determinist
     """
     weights = [layer.weight.get_value() for layer in layers]
     dtypes = {layer.compute_dtype for layer in layers}
-    if (len(layers) < 2 or len(dtypes) != 1 or not all(isinstance(w, QuantizedTensor) for w in weights)
-            or concat_rows_problem(weights) is not None or x.shape[-1] != weights[0].shape[1]):
+    if (len(layers) < 2 or len(dtypes) != 1 or not isinstance(weights[0], QuantizedTensor)
+            or not _joinable(weights) or x.shape[-1] != weights[0].shape[1]):
         return [layer(x, deterministic=deterministic) for layer in layers]
     xc = x.astype(dtypes.pop())
     y = frozen_matmul(xc, tuple(weights))
