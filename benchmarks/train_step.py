@@ -121,7 +121,7 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
     from qlora_jax.memory import format_plan, inputs_from_train_config, plan
     from qlora_jax.models.random_init import build_random_model
     from qlora_jax.trainer import (
-        init_optimizer, lora_config, make_optimizer, make_train_step, resolve_paging, step_shardings,
+        init_optimizer, lora_config, make_optimizer, make_train_step, resolve_paging, resolve_remat, step_shardings,
     )
 
     dev = jax.devices()[0]
@@ -147,16 +147,17 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
 
         mesh = shd.make_mesh(data, fsdp, devices)
     t0 = time.perf_counter()
-    model = build_random_model(cfg, lora=lora, quant=quant, remat=tc.model.remat, seed=0, mesh=mesh)
+    model = build_random_model(cfg, lora=lora, quant=quant, remat="full" if tc.model.remat == "auto" else tc.model.remat,
+                               seed=0, mesh=mesh)
     jax.block_until_ready(nnx.state(model))
     result["build_s"] = time.perf_counter() - t0
     _log(f"[{c['name']}] built random {c['weights']} model in {result['build_s']:.1f}s")
     # what train.py decides for this model on this device (per device on a mesh)
-    tc = resolve_paging(tc, model)
-    c = {**c, "paged": tc.optim.paged}
+    tc = resolve_remat(resolve_paging(tc, model), model)
+    c = {**c, "paged": tc.optim.paged, "remat": tc.model.remat}
     p = inputs_from_train_config(tc, cfg, seq=T)
     planned = plan(p)  # per device
-    result.update(paged=c["paged"], planned_bytes=planned["total"], plan=planned)
+    result.update(paged=c["paged"], remat=c["remat"], planned_bytes=planned["total"], plan=planned)
     model.train()  # LoRA dropout on, as in train.py
     graphdef, lora_state, rest = nnx.split(model, nnx.LoRAParam, ...)
     del model
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16", action="store_true", help="shorthand for --weights bf16")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    ap.add_argument("--remat", default="full", choices=("none", "full", "save_dots", "offload"))
+    ap.add_argument("--remat", default="full", choices=("none", "full", "save_dots", "save_projections", "offload", "auto"),
+                    help="remat policy (auto: save_projections where train.py's plan fits the device, else full)")
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lora-dropout", type=float, default=0.05)
     ap.add_argument("--lora-dtype", choices=("float32", "bfloat16"), default="float32",
@@ -337,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     add_scaling(results)
 
     columns = [("config", lambda r: r["name"]), ("status", lambda r: r["status"]),
-               ("Adam state", lambda r: {True: "paged", False: "device"}.get(r.get("paged"), str(r.get("paged"))))]
+               ("Adam state", lambda r: {True: "paged", False: "device"}.get(r.get("paged"), str(r.get("paged")))),
+               ("remat", lambda r: r.get("remat", "-"))]
     if len(meshes) > 1:
         columns += [("mesh", lambda r: "x".join(map(str, r["mesh"]))), ("global batch", lambda r: f"{r['batch']}x{r['seq']}")]
     columns += [("s/step", lambda r: fmt(r.get("step_s"), ".4f")), ("tok/s", lambda r: fmt(r.get("tokens_per_s"), ",.0f"))]

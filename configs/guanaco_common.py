@@ -11,7 +11,7 @@ from qlora_jax.train_config import LoRASection, ModelSection, OptimSection, Trai
 def guanaco(base_model: str, *, lora_dropout: float, learning_rate: float) -> TrainConfig:
     return TrainConfig(
         model=ModelSection(path=base_model, quantize=True, quant_type="nf4", blocksize=64, double_quant=True,
-                           compute_dtype="bfloat16", remat="full"),
+                           compute_dtype="bfloat16", remat="auto"),
         lora=LoRASection(r=64, alpha=16.0, dropout=lora_dropout),
         data=DataConfig(dataset="oasst1", source_max_len=16, target_max_len=512, train_on_source=False,
                         group_by_length=True, eval_dataset_size=1024, max_eval_samples=1000,

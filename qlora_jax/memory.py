@@ -14,8 +14,9 @@ without one (``huggyllama/llama-65b``), from the LLaMA preset named by its trail
   the AdamW update into the parameter write); Adam's two fp32 moments on the device, or (paged) on
   the host with ``pages_in_flight`` pages of both moments on the device;
 * activations: the per-layer scan inputs ``[B, T, D]`` saved for the backward pass (remat
-  ``full``), or every layer's activations (``none``) / matmul outputs (``save_dots``); plus one
-  layer's recomputed activations during the backward pass (their gradients reuse buffers);
+  ``full``), or every layer's activations (``none``) / matmul outputs, the adapters' two products
+  included (``save_dots``) / the projections' outputs (``save_projections``); plus one layer's
+  recomputed activations during the backward pass (their gradients reuse buffers);
 * attention: nothing with cuDNN's fused attention (a GPU, 16-bit compute: the training step passes
   no padding mask); XLA attention materializes ``[B, H, T, T]`` probabilities in fp32 and 16 bits,
   and the ``[B, T, T]`` mask;
@@ -156,7 +157,7 @@ def layer_activation_bytes_per_token(p: PlanInputs) -> dict[str, int]:
     ``c`` = compute dtype bytes. RMSNorm inputs/outputs (and an fp32 copy), q/k/v before and after
     rotary embeddings (rotated in fp32), the attention output, the MLP's gate/up outputs, silu and
     product, each LoRA projection's ``x @ A`` and, with dropout, its mask and dropped input.
-    Returns the parts (``dots`` = matmul outputs, what ``save_dots`` keeps).
+    Returns the parts (``dots`` = the frozen products' outputs).
     """
     cfg, c = p.cfg, DTYPE_BYTES[p.compute_dtype]
     d, f = cfg.hidden_size, cfg.intermediate_size
@@ -171,6 +172,15 @@ def layer_activation_bytes_per_token(p: PlanInputs) -> dict[str, int]:
     if p.lora_dropout > 0:
         lora += sum(shapes[name][0] * (1 + c) for name in p.lora_targets)  # keep mask + dropped input
     return {"norms": norms, "dots": dots, "rope": rope, "attn_out": attn_out, "mlp": mlp, "lora": lora}
+
+
+def projection_bytes_per_token(p: PlanInputs) -> int:
+    """Bytes per token of one decoder layer that ``remat="save_projections"`` keeps
+    (``models.llama.PROJECTION_NAMES``): q, k, v, the attention output, the residual after attention,
+    gate and up, in the compute dtype."""
+    cfg, c = p.cfg, DTYPE_BYTES[p.compute_dtype]
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return (q + 2 * kv + q + cfg.hidden_size + 2 * cfg.intermediate_size) * c
 
 
 def sharded_quantized_bytes(n: int, layers: int, blocksize: int, double_quant: bool, fsdp: int) -> int:
@@ -240,8 +250,11 @@ def plan(p: PlanInputs) -> dict[str, int]:
     residual = tokens * cfg.hidden_size * c
     if p.remat == "full":
         saved = L * residual
-    elif p.remat == "save_dots":
-        saved = L * (residual + tokens * per_tok["dots"])
+    elif p.remat == "save_dots":  # the frozen products, and each adapter's x @ A and (x @ A) @ B apart
+        lora_dots = sum((p.lora_r + shapes[name][1]) * c for name in p.lora_targets)
+        saved = L * (residual + tokens * (per_tok["dots"] + lora_dots))
+    elif p.remat == "save_projections":
+        saved = L * (residual + tokens * projection_bytes_per_token(p))
     elif p.remat == "offload":  # matmul outputs go to pinned host memory
         saved = L * residual
     else:  # none: every layer keeps everything
@@ -270,6 +283,20 @@ def plan(p: PlanInputs) -> dict[str, int]:
 
 
 # --- inputs from a TrainConfig ------------------------------------------------------------------
+
+
+AUTO_REMAT_FRACTION = 0.9  # model.remat="auto" keeps the projections if that plan fits in this share of the device
+
+
+def choose_remat(p: PlanInputs, device_bytes: int | None) -> tuple[str, str]:
+    """What ``model.remat="auto"`` runs, and why: ``"save_projections"`` (no 4-bit product recomputed in the
+    backward pass: the 7B step 18% faster on an H200, ``benchmarks/RESULTS.md``) where the plan with it fits
+    in ``AUTO_REMAT_FRACTION`` of ``device_bytes`` (per device), else ``"full"`` (least memory)."""
+    if device_bytes is None:
+        return "full", "no device memory figure"
+    need = plan(dataclasses.replace(p, remat="save_projections"))["total"]
+    chosen = "save_projections" if need <= AUTO_REMAT_FRACTION * device_bytes else "full"
+    return chosen, f"plan with save_projections {need / GiB:.2f} GiB vs {AUTO_REMAT_FRACTION:.0%} of {device_bytes / GiB:.2f} GiB"
 
 
 def preset_from_name(name: str) -> str | None:
@@ -301,6 +328,7 @@ def inputs_from_train_config(tc: Any, cfg: LlamaConfig, seq: int | None = None) 
 
     The micro-batch is ``data.batch_size / train.grad_accum`` rows of the longest bucket,
     ``source_max_len + target_max_len`` tokens (or ``seq``), split over the ``mesh`` section's devices.
+    ``model.remat="auto"`` is planned as ``"full"`` (what it starts from; :func:`choose_remat` decides).
     """
     m = tc.model
     return PlanInputs(
@@ -310,7 +338,7 @@ def inputs_from_train_config(tc: Any, cfg: LlamaConfig, seq: int | None = None) 
         quantize=m.quantize, blocksize=m.blocksize, double_quant=m.double_quant,
         param_dtype="bfloat16", compute_dtype=m.compute_dtype,
         lora_r=tc.lora.r, lora_targets=tuple(tc.lora.targets), lora_dropout=tc.lora.dropout,
-        remat=m.remat, paged=tc.optim.paged, page_size=tc.optim.page_size, lora_param_dtype=tc.lora.param_dtype,
+        remat="full" if m.remat == "auto" else m.remat, paged=tc.optim.paged, page_size=tc.optim.page_size, lora_param_dtype=tc.lora.param_dtype,
         data=tc.mesh.data, fsdp=tc.mesh.fsdp,
     )
 
@@ -392,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     p = dataclasses.replace(inputs_from_train_config(tc, cfg, args.seq), backend=args.backend)
+    if tc.model.remat == "auto":
+        remat, why = choose_remat(p, gpu_mem)
+        print(f"model.remat=auto -> {remat} ({why})")
+        p = dataclasses.replace(p, remat=remat)
     result = plan(p)
     print(format_plan(p, result, gpu_mem))
     if args.json:

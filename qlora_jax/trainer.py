@@ -208,7 +208,8 @@ def build_model(cfg: TrainConfig, model_dir: Path, mesh: Any = None) -> nnx.Modu
     step's layout (:func:`~qlora_jax.models.checkpoint.load_model`)."""
     from qlora_jax.models.checkpoint import load_model
 
-    return load_model(model_dir, lora=lora_config(cfg), remat=cfg.model.remat, compute_dtype=cfg.model.compute_dtype,
+    remat = "full" if cfg.model.remat == "auto" else cfg.model.remat  # "auto": resolve_remat decides later
+    return load_model(model_dir, lora=lora_config(cfg), remat=remat, compute_dtype=cfg.model.compute_dtype,
                       seed=cfg.train.seed, mesh=mesh)
 
 
@@ -419,6 +420,24 @@ def resolve_paging(cfg: TrainConfig, model: nnx.Module, device_bytes: int | None
     return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, paged=paged))
 
 
+def resolve_remat(cfg: TrainConfig, model: nnx.Module, device_bytes: int | None = None) -> TrainConfig:
+    """``cfg`` with ``model.remat="auto"`` decided (:func:`qlora_jax.memory.choose_remat`: keep the projections'
+    outputs where the plan with them fits in 90% of ``device_bytes``, default the first device's
+    ``bytes_limit``; else full rematerialization), and ``model`` set to run it. Call after
+    :func:`resolve_paging` (the optimizer's place is decided on the smaller plan first)."""
+    if cfg.model.remat != "auto":
+        return cfg
+    from qlora_jax.memory import choose_remat
+
+    if device_bytes is None:
+        device_bytes = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    remat, why = choose_remat(_plan_inputs(cfg, model), device_bytes)
+    if jax.process_index() == 0:
+        print(f"model.remat=auto -> {remat} ({why})", flush=True)
+    model.remat = remat
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat))
+
+
 def _previous_paged(out: Path) -> bool | None:
     """``optim.paged`` as resolved by the run that wrote ``out/config.json`` (``None`` if unknown)."""
     try:
@@ -541,6 +560,7 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
     data = make_data(cfg.data, tokenizer)
     model = build_model(cfg, model_dir, mesh)  # on a mesh: already sharded (never whole on one device)
     cfg = resolve_paging(cfg, model, previous=previous_paged)
+    cfg = resolve_remat(cfg, model)
     if primary:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))  # as run
         print_memory_plan(cfg, model)

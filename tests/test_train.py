@@ -226,6 +226,39 @@ def test_auto_paging_keeps_adam_on_the_device_only_when_the_plan_fits(base, caps
         apply_overrides(cfg, ["optim.paged=sometimes"])
 
 
+def test_auto_remat_keeps_the_projections_only_where_the_plan_fits(base, capsys):
+    """model.remat="auto" (the Guanaco configs): ``save_projections`` (no 4-bit product recomputed) where the
+    plan with it fits 90% of the device, full rematerialization otherwise and on backends with no memory
+    figure; the model is set to run the choice (built with full remat first); other values stay as set."""
+    from types import SimpleNamespace
+
+    from qlora_jax.memory import plan
+    from qlora_jax.trainer import _plan_inputs, build_model, resolve_remat
+
+    cfg = apply_overrides(load_config(REPO / "configs" / "guanaco_7b.py"), ["optim.paged=false"])
+    assert cfg.model.remat == "auto"
+    fake = lambda: SimpleNamespace(cfg=LlamaConfig.preset("7b"), quant=QuantConfig(), remat="full")  # noqa: E731
+    assert _plan_inputs(cfg, fake()).remat == "full"  # planned as what it starts from
+    need = plan(dataclasses.replace(_plan_inputs(cfg, fake()), remat="save_projections"))["total"]
+    assert need > plan(_plan_inputs(cfg, fake()))["total"]
+    model = fake()
+    fits = resolve_remat(cfg, model, device_bytes=int(need / 0.9) + 1)
+    assert fits.model.remat == model.remat == "save_projections"
+    assert "model.remat=auto -> save_projections" in capsys.readouterr().out
+    model = fake()
+    assert resolve_remat(cfg, model, device_bytes=int(need / 0.9) - 2**20).model.remat == model.remat == "full"
+    fixed = apply_overrides(cfg, ["model.remat=save_dots"])
+    assert resolve_remat(fixed, fake(), device_bytes=10**15) is fixed
+    # a real model: built with full remat, switched by the decision
+    small = _cfg(base, "model.remat=auto")
+    real = build_model(small, Path(base["nf4"]))
+    assert real.remat == "full"
+    resolved = resolve_remat(small, real, device_bytes=2**40)
+    assert resolved.model.remat == real.remat == "save_projections"
+    if (jax.devices()[0].memory_stats() or {}).get("bytes_limit") is None:  # the CPU backend
+        assert resolve_remat(small, build_model(small, Path(base["nf4"]))).model.remat == "full"
+
+
 def test_compiled_step_bytes_counts_at_least_the_state_the_step_holds(base):
     """XLA's memory analysis of the compiled on-device step (what ``optim.paged: auto`` consults near
     the device's size) covers at least its arguments: frozen weights, LoRA, both Adam moments, batch."""

@@ -91,7 +91,7 @@ def bench_json(tmp_path_factory) -> Path:
     proc = _run("benchmarks/train_step.py", "--size", "tiny", "--batch", "2x32", "--weights", "nf4",
                 "--steps", "2", "--warmup", "0", "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| config | status | Adam state | s/step |" in proc.stdout
+    assert "| config | status | Adam state | remat | s/step |" in proc.stdout
     return out
 
 
@@ -149,7 +149,7 @@ def test_train_step_benchmark_on_a_mesh(tmp_path):
     proc = _run("benchmarks/train_step.py", "--size", "tiny", "--batch", "2x32", "--weights", "nf4", "--mesh", "1x2",
                 "--steps", "2", "--warmup", "0", "--json", str(out), devices=8, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| config | status | Adam state | mesh | global batch | s/step | tok/s | scaling | efficiency |" in proc.stdout
+    assert "| config | status | Adam state | remat | mesh | global batch | s/step | tok/s | scaling | efficiency |" in proc.stdout
     ref, fsdp = json.loads(out.read_text())["results"]
     assert ref["mesh"] == [1, 1] and ref["name"] == "jax-nf4-tiny-2x32" and ref["batch"] == 2
     assert fsdp["mesh"] == [1, 2] and fsdp["name"] == "jax-nf4-tiny-2x32-mesh1x2"

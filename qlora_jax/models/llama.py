@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax import kernels
 from qlora_jax.nf4 import MAX_BLOCKSIZE, MIN_BLOCKSIZE, QUANT_TYPES, QuantizedTensor
@@ -234,16 +235,26 @@ def _offload_policy():
     return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
 
 
+# The activations a decoder layer names (``checkpoint_name``) for ``"save_projections"``: what its
+# backward pass needs so that no frozen product runs again: q/k/v and gate/up with their adapters
+# added, the attention output (``o_proj``'s input) and the residual stream after attention.
+PROJECTION_NAMES = ("qkv", "attn_out", "resid_mid", "gate_up")
+
 # What each decoder layer keeps for the backward pass: everything ("none": no remat), only its
-# input ("full"), the outputs of matmuls without batch dimensions ("save_dots"), or those same
-# matmul outputs moved to pinned host memory ("offload", offload-to-host).
+# input ("full"), the outputs of matmuls without batch dimensions ("save_dots": the frozen products
+# and every adapter's two products apart), the projections' outputs of PROJECTION_NAMES
+# ("save_projections": the backward pass recomputes norms, rotary embeddings, attention, SwiGLU and
+# the adapters' ``x @ A``, but no 4-bit product), or the matmul outputs moved to pinned host memory
+# ("offload", offload-to-host).
 REMAT_POLICIES: dict[str, Callable[[], Any] | None] = {
     "none": None,
     "full": lambda: jax.checkpoint_policies.nothing_saveable,
     "save_dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_projections": lambda: jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES),
     "offload": _offload_policy,
 }
-_REMAT_ALIASES = {"save-dots": "save_dots", "offload-to-host": "offload", "offload_to_host": "offload"}
+_REMAT_ALIASES = {"save-dots": "save_dots", "save-projections": "save_projections",
+                  "offload-to-host": "offload", "offload_to_host": "offload"}
 
 
 # --- building blocks -----------------------------------------------------------------------------
@@ -353,6 +364,7 @@ class Attention(nnx.Module):
             q, k, v = shared_input_dense(x, (self.q_proj, self.k_proj, self.v_proj), deterministic=deterministic)
         else:
             q, k, v = fused_dense(x, fused["qkv"])
+        q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
         q = q.reshape(B, T, self.num_heads, self.head_dim)
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -365,6 +377,7 @@ class Attention(nnx.Module):
         else:
             new_kv = None
         out = _attention(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(B, T, -1)  # (B, T, H * D)
+        out = checkpoint_name(out, "attn_out")
         if fused is None:
             return self.o_proj(out, deterministic=deterministic), new_kv
         return fused_dense(out, fused["o"])[0], new_kv
@@ -400,6 +413,7 @@ class MLP(nnx.Module):
     def __call__(self, x, deterministic, fused=None):
         if fused is None:
             g, u = shared_input_dense(x, (self.gate_proj, self.up_proj), deterministic=deterministic)
+            g, u = checkpoint_name(g, "gate_up"), checkpoint_name(u, "gate_up")
             return self.down_proj(jax.nn.silu(g) * u, deterministic=deterministic)
         g, u = fused_dense(x, fused["gate_up"])
         return fused_dense(jax.nn.silu(g) * u, fused["down"])[0]
@@ -418,7 +432,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, mask, kv, cache_index, deterministic, fused=None):
         """``fused``: :func:`fuse_projections` of this layer, used instead of its projection modules."""
         a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, cache_index, deterministic, fused)
-        h = x + a
+        h = checkpoint_name(x + a, "resid_mid")
         return h + self.mlp(self.post_attention_layernorm(h), deterministic, fused), new_kv
 
 
