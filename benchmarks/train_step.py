@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16", action="store_true", help="shorthand for --weights bf16")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    ap.add_argument("--remat", default="full", choices=("none", "full", "save_dots", "save_projections", "offload", "auto"),
-                    help="remat policy (auto: save_projections where train.py's plan fits the device, else full)")
+    ap.add_argument("--remat", default="full", choices=("none", "full", "save_dots", "save_projections", "save_attention", "offload", "auto"),
+                    help="remat policy (auto: train.py's choice, the fastest whose plan fits the device)")
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lora-dropout", type=float, default=0.05)
     ap.add_argument("--lora-dtype", choices=("float32", "bfloat16"), default="float32",

@@ -15,7 +15,8 @@ without one (``huggyllama/llama-65b``), from the LLaMA preset named by its trail
   the host with ``pages_in_flight`` pages of both moments on the device;
 * activations: the per-layer scan inputs ``[B, T, D]`` saved for the backward pass (remat
   ``full``), or every layer's activations (``none``) / matmul outputs, the adapters' two products
-  included (``save_dots``) / the projections' outputs (``save_projections``); plus one layer's
+  included (``save_dots``) / the projections' outputs (``save_projections``) / the attention output
+  and the residual after it (``save_attention``); plus one layer's
   recomputed activations during the backward pass (their gradients reuse buffers);
 * attention: nothing with cuDNN's fused attention (a GPU, 16-bit compute: the training step passes
   no padding mask); XLA attention materializes ``[B, H, T, T]`` probabilities in fp32 and 16 bits,
@@ -174,13 +175,15 @@ def layer_activation_bytes_per_token(p: PlanInputs) -> dict[str, int]:
     return {"norms": norms, "dots": dots, "rope": rope, "attn_out": attn_out, "mlp": mlp, "lora": lora}
 
 
-def projection_bytes_per_token(p: PlanInputs) -> int:
+def projection_bytes_per_token(p: PlanInputs, attention_only: bool = False) -> int:
     """Bytes per token of one decoder layer that ``remat="save_projections"`` keeps
     (``models.llama.PROJECTION_NAMES``): q, k, v, the attention output, the residual after attention,
-    gate and up, in the compute dtype."""
+    gate and up, in the compute dtype; ``attention_only``: what ``"save_attention"`` keeps
+    (``ATTENTION_NAMES``: the attention output and the residual after attention)."""
     cfg, c = p.cfg, DTYPE_BYTES[p.compute_dtype]
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return (q + 2 * kv + q + cfg.hidden_size + 2 * cfg.intermediate_size) * c
+    attention = q + cfg.hidden_size
+    return (attention if attention_only else q + 2 * kv + attention + 2 * cfg.intermediate_size) * c
 
 
 def sharded_quantized_bytes(n: int, layers: int, blocksize: int, double_quant: bool, fsdp: int) -> int:
@@ -253,8 +256,8 @@ def plan(p: PlanInputs) -> dict[str, int]:
     elif p.remat == "save_dots":  # the frozen products, and each adapter's x @ A and (x @ A) @ B apart
         lora_dots = sum((p.lora_r + shapes[name][1]) * c for name in p.lora_targets)
         saved = L * (residual + tokens * (per_tok["dots"] + lora_dots))
-    elif p.remat == "save_projections":
-        saved = L * (residual + tokens * projection_bytes_per_token(p))
+    elif p.remat in ("save_projections", "save_attention"):
+        saved = L * (residual + tokens * projection_bytes_per_token(p, attention_only=p.remat == "save_attention"))
     elif p.remat == "offload":  # matmul outputs go to pinned host memory
         saved = L * residual
     else:  # none: every layer keeps everything
@@ -285,18 +288,29 @@ def plan(p: PlanInputs) -> dict[str, int]:
 # --- inputs from a TrainConfig ------------------------------------------------------------------
 
 
-AUTO_REMAT_FRACTION = 0.9  # model.remat="auto" keeps the projections if that plan fits in this share of the device
+AUTO_REMAT_FRACTION = 0.9  # model.remat="auto" takes the fastest policy whose plan fits in this share of the device
+# Fastest first (7B 4x512 on an H200, benchmarks/RESULTS.md, seventh session: 0.142 / 0.166 / 0.172 s per step,
+# 12.3 / 8.28 / 7.35 GiB).
+AUTO_REMAT_ORDER = ("save_projections", "save_attention", "full")
 
 
 def choose_remat(p: PlanInputs, device_bytes: int | None) -> tuple[str, str]:
-    """What ``model.remat="auto"`` runs, and why: ``"save_projections"`` (no 4-bit product recomputed in the
-    backward pass: the 7B step 18% faster on an H200, ``benchmarks/RESULTS.md``) where the plan with it fits
-    in ``AUTO_REMAT_FRACTION`` of ``device_bytes`` (per device), else ``"full"`` (least memory)."""
+    """What ``model.remat="auto"`` runs, and why: the first of ``AUTO_REMAT_ORDER`` (``"save_projections"``:
+    no 4-bit product recomputed in the backward pass; ``"save_attention"``: no attention or ``o_proj``
+    forward recomputed) whose plan fits in ``AUTO_REMAT_FRACTION`` of ``device_bytes`` (per device), else
+    ``"full"`` (least memory); ``"full"`` where no device figure is known."""
     if device_bytes is None:
         return "full", "no device memory figure"
-    need = plan(dataclasses.replace(p, remat="save_projections"))["total"]
-    chosen = "save_projections" if need <= AUTO_REMAT_FRACTION * device_bytes else "full"
-    return chosen, f"plan with save_projections {need / GiB:.2f} GiB vs {AUTO_REMAT_FRACTION:.0%} of {device_bytes / GiB:.2f} GiB"
+    budget = AUTO_REMAT_FRACTION * device_bytes
+    needs = []
+    for remat in AUTO_REMAT_ORDER[:-1]:
+        need = plan(dataclasses.replace(p, remat=remat))["total"]
+        needs.append(f"{remat} {need / GiB:.2f} GiB")
+        if need <= budget:
+            break
+    else:
+        remat = AUTO_REMAT_ORDER[-1]
+    return remat, f"plans: {', '.join(needs)} vs {AUTO_REMAT_FRACTION:.0%} of {device_bytes / GiB:.2f} GiB"
 
 
 def preset_from_name(name: str) -> str | None:

@@ -21,7 +21,7 @@ from typing import Any
 from qlora_jax.data import DataConfig
 from qlora_jax.models.llama import QuantConfig
 
-REMAT_CHOICES = ("none", "full", "save_dots", "save_projections", "offload", "auto")
+REMAT_CHOICES = ("none", "full", "save_dots", "save_projections", "save_attention", "offload", "auto")
 SCHEDULES = ("constant", "linear", "cosine")
 
 

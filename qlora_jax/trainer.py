@@ -421,10 +421,10 @@ def resolve_paging(cfg: TrainConfig, model: nnx.Module, device_bytes: int | None
 
 
 def resolve_remat(cfg: TrainConfig, model: nnx.Module, device_bytes: int | None = None) -> TrainConfig:
-    """``cfg`` with ``model.remat="auto"`` decided (:func:`qlora_jax.memory.choose_remat`: keep the projections'
-    outputs where the plan with them fits in 90% of ``device_bytes``, default the first device's
-    ``bytes_limit``; else full rematerialization), and ``model`` set to run it. Call after
-    :func:`resolve_paging` (the optimizer's place is decided on the smaller plan first)."""
+    """``cfg`` with ``model.remat="auto"`` decided (:func:`qlora_jax.memory.choose_remat`: the fastest policy
+    whose plan fits in 90% of ``device_bytes``, default the first device's ``bytes_limit``; full
+    rematerialization where none does), and ``model`` set to run it. Call after :func:`resolve_paging`
+    (the optimizer's place is decided on the smaller plan first)."""
     if cfg.model.remat != "auto":
         return cfg
     from qlora_jax.memory import choose_remat

@@ -287,7 +287,7 @@ def no_remat_loss_and_grads():
     return _loss_and_lora_grads(_tiny("none"))
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots", "save_projections", "offload"])
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_projections", "save_attention", "offload"])
 def test_remat_policies_give_identical_loss_and_grads(policy, no_remat_loss_and_grads):
     """Rematerialization changes what is saved, never the numbers: loss and LoRA gradients equal
     the no-remat run (offload-to-host is skipped where the backend has no pinned_host memory)."""

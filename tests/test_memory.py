@@ -273,13 +273,14 @@ MEASURED = [  # H200 runs of benchmarks/train_step.py, 2026-11-28 (benchmarks/RE
     "2026-11-29-s7-h200/call1/jax_7b_save_dots.json",  # remat=save_dots (the adapters' products kept too)
     "2026-11-29-s7-h200/call4/jax_nf4_7b_save_projections.json",  # remat=save_projections
     "2026-11-29-s7-h200/call5/jax_nf4_7b_remat_auto.json",  # remat=auto on an H200: save_projections
+    "2026-11-29-s7-h200/call6/jax_7b_save_attention.json",  # remat=save_attention
 ]
 
 
 @pytest.mark.parametrize("name", MEASURED)
 def test_gpu_plan_is_within_10_percent_of_the_measured_h200_peaks(name):
     """The GPU plan (default backend) of every configuration the benchmark measured on an H200 —
-    7B 4x512 / 1x2048 with Adam on the device (remat full, save_dots, save_projections), 65B 1x512 / 1x2048 in a 48 GiB pool (Adam on the device; paged,
+    7B 4x512 / 1x2048 with Adam on the device (remat full, save_dots, save_projections, save_attention), 65B 1x512 / 1x2048 in a 48 GiB pool (Adam on the device; paged,
     also with bf16 adapters and 8-layer pages), 7B and 65B on meshes — is within 10% of the runtime's measured peak (``peak_bytes_in_use``, max over GPUs)."""
     from pathlib import Path
 
@@ -294,12 +295,13 @@ def test_gpu_plan_is_within_10_percent_of_the_measured_h200_peaks(name):
         assert planned == pytest.approx(r["peak_bytes"], rel=0.10), (r["name"], planned / GiB, r["peak_bytes"] / GiB)
 
 
-@pytest.mark.parametrize("remat", ["full", "save_projections"])
+@pytest.mark.parametrize("remat", ["full", "save_projections", "save_attention"])
 def test_planned_saved_activations_are_what_jax_saves(remat):
     """The planner's saved activations equal, byte for byte, the residuals that JAX keeps from the layer
     loop for the backward pass of a bf16 NF4 model with dropout (``saved_residuals`` of the LoRA
     gradient): each layer's input (``full``), plus q, k, v, the attention output, the residual after
-    attention, gate and up (``save_projections``); nothing else per layer."""
+    attention, gate and up (``save_projections``) or the attention output and the residual after it
+    (``save_attention``); nothing else per layer."""
     from jax._src.ad_checkpoint import saved_residuals
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -319,4 +321,4 @@ def test_planned_saved_activations_are_what_jax_saves(remat):
     saved = sum(a.size * a.dtype.itemsize for a in per_layer)
     p = plan(PlanInputs(cfg=cfg, batch=2, seq=11, remat=remat, lora_r=4, lora_dropout=0.1, compute_dtype="bfloat16"))
     assert saved == p["saved_activations"]
-    assert len(per_layer) == (1 if remat == "full" else 8)
+    assert len(per_layer) == {"full": 1, "save_projections": 8, "save_attention": 3}[remat]

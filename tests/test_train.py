@@ -226,10 +226,11 @@ def test_auto_paging_keeps_adam_on_the_device_only_when_the_plan_fits(base, caps
         apply_overrides(cfg, ["optim.paged=sometimes"])
 
 
-def test_auto_remat_keeps_the_projections_only_where_the_plan_fits(base, capsys):
-    """model.remat="auto" (the Guanaco configs): ``save_projections`` (no 4-bit product recomputed) where the
-    plan with it fits 90% of the device, full rematerialization otherwise and on backends with no memory
-    figure; the model is set to run the choice (built with full remat first); other values stay as set."""
+def test_auto_remat_picks_the_fastest_policy_whose_plan_fits(base, capsys):
+    """model.remat="auto" (the Guanaco configs): the fastest policy whose plan fits 90% of the device —
+    ``save_projections`` (no 4-bit product recomputed), then ``save_attention`` — else full
+    rematerialization, also on backends with no memory figure; the model is set to run the choice (built
+    with full remat first); other values stay as set."""
     from types import SimpleNamespace
 
     from qlora_jax.memory import plan
@@ -245,8 +246,13 @@ def test_auto_remat_keeps_the_projections_only_where_the_plan_fits(base, capsys)
     fits = resolve_remat(cfg, model, device_bytes=int(need / 0.9) + 1)
     assert fits.model.remat == model.remat == "save_projections"
     assert "model.remat=auto -> save_projections" in capsys.readouterr().out
-    model = fake()
-    assert resolve_remat(cfg, model, device_bytes=int(need / 0.9) - 2**20).model.remat == model.remat == "full"
+    attention = plan(dataclasses.replace(_plan_inputs(cfg, fake()), remat="save_attention"))["total"]
+    full = plan(_plan_inputs(cfg, fake()))["total"]
+    assert full < attention < need
+    for device_bytes, chosen in ((int(need / 0.9) - 2**20, "save_attention"), (int(attention / 0.9) + 1, "save_attention"),
+                                 (int(attention / 0.9) - 2**20, "full"), (int(full / 0.9) - 2**20, "full")):
+        model = fake()
+        assert resolve_remat(cfg, model, device_bytes=device_bytes).model.remat == model.remat == chosen, device_bytes
     fixed = apply_overrides(cfg, ["model.remat=save_dots"])
     assert resolve_remat(fixed, fake(), device_bytes=10**15) is fixed
     # a real model: built with full remat, switched by the decision

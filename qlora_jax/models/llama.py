@@ -238,22 +238,27 @@ def _offload_policy():
 # The activations a decoder layer names (``checkpoint_name``) for ``"save_projections"``: what its
 # backward pass needs so that no frozen product runs again: q/k/v and gate/up with their adapters
 # added, the attention output (``o_proj``'s input) and the residual stream after attention.
-PROJECTION_NAMES = ("qkv", "attn_out", "resid_mid", "gate_up")
+# ``"save_attention"`` keeps the last two only (16 KB per token and layer at 7B).
+ATTENTION_NAMES = ("attn_out", "resid_mid")
+PROJECTION_NAMES = ("qkv", *ATTENTION_NAMES, "gate_up")
 
 # What each decoder layer keeps for the backward pass: everything ("none": no remat), only its
 # input ("full"), the outputs of matmuls without batch dimensions ("save_dots": the frozen products
 # and every adapter's two products apart), the projections' outputs of PROJECTION_NAMES
 # ("save_projections": the backward pass recomputes norms, rotary embeddings, attention, SwiGLU and
-# the adapters' ``x @ A``, but no 4-bit product), or the matmul outputs moved to pinned host memory
-# ("offload", offload-to-host).
+# the adapters' ``x @ A``, but no 4-bit product), of ATTENTION_NAMES ("save_attention": no attention
+# forward and no ``o_proj`` product recomputed), or the matmul outputs moved to pinned host memory
+# ("offload", offload-to-host). 7B at 4x512 on an H200 (benchmarks/RESULTS.md, seventh session):
+# full 0.172 s / 7.35 GiB, save_attention 0.166 s / 8.28 GiB, save_projections 0.142 s / 12.3 GiB.
 REMAT_POLICIES: dict[str, Callable[[], Any] | None] = {
     "none": None,
     "full": lambda: jax.checkpoint_policies.nothing_saveable,
     "save_dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_projections": lambda: jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES),
+    "save_attention": lambda: jax.checkpoint_policies.save_only_these_names(*ATTENTION_NAMES),
     "offload": _offload_policy,
 }
-_REMAT_ALIASES = {"save-dots": "save_dots", "save-projections": "save_projections",
+_REMAT_ALIASES = {"save-dots": "save_dots", "save-projections": "save_projections", "save-attention": "save_attention",
                   "offload-to-host": "offload", "offload_to_host": "offload"}
 
 
