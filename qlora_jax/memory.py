@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     p = dataclasses.replace(inputs_from_train_config(tc, cfg, args.seq), backend=args.backend)
     if tc.model.remat == "auto":
-        remat, why = choose_remat(p, gpu_mem)
+        remat, why = choose_remat(p, gpu_mem) if gpu_mem is not None else ("full", "no --gpu-mem given")
         print(f"model.remat=auto -> {remat} ({why})")
         p = dataclasses.replace(p, remat=remat)
     result = plan(p)

@@ -183,6 +183,27 @@ def test_cli_fit_and_no_fit(capsys):
     assert "micro-batch 1 x 2048" in capsys.readouterr().out
 
 
+def test_cli_says_what_remat_auto_chooses(capsys):
+    """``model.remat: auto`` (the Guanaco configs): the CLI names the policy that fits ``--gpu-mem`` and plans
+    it; without ``--gpu-mem`` it plans full rematerialization and says so."""
+    cfg = str(REPO / "configs" / "guanaco_7b.py")
+    assert main(["--config", cfg, "--gpu-mem", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "model.remat=auto -> save_projections" in out and "remat=save_projections," in out
+    # micro-batch 1 x 528, paged Adam: full 5.66 GiB, save_attention 5.91, save_projections 6.99
+    assert main(["--config", cfg, "--gpu-mem", "6.8GB"]) == 0
+    out = capsys.readouterr().out
+    assert "model.remat=auto -> save_attention" in out and "remat=save_attention," in out
+    assert main(["--config", cfg, "--gpu-mem", "6.3GB"]) == 0
+    out = capsys.readouterr().out
+    assert "model.remat=auto -> full" in out and "remat=full," in out
+    assert main(["--config", cfg]) == 0
+    assert "model.remat=auto -> full (no --gpu-mem given)" in capsys.readouterr().out
+    assert main(["--config", cfg, "--gpu-mem", "80GB", "--set", "model.remat=save_attention"]) == 0
+    out = capsys.readouterr().out
+    assert "model.remat=auto" not in out and "remat=save_attention," in out
+
+
 @pytest.mark.parametrize("page_size", [0, 1000, 10**9])
 def test_optimizer_pages_match_paged_adam_layout(page_size):
     """The planner's on-device page size is the largest page paged_adam's own layout makes."""
