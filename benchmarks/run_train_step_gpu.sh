@@ -26,6 +26,17 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 
 . "$(dirname "$0")/_budget.sh"  # left, budget, step
 
+# baselines SUFFIX RESERVE_BNB RESERVE_TORCH: bitsandbytes + PEFT, then PyTorch bf16 LoRA, at $SIZE; each keeps
+# the RESERVE seconds of the budget for what follows; files bnb_$SIZE$SUFFIX.* and torch_bf16_$SIZE$SUFFIX.*.
+baselines() {
+  step "bitsandbytes + PEFT${1:+ again}, $SIZE"
+  $PY benchmarks/baselines/bnb_peft.py --device "$DEVICE" --size "$SIZE" --batch "$BATCHES" --weights nf4 --steps 10 --warmup 2 \
+    --timeout 75 --budget-s "$(budget 90 "$2")" --json "$OUT/bnb_${SIZE}$1.json" 2>&1 | tee "$OUT/bnb_${SIZE}$1.log"
+  step "PyTorch bf16 LoRA${1:+ again}, $SIZE"
+  $PY benchmarks/baselines/bnb_peft.py --device "$DEVICE" --size "$SIZE" --batch "$BATCHES" --weights bf16 --steps 10 --warmup 2 \
+    --timeout 60 --budget-s "$(budget 70 "$3")" --json "$OUT/torch_bf16_${SIZE}$1.json" 2>&1 | tee "$OUT/torch_bf16_${SIZE}$1.log"
+}
+
 step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/gpu.txt"
@@ -40,13 +51,7 @@ if [ -z "${SKIP_SMALL:-}" ]; then
   $PY benchmarks/train_step.py --size "$SIZE" --batch "$BATCHES" --weights nf4 --lora-dtype bfloat16 --steps 10 --warmup 2 \
     --timeout 100 --budget-s "$(budget 150 250)" --json "$OUT/jax_nf4_lora_bf16_${SIZE}.json" 2>&1 | tee "$OUT/jax_nf4_lora_bf16_${SIZE}.log"
 
-  step "bitsandbytes + PEFT, $SIZE"
-  $PY benchmarks/baselines/bnb_peft.py --device "$DEVICE" --size "$SIZE" --batch "$BATCHES" --weights nf4 --steps 10 --warmup 2 \
-    --timeout 75 --budget-s "$(budget 90 150)" --json "$OUT/bnb_${SIZE}.json" 2>&1 | tee "$OUT/bnb_${SIZE}.log"
-
-  step "PyTorch bf16 LoRA, $SIZE"
-  $PY benchmarks/baselines/bnb_peft.py --device "$DEVICE" --size "$SIZE" --batch "$BATCHES" --weights bf16 --steps 10 --warmup 2 \
-    --timeout 60 --budget-s "$(budget 70 100)" --json "$OUT/torch_bf16_${SIZE}.json" 2>&1 | tee "$OUT/torch_bf16_${SIZE}.log"
+  baselines "" 150 100
 
   step "ours, bf16 LoRA, $SIZE"
   $PY benchmarks/train_step.py --size "$SIZE" --batch "$BATCHES" --weights bf16 --steps 10 --warmup 2 \
@@ -55,12 +60,7 @@ if [ -z "${SKIP_SMALL:-}" ]; then
   # The PyTorch baselines are bound by host-side kernel launches and moved by up to 68% between runs on
   # different H200 machines (RESULTS.md): a second run of each, after ours, shows their spread in the table.
   if [ "${BASELINE_RUNS:-2}" -ge 2 ] && [ "$(left)" -gt 200 ]; then
-    step "bitsandbytes + PEFT again, $SIZE"
-    $PY benchmarks/baselines/bnb_peft.py --device "$DEVICE" --size "$SIZE" --batch "$BATCHES" --weights nf4 --steps 10 --warmup 2 \
-      --timeout 75 --budget-s "$(budget 90 110)" --json "$OUT/bnb_${SIZE}_2.json" 2>&1 | tee "$OUT/bnb_${SIZE}_2.log"
-    step "PyTorch bf16 LoRA again, $SIZE"
-    $PY benchmarks/baselines/bnb_peft.py --device "$DEVICE" --size "$SIZE" --batch "$BATCHES" --weights bf16 --steps 10 --warmup 2 \
-      --timeout 60 --budget-s "$(budget 70 15)" --json "$OUT/torch_bf16_${SIZE}_2.json" 2>&1 | tee "$OUT/torch_bf16_${SIZE}_2.log"
+    baselines _2 110 15
   fi
 
   step "ratios, $SIZE"
