@@ -147,8 +147,7 @@ def run_one(c: dict[str, Any]) -> dict[str, Any]:
 
         mesh = shd.make_mesh(data, fsdp, devices)
     t0 = time.perf_counter()
-    model = build_random_model(cfg, lora=lora, quant=quant, remat="full" if tc.model.remat == "auto" else tc.model.remat,
-                               seed=0, mesh=mesh)
+    model = build_random_model(cfg, lora=lora, quant=quant, remat=tc.model.build_remat, seed=0, mesh=mesh)
     jax.block_until_ready(nnx.state(model))
     result["build_s"] = time.perf_counter() - t0
     _log(f"[{c['name']}] built random {c['weights']} model in {result['build_s']:.1f}s")
@@ -253,6 +252,8 @@ def add_scaling(results: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from qlora_jax.train_config import REMAT_CHOICES  # train.py's model.remat values (imports jax; no device use)
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=SIZES, default="7b")
     ap.add_argument("--batch", default="4x512", help="comma-separated BxT, e.g. 4x512,1x2048")
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16", action="store_true", help="shorthand for --weights bf16")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    ap.add_argument("--remat", default="full", choices=("none", "full", "save_dots", "save_projections", "save_attention", "offload", "auto"),
+    ap.add_argument("--remat", default="full", choices=REMAT_CHOICES,
                     help="remat policy (auto: train.py's choice, the fastest whose plan fits the device)")
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lora-dropout", type=float, default=0.05)

@@ -352,7 +352,7 @@ def inputs_from_train_config(tc: Any, cfg: LlamaConfig, seq: int | None = None) 
         quantize=m.quantize, blocksize=m.blocksize, double_quant=m.double_quant,
         param_dtype="bfloat16", compute_dtype=m.compute_dtype,
         lora_r=tc.lora.r, lora_targets=tuple(tc.lora.targets), lora_dropout=tc.lora.dropout,
-        remat="full" if m.remat == "auto" else m.remat,
+        remat=m.build_remat,
         paged=tc.optim.paged, page_size=tc.optim.page_size, lora_param_dtype=tc.lora.param_dtype,
         data=tc.mesh.data, fsdp=tc.mesh.fsdp,
     )

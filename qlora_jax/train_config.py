@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from qlora_jax.data import DataConfig
-from qlora_jax.models.llama import QuantConfig
+from qlora_jax.models.llama import REMAT_POLICIES, QuantConfig
 
-REMAT_CHOICES = ("none", "full", "save_dots", "save_projections", "save_attention", "offload", "auto")
+REMAT_CHOICES = (*REMAT_POLICIES, "auto")  # "auto": the trainer picks one by the memory plan (resolve_remat)
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -54,6 +54,12 @@ class ModelSection:
             self.quant_config()
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
+
+    @property
+    def build_remat(self) -> str:
+        """The policy the model is built (and planned) with: ``"full"`` for ``"auto"``, which
+        ``trainer.resolve_remat`` then decides on the built model."""
+        return "full" if self.remat == "auto" else self.remat
 
     def quant_config(self) -> QuantConfig:
         """The storage settings for converting ``path`` (the model's own ``QuantConfig``)."""

@@ -208,8 +208,7 @@ def build_model(cfg: TrainConfig, model_dir: Path, mesh: Any = None) -> nnx.Modu
     step's layout (:func:`~qlora_jax.models.checkpoint.load_model`)."""
     from qlora_jax.models.checkpoint import load_model
 
-    remat = "full" if cfg.model.remat == "auto" else cfg.model.remat  # "auto": resolve_remat decides later
-    return load_model(model_dir, lora=lora_config(cfg), remat=remat, compute_dtype=cfg.model.compute_dtype,
+    return load_model(model_dir, lora=lora_config(cfg), remat=cfg.model.build_remat, compute_dtype=cfg.model.compute_dtype,
                       seed=cfg.train.seed, mesh=mesh)
 
 
@@ -352,6 +351,11 @@ AUTO_COMPILE_ZONE = 1.05
 AUTO_COMPILE_HEADROOM = 0.02
 
 
+def _device_bytes_limit() -> int | None:
+    """The first local device's memory pool in bytes (``None`` where the backend reports none, e.g. CPU)."""
+    return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
 def _plan_inputs(cfg: TrainConfig, model: nnx.Module):
     from qlora_jax.memory import inputs_from_train_config
 
@@ -399,7 +403,7 @@ def resolve_paging(cfg: TrainConfig, model: nnx.Module, device_bytes: int | None
         paged, why = bool(previous), "as the run being resumed"
     else:
         if device_bytes is None:
-            device_bytes = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+            device_bytes = _device_bytes_limit()
         if device_bytes is None:
             paged, why = True, "no device memory figure on this backend"
         else:
@@ -430,7 +434,7 @@ def resolve_remat(cfg: TrainConfig, model: nnx.Module, device_bytes: int | None 
     from qlora_jax.memory import choose_remat
 
     if device_bytes is None:
-        device_bytes = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+        device_bytes = _device_bytes_limit()
     remat, why = choose_remat(_plan_inputs(cfg, model), device_bytes)
     if jax.process_index() == 0:
         print(f"model.remat=auto -> {remat} ({why})", flush=True)
@@ -453,7 +457,7 @@ def print_memory_plan(cfg: TrainConfig, model: nnx.Module) -> None:
         from qlora_jax.memory import format_plan, plan
 
         p = _plan_inputs(cfg, model)
-        limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+        limit = _device_bytes_limit()
         print(format_plan(p, plan(p), gpu_mem=limit), flush=True)
     except Exception as e:  # a planning problem must not stop training
         print(f"memory plan unavailable: {type(e).__name__}: {e}", flush=True)
