@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlora_jax.kernels import nf4_matmul_small_m as small_m
 from qlora_jax.models.llama import KVCache, Llama, fuse_projections
 from qlora_jax.nf4 import QuantizedTensor
 from qlora_jax.sharding import fsdp_size, host_values, put_replicated, tracing_mesh
@@ -210,11 +211,11 @@ _STATIC = ("graphdef", "sampling", "eos", "unroll_layers", "mesh")
 _prefill_jit = jax.jit(_prefill, static_argnames=(*_STATIC, "cache_len", "max_new"))
 _decode_jit = jax.jit(_decode, static_argnames=(*_STATIC, "layer_buffers", "join_projections", "dequantize_layers"),
                       donate_argnames=("ds",))
-# From this batch size on, dequantized layer buffers (a bf16 dot per token) beat the 4-bit GEMV: at M = 4
-# the GEMV ran at 0.80-0.99x the bf16 dot's speed on the LLaMA-7B/65B shapes, at M = 2 at 0.91-1.38x
-# (H200, fourth session); 7B with an adapter at batch 8 decoded in 7.67 instead of 10.36 ms per step
-# (fifth session; benchmarks/RESULTS.md).
-DEQUANTIZE_MIN_BATCH = 4
+# From this batch size on, dequantized layer buffers (a bf16 dot per token) beat the 4-bit kernels: up to
+# 64 rows the tensor-core small-M kernel decodes as fast as a bf16 dot without the buffers' 4x bytes (7B on
+# an H200, eighth session: 5.23 / 6.22 ms per step at batch 4 / 8 against 5.41 / 6.43 with the buffers;
+# benchmarks/RESULTS.md); beyond that the 4-bit path dequantizes every layer on every token.
+DEQUANTIZE_MIN_BATCH = small_m.MAX_M + 1
 
 
 @dataclasses.dataclass
@@ -281,8 +282,8 @@ class Generator:
         On an H200 (7B, batch 1) NF4 decoding went from 3.78 to 3.51 ms/token, with an unmerged adapter
         from 5.97 to 4.14 (with the adapters' ``A`` stored ``[r, in]``; ``benchmarks/RESULTS.md``).
       dequantize_layers: with layer buffers, dequantize the 4-bit weights into them (compute dtype,
-        once per decode call) and decode with a plain dot: faster than the 4-bit GEMV from a few rows
-        on, at 4x the buffers' bytes. ``None`` (default): from ``DEQUANTIZE_MIN_BATCH`` rows on, when
+        once per decode call) and decode with a plain dot: faster than the 4-bit kernels beyond 64 rows
+        (where the small-M kernel stops), at 4x the buffers' bytes. ``None`` (default): from ``DEQUANTIZE_MIN_BATCH`` rows on, when
         every device has room (:meth:`uses_dequantized_layers`). The tokens are those of the dequantize +
         dot path (prefill's), not bit for bit the GEMV's.
       mesh: the mesh the model's arrays are sharded over (``qlora_jax.sharding``; ``None``: one

@@ -59,6 +59,18 @@ def test_small_m_forward_and_backward_equal_reference(lead, n, k, quant_type, do
     assert _rel_err(dx, kernels.nf4_matmul_t_reference(dy, w)) < 1e-2
 
 
+def test_small_m_column_permutation_is_the_decoded_tiles_order():
+    """``permute_columns`` puts x's columns in the order the kernels lay out a decoded word tile (per
+    byte position t, each byte's odd column then its even one) and ``unpermute_columns`` inverts it."""
+    x = jnp.arange(3 * 256).reshape(3, 256)
+    p = small_m.permute_columns(x, 64)
+    assert p.shape == (3, 4, 64)
+    assert p[0, 0, :6].tolist() == [1, 0, 9, 8, 17, 16]  # words 0, 1, 2: byte 0 = columns (0, 1)
+    assert p[0, 3, :2].tolist() == [7, 6] and p[1, 1, 16:18].tolist() == [256 + 67, 256 + 66]  # block 1 starts at 64
+    assert (small_m.unpermute_columns(p, 64) == x).all()
+    assert (small_m.unpermute_columns(small_m.permute_columns(x, 128), 128) == x).all()
+
+
 @pytest.mark.parametrize("config", [small_m.SmallMConfig(block_n=16, split=1, blocks_per_step=1),
                                     small_m.SmallMConfig(block_n=32, split=3, blocks_per_step=4)])
 def test_small_m_tile_configs_agree(config):
@@ -89,6 +101,9 @@ def test_unsupported_shapes_are_rejected_with_a_reason():
     w = _weight(64, 172)  # stories260K's FFN: blocks span rows
     assert "multiple of blocksize" in small_m.supports(w, 1)
     assert "M=65" in small_m.supports(_weight(64, 128), 65)
+    assert "N=72 is not a multiple of 16" in small_m.supports(_weight(72, 128), 1)
+    w32 = quantize(jnp.ones((16, 96)), blocksize=32)  # 3 blocks of 32: a dot needs 2 (16 columns of a byte position)
+    assert "not a multiple of the 2 blocks" in small_m.supports(w32, 1)
     with pytest.raises(ValueError, match="multiple of blocksize"):
         small_m.nf4_matmul_small_m(jnp.ones((1, 172), jnp.bfloat16), w, interpret=True)
     with pytest.raises(NotImplementedError, match="float32"):
@@ -312,15 +327,22 @@ def test_select_implementation_falls_back_off_gpu_and_on_unsupported_shapes():
 
 
 def test_auto_picks_the_measured_kernels_on_a_gpu(monkeypatch):
-    """``auto`` on a GPU (backend faked here): the GEMV for a forward of up to 8 rows, the Pallas
-    dequantize for more rows and every input gradient, XLA for fp32, stacked leaves and off-GPU."""
+    """``auto`` on a GPU (backend faked here): the GEMV for a forward of up to 2 rows, the small-M
+    kernel for up to 64 rows (forward and input gradient), the Pallas dequantize for more rows, XLA
+    for fp32, stacked leaves and off-GPU."""
     w, wodd = _weight(64, 128), _weight(64, 172)
     monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
     pick = kernels.select_implementation
     assert pick(jnp.ones((1, 128), jnp.bfloat16), w) == "gemv"
-    assert pick(jnp.ones((8, 1, 128), jnp.float16), w) == "gemv"  # batch-8 decoding
-    assert pick(jnp.ones((9, 128), jnp.bfloat16), w) == "pallas_dequant"
-    assert pick(jnp.ones((1, 1, 64), jnp.bfloat16), w, transpose=True) == "pallas_dequant"
+    assert pick(jnp.ones((2, 1, 128), jnp.float16), w) == "gemv"  # batch-2 decoding
+    assert pick(jnp.ones((3, 1, 128), jnp.bfloat16), w) == "small_m"
+    assert pick(jnp.ones((8, 1, 128), jnp.float16), w) == "small_m"  # batch-8 decoding
+    assert pick(jnp.ones((64, 128), jnp.bfloat16), w) == "small_m"
+    assert pick(jnp.ones((65, 128), jnp.bfloat16), w) == "pallas_dequant"
+    assert pick(jnp.ones((1, 1, 64), jnp.bfloat16), w, transpose=True) == "small_m"
+    assert pick(jnp.ones((1, 65, 64), jnp.bfloat16), w, transpose=True) == "pallas_dequant"
+    assert pick(jnp.ones((1, 128), jnp.bfloat16), _weight(72, 128)) == "gemv"  # N % 16 != 0: no small-M kernel
+    assert pick(jnp.ones((4, 128), jnp.bfloat16), _weight(72, 128)) == "pallas_dequant"
     assert pick(jnp.ones((4, 512, 128), jnp.bfloat16), w) == "pallas_dequant"
     assert pick(jnp.ones((1, 172), jnp.bfloat16), wodd) == "pallas_dequant"  # whole blocks overall, K % 64 != 0
     assert pick(jnp.ones((1, 128), jnp.float32), w) == "xla"

@@ -1,7 +1,7 @@
 """The register-only decode's PTX (``qlora_jax.kernels.prmt_decode``) executed instruction by
-instruction by a small emulator of the PTX it uses (mov, and, shr, shl, prmt, lop3) equals the
-codebook lookup bit for bit, for NF4 and FP4, bf16 and fp16 tables, on every byte value in every
-byte position; the packed fp16x2 FMA PTX, emulated with numpy's IEEE fp16 (one rounding per
+instruction by a small emulator of the PTX it uses (mov, and, shr, shl, prmt, lop3, the half-pair
+fma) equals the codebook lookup bit for bit, for NF4 and FP4, bf16 and fp16 tables, on every byte
+value in every byte position, and so does its scaled form (the small-M kernels'); the packed fp16x2 FMA PTX, emulated with numpy's IEEE fp16 (one rounding per
 operation), equals its jnp reference."""
 
 from __future__ import annotations
@@ -53,9 +53,27 @@ def _statements(asm: str):
         yield m.group(1), [t.strip() for t in re.split(r",(?![^{]*})", m.group(2))]
 
 
-def run_ptx(asm: str, word: np.ndarray) -> np.ndarray:
-    """Execute one decode statement's PTX on uint32 ``word`` (numpy, vectorized); returns ``$0``."""
+def _half_pair_mul(a: np.ndarray, b: np.ndarray, dtype: str) -> np.ndarray:
+    """``fma.rn.{bf16x2,f16x2} d, a, b, -0.0`` on uint64-held 32-bit pairs: each half's exact product
+    (float64) rounded once to ``dtype`` (ml_dtypes / numpy round to nearest even)."""
+    import ml_dtypes
+
+    half = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    out = np.zeros_like(a)
+    for shift in (0, 16):
+        s = np.uint64(shift)
+        ha = ((a >> s) & np.uint64(0xFFFF)).astype(np.uint16).view(half).astype(np.float64)
+        hb = ((b >> s) & np.uint64(0xFFFF)).astype(np.uint16).view(half).astype(np.float64)
+        out |= (ha * hb).astype(half).view(np.uint16).astype(np.uint64) << s
+    return out
+
+
+def run_ptx(asm: str, word: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """Execute one decode statement's PTX on uint32 ``word`` (and ``$2`` = ``scale``, uint32 half pairs,
+    for the scaled decode; numpy, vectorized); returns ``$0``."""
     regs: dict[str, np.ndarray] = {"$1": word.astype(np.uint64)}
+    if scale is not None:
+        regs["$2"] = scale.astype(np.uint64)
 
     def val(tok: str) -> np.ndarray:
         tok = tok.strip()
@@ -67,8 +85,12 @@ def run_ptx(asm: str, word: np.ndarray) -> np.ndarray:
 
     for opcode, args in _statements(asm):
         op, _, kind = opcode.partition(".")
-        assert kind == "b32", f"unexpected PTX type in {opcode!r}"
         d = args[0]
+        if opcode in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            assert args[3] == "nz" and int(regs["nz"][0]) == 0x80008000, "the scaled decode adds -0.0"
+            regs[d] = _half_pair_mul(val(args[1]), val(args[2]), "bfloat16" if "bf16" in opcode else "float16")
+            continue
+        assert kind == "b32", f"unexpected PTX type in {opcode!r}"
         if op == "mov":
             regs[d] = val(args[1])
         elif op == "and":
@@ -104,6 +126,33 @@ def test_ptx_decode_equals_codebook_lookup_bit_for_bit(quant_type, dtype):
                             for t in range(4)] + [rng.integers(0, 2**32, 4096, dtype=np.uint32)])
     for t, e in enumerate(_expected(words, quant_type, dtype)):
         np.testing.assert_array_equal(run_ptx(prmt_decode.prmt_asm(quant_type, t, dtype), words), e, err_msg=f"byte {t}")
+
+
+@pytest.mark.parametrize("dtype", prmt_decode.HALF_DTYPES)
+def test_scaled_ptx_decode_equals_decode_times_scale_rounded_once(dtype):
+    """The small-M kernels' decode (``prmt_asm(..., scaled=True)``): each decoded pair times a scale
+    pair, each half rounded once, equals ``decode_words(..., scale_pairs=...)`` in interpret mode."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    words = rng.integers(0, 2**32, 4096, dtype=np.uint32)
+    scales = np.concatenate([rng.uniform(1e-3, 4.0, 4090), [0.0, 1.0, 3.3e-5, 65504.0, 0.1, 7.0]]).astype(np.float32)
+    if dtype == "bfloat16":
+        scales[-3] = 1e30  # far outside fp16's range, fine in bf16
+    pairs = np.asarray(prmt_decode.half_pair(jnp.asarray(scales), dtype))
+    want = prmt_decode.decode_words(jnp.asarray(words), "nf4", interpret=True, dtype=dtype, scale_pairs=jnp.asarray(pairs))
+    for t, w in enumerate(want):
+        got = run_ptx(prmt_decode.prmt_asm("nf4", t, dtype, scaled=True), words, pairs)
+        np.testing.assert_array_equal(got, np.asarray(w), err_msg=f"byte {t}")
+    # and that is the codebook value times the scale, both rounded to dtype, then the product rounded
+    import ml_dtypes
+
+    half = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+    code = prmt_decode.code_bits(dtype=dtype, quant_type="nf4").astype(np.uint16).view(half).astype(np.float64)
+    hi = (words >> np.uint32(4)) & np.uint32(0xF)  # byte 0's high nibble: the upper half of output 0
+    expect = (code[hi] * scales.astype(half).astype(np.float64)).astype(half)
+    got_hi = (np.asarray(want[0]) >> np.uint32(16)).astype(np.uint16).view(half)
+    np.testing.assert_array_equal(got_hi, expect)
 
 
 def test_reference_decode_matches_expected_and_halves_are_the_codebook():

@@ -1,17 +1,23 @@
 """The one entry point for 4-bit matmuls; it picks an implementation by platform and shape.
 
-``"auto"`` (the default), from the H200 sweep in ``benchmarks/RESULTS.md`` (2026-11-28):
+``"auto"`` (the default), from the H200 measurements in ``benchmarks/RESULTS.md`` (2026-11-28/29):
 
 * on a GPU, 16-bit activations, one 2-D weight:
-  - forward with M <= 8 (decoding up to 8 sequences): the Pallas GEMV ``nf4_gemv.py`` with the
-    register decode and packed fp16x2 FMAs — it streams the 4-bit weight once. Device time on
-    4096x11008 / 11008x4096 / 8192x22016 (profiler traces, RESULTS.md, fourth session): M = 1:
-    16.3 / 19.5 / 51.3 us, 1.45-1.69x faster than the bf16 dot and 3.7-4.3x faster than the Pallas
-    dequantize + dot; M = 8: 39.8 / 47.7 / 155.5 us against 60.4 / 62.5 / 214.1 for the dequantize +
-    dot (its time hardly depends on M, the GEMV's grows with it, so it wins for every M in between);
-  - everything else (M > 8, and every input gradient): the Pallas dequantize ``nf4_dequant.py``
-    (2.1-2.6x faster than XLA's dequantize fusion) followed by XLA's dot — at M = 2048 on
-    4096x11008, 0.98x (forward) and 0.88x (input gradient) of a bf16 dot's time;
+  - forward with M <= ``GEMV_AUTO_MAX_M`` = 2 (decoding one or two sequences): the Pallas GEMV
+    ``nf4_gemv.py`` with the register decode and packed fp16x2 FMAs — it streams the 4-bit weight
+    once. Device time on 4096x11008 / 11008x4096 / 8192x22016 at M = 1 (profiler traces, RESULTS.md,
+    eighth session): 15.5 / 19.8 / 48.8 us, 1.4-1.7x faster than the bf16 dot;
+  - forward and input gradient with M <= 64 (batched decoding, small batches): the tensor-core
+    small-M kernel ``nf4_matmul_small_m.py`` (the same register decode, ``jnp.dot`` on the decoded
+    tiles): its time hardly depends on M. Forward at M = 8: 24.3 / 25.8 / 74.8 us (1.05-1.2x faster
+    than the bf16 dot), against the GEMV's 39.8 / 47.8 / 156.8 and the Pallas dequantize + dot's
+    60.1 / 62.6 / 214.1; the GEMV's time grows with every row (at M = 2: 19.4 / 29.1 / 63.9 against
+    24.1 / 25.6 / 74.3, ahead on two shapes; at M = 4 behind on all three). Input gradient at M = 16:
+    27.7 / 32.4 / 92.0 us against the dequantize + dot's 62.2 / 61.8 / 210.5 (the GEMV's gradient:
+    2-5x slower than the small-M kernel at M = 1);
+  - everything else (M > 64, or N not a multiple of 16): the Pallas dequantize ``nf4_dequant.py``
+    (2.1-2.6x faster than XLA's dequantize fusion) followed by XLA's dot — at M = 2048 on 4096x11008,
+    0.98x (forward) and 0.88x (input gradient) of a bf16 dot's time;
 * otherwise (CPU, fp32, stacked leaves, weights that are not whole blocks): the XLA path of
   ``nf4_matmul.py`` (even/odd halves decoded straight from the nibbles, contraction split).
 
@@ -20,7 +26,8 @@ does not apply, and :func:`select_implementation` says which one runs):
 
 * ``"xla"``: ``nf4_matmul.py``'s split path (even/odd columns decoded from the nibbles, two dots),
   any platform and shape (the plain dequantize + dot where ``K % blocksize != 0``).
-* ``"small_m"``: ``nf4_matmul_small_m.py`` (GPU, bf16/fp16, M <= 64, ``K % blocksize == 0``).
+* ``"small_m"``: ``nf4_matmul_small_m.py``, the tensor-core small-M kernels (GPU, bf16/fp16, M <= 64,
+  ``K % blocksize == 0``, N a multiple of 16).
 * ``"gemv"``: ``nf4_gemv.py``, the bandwidth-shaped GEMV (GPU, M <= 8, ``K % blocksize == 0``).
 * ``"pallas_dequant"``: ``nf4_dequant.py``'s Pallas dequantize, then an XLA dot (GPU, bf16/fp16,
   a whole number of blocks); meant for large M.
@@ -63,6 +70,7 @@ __all__ = [
 ]
 
 _IMPLEMENTATIONS = ("auto", "xla", "small_m", "gemv", "pallas_dequant", "pallas", "xla_reduce")
+GEMV_AUTO_MAX_M = 2  # "auto" runs the GEMV up to this many rows, the small-M kernel from there to 64 rows
 _forced = "auto"
 
 
@@ -98,8 +106,10 @@ def select_implementation(x: jax.Array, w: QuantizedTensor, *, transpose: bool =
     can_gemv = gemv.supports(w, m) is None
     can_dequant = len(w.shape) == 2 and dequant.supports(w, x.dtype) is None
     if forced == "auto":  # measured choices, see the module docstring
-        if half and not transpose and can_gemv:  # can_gemv: M <= 8
+        if half and not transpose and can_gemv and m <= GEMV_AUTO_MAX_M:
             return "gemv"
+        if half and small_m.supports(w, m) is None:  # M <= 64
+            return "small_m"
         return "pallas_dequant" if half and can_dequant else "xla"
     if forced in ("gemv", "pallas") and can_gemv:
         return "gemv"

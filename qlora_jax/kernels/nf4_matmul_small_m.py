@@ -1,26 +1,33 @@
-"""Fused 4-bit matmuls for few rows (M <= 64: generation, small-batch training), Pallas/Triton.
+"""Fused 4-bit matmuls for few rows (M <= 64: batched generation, small-batch training), Pallas/Triton,
+on the tensor cores.
 
-Both kernels stream the packed weight once and dequantize in registers; no
-dequantized weight is written to memory. They read bitsandbytes' layout
-directly: for ``W [N, K]`` with ``K % blocksize == 0`` the flat packed codes
-are a ``[N, K/2]`` byte matrix whose byte ``(n, j)`` holds ``W[n, 2j]`` (high
-nibble) and ``W[n, 2j+1]`` (low nibble), and the block scales are ``[N, K/blocksize]``.
+The GEMV (``nf4_gemv.py``) multiplies on the CUDA cores, so its time grows with every row of x (M = 8
+costs ~2.5x M = 1). Here the decoded weight goes through ``jnp.dot`` (MMA instructions), so the rows
+of x, padded to a multiple of 16, cost almost nothing and a call is bounded by streaming and decoding
+the 4-bit weight once. No dequantized weight is written to memory.
 
-Decoding is two gathers per byte from the 16-entry fp32 codebook (one 64-byte
-line, so a warp's gather is served by one L1 access), times the block scale, rounded
-once to the compute dtype. The even and odd columns of ``W`` are kept apart (``W_hi``,
-``W_lo``) and the activations are split to match (``x[:, 0::2]``, ``x[:, 1::2]``): two
-half-K dots replace an interleave in registers. The decoded weight is the dots' left
-operand ("swap AB": ``y.T = W @ x.T``), so it stays in registers; M, padded to 16, is
-the dots' narrow side.
+Layout (bitsandbytes'): ``W [N, K]``, ``K % blocksize == 0``, packed row-major, byte ``j`` of a row
+holds ``W[n, 2j]`` (high nibble) and ``W[n, 2j+1]`` (low nibble). The kernels read the codes as
+uint32 words ``[N, NB, wpb]`` (``NB = K / blocksize`` blocks per row, ``wpb = blocksize / 8`` words
+per block) and decode each word in registers with PTX byte permutes (``prmt_decode.py``) into four
+pairs of x's dtype (bf16 or fp16) already multiplied by the block scale (one ``fma.rn.bf16x2`` /
+``f16x2`` per pair; code and scale rounded to that dtype, the product rounded once more: within 2-3
+ulps of the reference's ``dtype(code * scale)``).
 
-Double-quantized scales are decoded in the kernel, once per 64-value block:
-``nested_code[q] * nested_absmax[b // 256] + offset``.
+Column order: pair ``t`` of word ``j`` of block ``b`` holds columns ``c = b*blocksize + 8j + 2t``
+(upper half) and ``c + 1`` (lower half). The kernels lay each pair out as ``[lower, upper]`` (a
+``jnp.stack`` on the last axis, Triton's ``join``), so a ``[rows, g, wpb]`` tile of pairs ``t`` becomes
+a ``[rows, 16g']`` operand whose columns are ``x``'s columns in a fixed permutation; ``x`` (or
+the output gradient's product) is permuted to match by one small XLA op outside the kernel
+(:func:`permute_columns` / :func:`unpermute_columns`): a dot's sum does not care about the order.
 
-* forward  ``y = x @ W.T``: a program owns ``block_n`` rows of ``W`` and a
-  slice of K (split-K); partial sums are added by XLA.
-* backward ``dx = dy @ W``: a program owns ``blocks_per_step`` quantization
-  blocks of K and a slice of N (split-N).
+* forward ``y [M, N] = x [M, K] @ W.T``: program ``(i, s)`` owns ``block_n`` rows of W and the
+  ``s``-th of ``split`` K slices (last loop step moved back inside the slice, its repeated blocks
+  given scale 0), four dots per step ``W_t [block_n, 16g'] @ x_t [16g', Mp]``; fp32 partials
+  ``[split, Mp, N]`` summed by XLA.
+* input gradient ``dx [M, K] = dy [M, N] @ W``: program ``(j, s)`` owns ``g`` quantization blocks of K
+  and the ``s``-th of ``split`` N slices, loops over ``block_n`` rows of W at a time:
+  ``acc_t [16g', Mp] += W_t.T @ dy.T[rows]``; partials ``[split, 4, K/4, Mp]`` in the permuted order.
 """
 
 from __future__ import annotations
@@ -30,199 +37,230 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
+from qlora_jax.kernels import prmt_decode
+from qlora_jax.kernels.nf4_gemv import _k_step, _scales
 from qlora_jax.kernels.nf4_matmul import operand_rows
-from qlora_jax.kernels.triton_common import decode_scales, scale_operands, triton_params
-from qlora_jax.nf4 import QuantizedTensor, codebook
+from qlora_jax.kernels.triton_common import pow2_at_most, pow2_divisor, scale_operands, triton_params
+from qlora_jax.nf4 import QuantizedTensor
 
 MAX_M = 64
+MIN_DOT = 16  # Triton's smallest dot dimension
 
 
 @dataclasses.dataclass(frozen=True)
 class SmallMConfig:
-    """Tile sizes. ``block_n``: rows of W per program (forward) or per inner step (backward);
-    ``split``: programs sharing one output tile's reduction (split-K forward, split-N backward);
-    ``blocks_per_step``: quantization blocks of K decoded per loop step (forward) or owned by
-    one program (backward); ``num_warps`` / ``num_stages``: Triton's."""
+    """Tile sizes. ``block_n``: rows of W per program (forward) or per loop step (input gradient), a
+    power of two dividing N, at least 16. ``blocks_per_step``: quantization blocks per row and loop step
+    (forward) or per program (input gradient). ``split``: K slices (forward) or N slices (gradient).
+    ``num_warps`` / ``num_stages``: Triton's."""
 
-    block_n: int = 128
-    split: int = 4
+    # forward, H200 sweep (eighth session, benchmarks/RESULTS.md): 2 blocks per step within 0-10% of the
+    # best config at M = 1, 16 and 64 on 4096x11008 and 11008x4096; 4 blocks 6-60% slower at M = 64 (shared
+    # memory), 8 blocks 25% slower and out of shared memory at M = 64; 32 or 128 rows, 8 warps slower.
+    block_n: int = 64
     blocks_per_step: int = 2
+    split: int = 4
     num_warps: int = 4
     num_stages: int = 3
+
+
+DEFAULT_CONFIG = SmallMConfig()
+# the input gradient: 16 N slices. Its grid is (K / (64 * blocks_per_step), split): with 4 slices, K = 4096
+# makes 128 programs, fewer than the H200's 132 SMs. H200 device time at M = 1 / 16 (eighth session):
+# 4096x11008 45.3 -> 26.1 / 46.9 -> 27.7 us, 8192x22016 105.8 -> 90.2 / 107.6 -> 92.0 us, 11008x4096
+# 29.0 -> 30.5 / 31.0 -> 32.4 us; at M = 64 mixed (-19%, +42%, +3%).
+DEFAULT_T_CONFIG = SmallMConfig(split=16)
 
 
 def supports(w: QuantizedTensor, m: int) -> str | None:
     """``None`` if the small-M kernels handle this weight and row count, else the reason."""
     if len(w.shape) != 2:
         return f"weight is not 2-D: {w.shape}"
+    if w.packed.ndim != 1:
+        return "stacked weight leaves"
     n, k = w.shape
     if m > MAX_M:
         return f"M={m} > {MAX_M}"
+    if w.blocksize % 8:
+        return f"blocksize {w.blocksize} is not a multiple of 8 (whole 32-bit code words per block)"
     if k % w.blocksize:
         return f"K={k} is not a multiple of blocksize {w.blocksize} (blocks span rows)"
-    if n % 16:
-        return f"N={n} is not a multiple of 16"
-    if w.packed.ndim != 1:
-        return "stacked weight leaves"
+    if n % MIN_DOT:
+        return f"N={n} is not a multiple of {MIN_DOT}"
+    group = pow2_at_most(2 * _min_blocks(w.blocksize) - 1)
+    if (k // w.blocksize) % group:
+        return (f"K={k} has {k // w.blocksize} blocks of {w.blocksize}, not a multiple of the {group} blocks "
+                f"one dot needs ({MIN_DOT} columns of one byte position)")
     return None
 
 
-def _pick_block_n(n: int, want: int) -> int:
-    return max(bn for bn in (16, 32, 64, 128, 256) if bn <= max(want, 16) and n % bn == 0)
+def permute_columns(a: jax.Array, blocksize: int) -> jax.Array:
+    """``a [..., K]`` -> ``[..., 4, K/4]``: plane ``t`` holds, for each code word ``(b, j)``, columns
+    ``b*blocksize + 8j + 2t + 1`` then ``+ 0`` (the kernels' ``[lower, upper]`` pair order)."""
+    *lead, k = a.shape
+    wpb = blocksize // 8
+    a = a.reshape(*lead, k // blocksize, wpb, 4, 2)[..., ::-1]  # [..., NB, wpb, t, (odd, even)]
+    a = jnp.moveaxis(a, -2, -4)  # [..., t, NB, wpb, 2]
+    return a.reshape(*lead, 4, k // 4)
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, max(at_most, 1) + 1) if n % d == 0)
+def unpermute_columns(p: jax.Array, blocksize: int) -> jax.Array:
+    """The inverse of :func:`permute_columns`: ``[..., 4, K/4]`` -> ``[..., K]``."""
+    *lead, _, kq = p.shape
+    k = 4 * kq
+    wpb = blocksize // 8
+    p = p.reshape(*lead, 4, k // blocksize, wpb, 2)[..., ::-1]
+    return jnp.moveaxis(p, -4, -2).reshape(*lead, k)
 
 
-def _decode_scaled(byte_tile, code_ref, scale, dtype):
-    """uint8 ``[r, c]`` and fp32 scales ``[r]`` -> (even-column values, odd-column values),
-    each ``[r, c]`` in ``dtype``: ``code[nibble] * scale`` in fp32, rounded once."""
-    b = byte_tile.astype(jnp.int32)
-    s = scale[:, None]
-    hi = (code_ref[b >> 4] * s).astype(dtype)
-    lo = (code_ref[b & 0xF] * s).astype(dtype)
-    return hi, lo
+def _operand_tiles(words, scale, quant_type, dtype, interpret):
+    """uint32 words ``[r, g, wpb]``, fp32 scales ``[r, g]`` -> four ``dtype`` (bf16 / fp16) tiles
+    ``[r, g * wpb * 2]`` (pairs ``t`` = 0..3, scaled, each pair as ``[lower, upper]``).
+
+    (Eight tiles, lower and upper halves apart with x split to match, ran 5-50% slower on the H200:
+    benchmarks/RESULTS.md, eighth session.)"""
+    r, g, wpb = words.shape
+    sp = jnp.broadcast_to(prmt_decode.half_pair(scale, dtype)[:, :, None], words.shape)
+    half = lambda v: jax.lax.bitcast_convert_type(v.astype(jnp.uint16), dtype)  # noqa: E731
+    tiles = []
+    for p in prmt_decode.decode_words(words, quant_type, interpret=interpret, dtype=dtype, scale_pairs=sp):
+        tiles.append(jnp.stack([half(p), half(p >> 16)], axis=-1).reshape(r, g * wpb * 2))
+    return tiles
 
 
-def _block_scale(absmax_ref, nested_ref, ncode_ref, offset_ref, row0, bn, kb, blocks_per_row, dq):
-    """fp32 ``[bn]`` scales of quantization block ``kb`` of rows ``row0 .. row0+bn``."""
-    a = absmax_ref[pl.ds(row0, bn), kb]
-    if not dq:
-        return a
-    flat = (row0 + jnp.arange(bn, dtype=jnp.int32)) * blocks_per_row + kb
-    return decode_scales(a, flat, nested_ref, ncode_ref, offset_ref)
-
-
-def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, code_ref, o_ref, *,
-                bn, half_bs, steps, g, blocks_per_row, dq, dtype):
-    """Program (i, s): ``out[s, rows_i, :] = W[rows_i, K_s] @ x[:, K_s].T``, transposed (swap-AB:
-    the decoded weight is the dot's left operand, so it never leaves registers)."""
+def _fwd_kernel(x_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, o_ref, *, bn, g, steps, split, nb, dq, quant_type,
+                dtype, interpret):
+    """Program (i, s): ``o[s, :, rows_i] = (W[rows_i, K_s] @ x[:, K_s].T).T`` (x in permuted planes
+    ``x_ref [4, K/4, Mp]``)."""
     i, s = pl.program_id(0), pl.program_id(1)
-    row0 = i * bn
+    lo_b = (s * nb) // split
+    hi_b = ((s + 1) * nb) // split
+    rows = pl.ds(i * bn, bn)
+    kc = g * p_ref.shape[2] * 2  # columns per plane and step
 
     def body(c, acc):
-        for b in range(g):
-            kb = (s * steps + c) * g + b
-            scale = _block_scale(a_ref, na_ref, nc_ref, off_ref, row0, bn, kb, blocks_per_row, dq)
-            hi, lo = _decode_scaled(p_ref[pl.ds(row0, bn), pl.ds(kb * half_bs, half_bs)], code_ref, scale, dtype)
-            cols = pl.ds(kb * half_bs, half_bs)
-            acc += jnp.dot(hi, xe_ref[cols, :], preferred_element_type=jnp.float32)
-            acc += jnp.dot(lo, xo_ref[cols, :], preferred_element_type=jnp.float32)
+        blocks, scale = _k_step(c, lo_b, hi_b, g, rows, (a_ref, na_ref, nc_ref, off_ref), nb, dq)  # [bn, g]
+        tiles = _operand_tiles(p_ref[rows, blocks, :], scale, quant_type, dtype, interpret)
+        cols = pl.ds(blocks.start * (kc // g), kc)
+        for t, w in enumerate(tiles):
+            acc += jnp.dot(w, x_ref[t, cols, :], preferred_element_type=jnp.float32)
         return acc
 
-    acc = jnp.zeros((bn, xe_ref.shape[1]), jnp.float32)
-    o_ref[0, :, :] = jax.lax.fori_loop(0, steps, body, acc)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, x_ref.shape[2]), jnp.float32))
+    o_ref[0, :, :] = acc.T
 
 
-def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, code_ref, oe_ref, oo_ref, *,
-                bn, half_bs, g, tiles_per_split, blocks_per_row, dq, dtype):
-    """Program (j, s): ``out[s, K_j, :] = W[N_s, K_j].T @ dy[:, N_s].T`` for the ``g`` quantization
-    blocks of K_j, even and odd columns apart."""
+def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, o_ref, *, bn, g, steps, split, n, nb, dq,
+                quant_type, dtype, interpret):
+    """Program (j, s): ``o[s, t, cols_j, :] = W_t[N_s, cols_j].T @ dy.T[N_s]`` (permuted column planes)."""
     j, s = pl.program_id(0), pl.program_id(1)
-    mp = dy_ref.shape[1]
+    blocks = pl.ds(j * g, g)
+    lo_r = (s * n) // split
+    hi_r = ((s + 1) * n) // split
+    kc = g * p_ref.shape[2] * 2
 
-    def body(t, accs):
-        row0 = (s * tiles_per_split + t) * bn
-        dy = dy_ref[pl.ds(row0, bn), :]
-        out = []
-        for b in range(g):
-            kb = j * g + b
-            scale = _block_scale(a_ref, na_ref, nc_ref, off_ref, row0, bn, kb, blocks_per_row, dq)
-            hi, lo = _decode_scaled(p_ref[pl.ds(row0, bn), pl.ds(kb * half_bs, half_bs)], code_ref, scale, dtype)
-            out.append(accs[2 * b] + jnp.dot(hi.T, dy, preferred_element_type=jnp.float32))
-            out.append(accs[2 * b + 1] + jnp.dot(lo.T, dy, preferred_element_type=jnp.float32))
-        return tuple(out)
+    def body(c, accs):
+        start = lo_r + c * bn
+        r0 = jnp.minimum(start, hi_r - bn)
+        rows = pl.ds(r0, bn)
+        fresh = (r0 + jnp.arange(bn, dtype=jnp.int32)) >= start
+        scale = jnp.where(fresh[:, None], _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq), 0.0)
+        tiles = _operand_tiles(p_ref[rows, blocks, :], scale, quant_type, dtype, interpret)
+        d = dy_ref[rows, :]  # [bn, Mp]
+        return tuple(acc + jnp.dot(w.T, d, preferred_element_type=jnp.float32) for acc, w in zip(accs, tiles))
 
-    zeros = tuple(jnp.zeros((half_bs, mp), jnp.float32) for _ in range(2 * g))
-    accs = jax.lax.fori_loop(0, tiles_per_split, body, zeros)
-    for b in range(g):
-        oe_ref[0, pl.ds(b * half_bs, half_bs), :] = accs[2 * b]
-        oo_ref[0, pl.ds(b * half_bs, half_bs), :] = accs[2 * b + 1]
+    accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((kc, dy_ref.shape[1]), jnp.float32) for _ in range(4)))
+    for t in range(4):
+        o_ref[0, t, :, :] = accs[t]
 
 
 def _weight_operands(w: QuantizedTensor):
+    """(words ``[N, NB, wpb]`` uint32, scales ``[N, NB]``, nested_absmax, nested_code, offset), and
+    whether the scales are double-quant codes to decode in the kernel."""
     n, k = w.shape
-    nbr = k // w.blocksize
-    packed = w.packed.reshape(n, k // 2)
-    scales, extra, _ = scale_operands(w, in_kernel=True)  # double-quant codes are decoded in the kernel
-    return (packed, scales.reshape(n, nbr), *extra, jnp.asarray(codebook(w.quant_type)))
+    nb, wpb = k // w.blocksize, w.blocksize // 8
+    words = jax.lax.bitcast_convert_type(w.packed.reshape(n, nb, wpb, 4), jnp.uint32)
+    scales, extra, dq = scale_operands(w, in_kernel=True)
+    return (words, scales.reshape(n, nb), *extra), dq
 
 
-def _pad_rows(x2: jax.Array) -> jax.Array:
-    m = x2.shape[0]
-    mp = max(16, -(-m // 16) * 16)
-    return jnp.pad(x2, ((0, mp - m), (0, 0)))
+def _pad_rows(a2: jax.Array) -> jax.Array:
+    m = a2.shape[0]
+    return jnp.pad(a2, ((0, max(MIN_DOT, -(-m // MIN_DOT) * MIN_DOT) - m), (0, 0)))
 
 
 def _validate(name: str, a: jax.Array, w: QuantizedTensor, dim: int) -> int:
-    if jnp.dtype(a.dtype).itemsize != 2:
-        raise NotImplementedError(f"{name}: small-M 4-bit kernels run in bfloat16 or float16, not {jnp.dtype(a.dtype).name}")
+    if jnp.dtype(a.dtype).name not in prmt_decode.HALF_DTYPES:
+        raise NotImplementedError(f"{name}: the small-M 4-bit kernels run in bfloat16 or float16, not {jnp.dtype(a.dtype).name}")
     return operand_rows(name, a, w, dim, supports)
 
 
+def _min_blocks(blocksize: int) -> int:
+    """Blocks per dot so that a plane's operand has at least ``MIN_DOT`` columns (``blocksize / 4`` per block)."""
+    return max(1, -(-MIN_DOT // (blocksize // 4)))
+
+
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def nf4_matmul_small_m(x: jax.Array, w: QuantizedTensor, *, config: SmallMConfig = SmallMConfig(),
+def nf4_matmul_small_m(x: jax.Array, w: QuantizedTensor, *, config: SmallMConfig = DEFAULT_CONFIG,
                        interpret: bool = False) -> jax.Array:
-    """``x [..., K] @ dequant(w [N, K]).T -> [..., N]`` in ``x.dtype`` (bf16/fp16), M = prod(...) <= 64."""
+    """``x [..., K] @ dequant(w [N, K]).T -> [..., N]`` in ``x.dtype`` (bf16 / fp16); M = prod(...) <= 64; fp32 accumulation."""
     m = _validate("nf4_matmul_small_m", x, w, 1)
     n, k = w.shape
-    xt = _pad_rows(x.reshape(m, k)).T  # [K, Mp]
-    mp = xt.shape[1]
-    nbr = k // w.blocksize
-    g = _largest_divisor(nbr, config.blocks_per_step)
-    split = _largest_divisor(nbr // g, config.split)
-    bn = _pick_block_n(n, config.block_n)
-    kernel = functools.partial(
-        _fwd_kernel, bn=bn, half_bs=w.blocksize // 2, steps=nbr // g // split, g=g, blocks_per_row=nbr,
-        dq=w.double_quant, dtype=x.dtype,
-    )
+    nb = k // w.blocksize
+    gmin = pow2_at_most(2 * _min_blocks(w.blocksize) - 1)  # a power of two >= the minimum
+    split = max(1, min(config.split, nb // gmin))
+    g = max(gmin, min(pow2_at_most(config.blocks_per_step), pow2_at_most(nb // split)))
+    steps = -(-(-(-nb // split)) // g)  # ceil(ceil(nb / split) / g)
+    bn = pow2_divisor(n, max(config.block_n, MIN_DOT))
+    xp = jnp.moveaxis(permute_columns(_pad_rows(x.reshape(m, k)), w.blocksize), 0, -1)  # [4, K/4, Mp]
+    mp = xp.shape[2]
+    operands, dq = _weight_operands(w)
+    kernel = functools.partial(_fwd_kernel, bn=bn, g=g, steps=steps, split=split, nb=nb, dq=dq,
+                               quant_type=w.quant_type, dtype=jnp.dtype(x.dtype).name, interpret=interpret)
     partial = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((split, n, mp), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((split, mp, n), jnp.float32),
         grid=(n // bn, split),
-        in_specs=[pl.no_block_spec] * 8,
-        out_specs=pl.BlockSpec((1, bn, mp), lambda i, s: (s, i, 0)),
+        in_specs=[pl.no_block_spec] * (1 + len(operands)),
+        out_specs=pl.BlockSpec((1, mp, bn), lambda i, s: (s, 0, i)),
         compiler_params=triton_params(config),
         interpret=interpret,
         name="nf4_matmul_small_m",
-    )(xt[0::2], xt[1::2], *_weight_operands(w))
-    return partial.sum(0).T[:m].astype(x.dtype).reshape(*x.shape[:-1], n)
+    )(xp, *operands)
+    return partial.sum(0)[:m].astype(x.dtype).reshape(*x.shape[:-1], n)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def nf4_matmul_t_small_m(dy: jax.Array, w: QuantizedTensor, *, config: SmallMConfig = SmallMConfig(),
+def nf4_matmul_t_small_m(dy: jax.Array, w: QuantizedTensor, *, config: SmallMConfig = DEFAULT_T_CONFIG,
                          interpret: bool = False) -> jax.Array:
-    """``dy [..., N] @ dequant(w [N, K]) -> [..., K]`` in ``dy.dtype`` (bf16/fp16), M <= 64."""
+    """``dy [..., N] @ dequant(w [N, K]) -> [..., K]`` in ``dy.dtype`` (bf16 / fp16); M = prod(...) <= 64; fp32 accumulation."""
     m = _validate("nf4_matmul_t_small_m", dy, w, 0)
     n, k = w.shape
+    nb = k // w.blocksize
+    g = pow2_divisor(nb, max(config.blocks_per_step, _min_blocks(w.blocksize)))
+    if g < _min_blocks(w.blocksize):
+        raise NotImplementedError(f"nf4_matmul_t_small_m: K={k} has {nb} blocks, no power-of-two group of at "
+                                  f"least {_min_blocks(w.blocksize)} divides it")
+    bn = pow2_divisor(n, max(config.block_n, MIN_DOT))
+    split = max(1, min(config.split, n // bn))
+    steps = -(-(-(-n // split)) // bn)
     dyt = _pad_rows(dy.reshape(m, n)).T  # [N, Mp]
     mp = dyt.shape[1]
-    nbr = k // w.blocksize
-    g = _largest_divisor(nbr, config.blocks_per_step)
-    bn = _pick_block_n(n, config.block_n)
-    tiles = n // bn
-    split = _largest_divisor(tiles, config.split)
-    half_bs = w.blocksize // 2
-    kernel = functools.partial(
-        _bwd_kernel, bn=bn, half_bs=half_bs, g=g, tiles_per_split=tiles // split,
-        blocks_per_row=nbr, dq=w.double_quant, dtype=dy.dtype,
-    )
-    out_block = pl.BlockSpec((1, g * half_bs, mp), lambda j, s: (s, j, 0))
-    even, odd = pl.pallas_call(
+    kc = g * w.blocksize // 4
+    operands, dq = _weight_operands(w)
+    kernel = functools.partial(_bwd_kernel, bn=bn, g=g, steps=steps, split=split, n=n, nb=nb, dq=dq,
+                               quant_type=w.quant_type, dtype=jnp.dtype(dy.dtype).name, interpret=interpret)
+    partial = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((split, k // 2, mp), jnp.float32)] * 2,
-        grid=(nbr // g, split),
-        in_specs=[pl.no_block_spec] * 7,
-        out_specs=[out_block, out_block],
+        out_shape=jax.ShapeDtypeStruct((split, 4, k // 4, mp), jnp.float32),
+        grid=(nb // g, split),
+        in_specs=[pl.no_block_spec] * (1 + len(operands)),
+        out_specs=pl.BlockSpec((1, 4, kc, mp), lambda j, s: (s, 0, j, 0)),
         compiler_params=triton_params(config),
         interpret=interpret,
         name="nf4_matmul_t_small_m",
-    )(dyt, *_weight_operands(w))
-    dx = jnp.stack([even.sum(0), odd.sum(0)], axis=1).reshape(k, mp).T
+    )(dyt, *operands)
+    dx = unpermute_columns(jnp.moveaxis(partial.sum(0), -1, 0), w.blocksize)  # [Mp, K]
     return dx[:m].astype(dy.dtype).reshape(*dy.shape[:-1], k)
-
-

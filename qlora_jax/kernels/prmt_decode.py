@@ -61,12 +61,13 @@ def _table_words(bytes16: np.ndarray) -> list[int]:
 
 
 @functools.cache
-def prmt_asm(quant_type: str, t: int, dtype: str = "bfloat16") -> str:
+def prmt_asm(quant_type: str, t: int, dtype: str = "bfloat16", scaled: bool = False) -> str:
     """The PTX body: ``$1`` = a packed uint32 word, ``$0`` = the ``dtype`` (bf16 or fp16) pair of its
-    byte ``t`` (0..3).
+    byte ``t`` (0..3). ``scaled``: ``$2`` is a ``dtype`` pair and ``$0`` the decoded pair times it (one
+    ``fma.rn.bf16x2`` / ``fma.rn.f16x2`` with -0.0 added: the product rounded once, signed zeros kept).
 
     One statement per output byte (jax's Triton lowering of inline asm takes one result); the four
-    statements of a word share all but their last instruction, which ptxas computes once.
+    statements of a word share all but their last instruction(s), which ptxas computes once.
     """
     bits = code_bits(quant_type, dtype)
     th = _table_words(bits >> 8)
@@ -91,9 +92,13 @@ def prmt_asm(quant_type: str, t: int, dtype: str = "bfloat16") -> str:
         "prmt.b32 hi, u2, u3, s;",
         "lop3.b32 l, lo, hi, m, 0xD8;",
         # byte 2g + half: [L(lo nibble), H(lo nibble), L(hi nibble), H(hi nibble)]
-        f"prmt.b32 $0, l, h, {('0x5140', '0x7362')[half]};",
+        f"prmt.b32 {'r' if scaled else '$0'}, l, h, {('0x5140', '0x7362')[half]};",
+        *(["mov.b32 nz, 0x80008000;", f"fma.rn.{'bf16x2' if dtype == 'bfloat16' else 'f16x2'} $0, r, $2, nz;"]
+          if scaled else []),
         "}",
     ]
+    if scaled:
+        lines[1] = lines[1].replace("u3;", "u3, r, nz;")
     return "\n".join(lines)
 
 
@@ -120,20 +125,49 @@ def decode_words_reference(words: jax.Array, quant_type: str, dtype: str = "bflo
     return tuple(out)
 
 
-def decode_words(words: jax.Array, quant_type: str, *, interpret: bool, dtype: str = "bfloat16") -> tuple[jax.Array, ...]:
+def _half_bits(v: jax.Array, dtype: str) -> jax.Array:
+    return jax.lax.bitcast_convert_type(v.astype(dtype), jnp.uint16).astype(jnp.uint32)
+
+
+def half_pair(v: jax.Array, dtype: str = "bfloat16") -> jax.Array:
+    """fp32 ``v`` -> uint32 ``h << 16 | h``, ``h`` = the bits of ``v`` rounded to ``dtype`` (bf16 / fp16)."""
+    b = _half_bits(v, dtype)
+    return (b << 16) | b
+
+
+def pair_halves_f32(pair: jax.Array, dtype: str = "bfloat16") -> tuple[jax.Array, jax.Array]:
+    """uint32 ``dtype`` pair -> (upper, lower) as fp32."""
+    if dtype == "bfloat16":
+        return upper_f32(pair), lower_f32(pair)
+    return _f16_halves(pair)
+
+
+def mul_pairs_reference(a: jax.Array, b: jax.Array, dtype: str = "bfloat16") -> jax.Array:
+    """What ``fma.rn.{bf16x2,f16x2} d, a, b, -0.0`` computes, in jnp: uint32 ``dtype`` pairs ``a * b``,
+    each half rounded once (a product of two 16-bit floats is exact in fp32)."""
+    (ah, al), (bh, bl) = pair_halves_f32(a, dtype), pair_halves_f32(b, dtype)
+    return (_half_bits(ah * bh, dtype) << 16) | _half_bits(al * bl, dtype)
+
+
+def decode_words(words: jax.Array, quant_type: str, *, interpret: bool, dtype: str = "bfloat16",
+                 scale_pairs: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """Inside a Pallas/Triton kernel: uint32 ``words`` (any shape) -> four uint32 arrays of the same
     shape; output ``t`` is ``half(code[hi nibble]) << 16 | half(code[lo nibble])`` of byte ``t``,
-    ``half`` = ``dtype`` (bfloat16 or float16)."""
+    ``half`` = ``dtype`` (bfloat16 or float16). ``scale_pairs`` (uint32 :func:`half_pair` values of
+    ``words``' shape): each pair multiplied by it in ``dtype`` (:func:`mul_pairs_reference`)."""
+    scaled = scale_pairs is not None
     if interpret:
-        return decode_words_reference(words, quant_type, dtype)
+        pairs = decode_words_reference(words, quant_type, dtype)
+        return tuple(mul_pairs_reference(p, scale_pairs, dtype) for p in pairs) if scaled else pairs
     from jax.experimental.pallas import triton as pltriton
 
     # Triton's integers are signless: int32 in and out (an unsigned MLIR type fails to parse), bitcast back
     out = jax.ShapeDtypeStruct(words.shape, jnp.int32)
-    w32 = jax.lax.bitcast_convert_type(words, jnp.int32)
+    args = [jax.lax.bitcast_convert_type(a, jnp.int32) for a in ((words, scale_pairs) if scaled else (words,))]
+    constraints = "=r" + ",r" * len(args)
     return tuple(jax.lax.bitcast_convert_type(
-        pltriton.elementwise_inline_asm(prmt_asm(quant_type, t, dtype), args=[w32], constraints="=r,r", pack=1,
-                                        result_shape_dtypes=[out])[0], jnp.uint32) for t in range(4))
+        pltriton.elementwise_inline_asm(prmt_asm(quant_type, t, dtype, scaled), args=args, constraints=constraints,
+                                        pack=1, result_shape_dtypes=[out])[0], jnp.uint32) for t in range(4))
 
 
 def upper_f32(pair: jax.Array) -> jax.Array:
