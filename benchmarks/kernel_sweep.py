@@ -199,8 +199,9 @@ def sweep_shape(b: Bench, k: int, n: int, gemv_ms, large_ms, configs) -> None:
             if m <= gemv.MAX_M:
                 red = nf4_matmul_reduce if direction == "fwd" else nf4_matmul_t_reduce
                 cands.append(("xla_reduce", None, red))
-                sm = small_m.nf4_matmul_small_m if direction == "fwd" else small_m.nf4_matmul_t_small_m
-                cands.append(("small_m", small_m.SmallMConfig(), lambda x, w, sm=sm: sm(x, w, interpret=ip)))
+                sm, sm_cfg = ((small_m.nf4_matmul_small_m, small_m.DEFAULT_CONFIG) if direction == "fwd"
+                              else (small_m.nf4_matmul_t_small_m, small_m.DEFAULT_T_CONFIG))
+                cands.append(("small_m", sm_cfg, lambda x, w, sm=sm: sm(x, w, interpret=ip)))
                 dd = dequant.nf4_matmul_dequant if direction == "fwd" else dequant.nf4_matmul_t_dequant
                 cands.append(("pallas_dequant", dequant.DEFAULT_CONFIG, lambda x, w, dd=dd: dd(x, w, interpret=ip)))
                 fn, name, cfgs = ((gemv.nf4_gemv, "gemv", configs["gemv"]) if direction == "fwd"

@@ -67,7 +67,15 @@ from jax.experimental import pallas as pl
 
 from qlora_jax.kernels import prmt_decode
 from qlora_jax.kernels.nf4_matmul import operand_rows
-from qlora_jax.kernels.triton_common import decode_scales, pow2_at_most, pow2_divisor, scale_operands, triton_params
+from qlora_jax.kernels.triton_common import (
+    k_step,
+    pow2_at_most,
+    pow2_divisor,
+    scale_operands,
+    slice_step,
+    tile_scales,
+    triton_params,
+)
 from qlora_jax.nf4 import QuantizedTensor, codebook
 
 MAX_M = 8
@@ -150,29 +158,6 @@ def _decode(tile, table_ref, decode: str):
     return prmt_decode.upper_f32(v), prmt_decode.lower_f32(v)
 
 
-def _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel):
-    """fp32 ``[len(rows), len(blocks)]`` scales; ``rows``/``blocks`` are ``pl.ds`` slices."""
-    a = a_ref[rows, blocks]
-    if not dq_in_kernel:
-        return a
-    r = rows.start + jnp.arange(rows.size, dtype=jnp.int32)
-    c = blocks.start + jnp.arange(blocks.size, dtype=jnp.int32)
-    flat = r[:, None] * nb + c[None, :]
-    return decode_scales(a, flat, na_ref, nc_ref, off_ref)
-
-
-def _k_step(c, lo_b, hi_b, g, rows, scale_refs, nb, dq_in_kernel):
-    """Forward loop step ``c`` of a K slice ``[lo_b, hi_b)`` (in blocks): the ``g`` blocks it reads
-    (``pl.ds``; the last step is moved back inside the slice) and their fp32 scales ``[bn, g]``, zero
-    for blocks an earlier step already counted."""
-    start = lo_b + c * g
-    kb0 = jnp.minimum(start, hi_b - g)
-    blocks = pl.ds(kb0, g)
-    scale = _scales(*scale_refs, rows, blocks, nb, dq_in_kernel)
-    fresh = (kb0 + jnp.arange(g, dtype=jnp.int32)) >= start
-    return blocks, jnp.where(fresh[None, :], scale, 0.0)
-
-
 def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
                 bn, g, steps, split, nb, mp, dq_in_kernel, decode, reduce_at_end, x_strided):
     """Program (i, s): ``o[s, :, rows_i] = sum over K_s of W[rows_i, K_s] * x[:, K_s]``.
@@ -188,7 +173,7 @@ def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_
     rows = pl.ds(row0, bn)
 
     def body(c, accs):
-        blocks, scale = _k_step(c, lo_b, hi_b, g, rows, (a_ref, na_ref, nc_ref, off_ref), nb, dq_in_kernel)
+        blocks, scale = k_step(c, lo_b, hi_b, g, rows, (a_ref, na_ref, nc_ref, off_ref), nb, dq_in_kernel)
         scale = scale[:, :, None]  # [bn, g, 1]
         hi, lo = _decode(p_ref[rows, blocks, :], t_ref, decode)  # [bn, g, hb] each
         whi, wlo = hi * scale, lo * scale
@@ -234,7 +219,7 @@ def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_ty
     rows = pl.ds(i * bn, bn)
 
     def body(c, accs):
-        blocks, scale = _k_step(c, lo_b, hi_b, g, rows, (a_ref, na_ref, nc_ref, off_ref), nb, dq_in_kernel)  # [bn, g]
+        blocks, scale = k_step(c, lo_b, hi_b, g, rows, (a_ref, na_ref, nc_ref, off_ref), nb, dq_in_kernel)  # [bn, g]
         pairs = prmt_decode.decode_words(p_ref[rows, blocks, :], quant_type, interpret=interpret,
                                          dtype="float16" if f16x2 else "bfloat16")  # 4 x [bn, g, hb/4]
         if not f16x2:
@@ -293,11 +278,8 @@ def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
     hi_r = ((s + 1) * n) // split
 
     def body(c, accs):
-        start = lo_r + c * bn
-        r0 = jnp.minimum(start, hi_r - bn)
-        rows = pl.ds(r0, bn)
-        fresh = (r0 + jnp.arange(bn, dtype=jnp.int32)) >= start
-        scale = _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq_in_kernel)
+        rows, fresh = slice_step(c, lo_r, hi_r, bn)
+        scale = tile_scales((a_ref, na_ref, nc_ref, off_ref), rows, blocks, nb, dq_in_kernel)
         scale = jnp.where(fresh[:, None], scale, 0.0)[:, :, None]  # [bn, g, 1]
         hi, lo = _decode(p_ref[rows, blocks, :], t_ref, decode)
         whi, wlo = hi * scale, lo * scale

@@ -40,9 +40,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from qlora_jax.kernels import prmt_decode
-from qlora_jax.kernels.nf4_gemv import _k_step, _scales
 from qlora_jax.kernels.nf4_matmul import operand_rows
-from qlora_jax.kernels.triton_common import pow2_at_most, pow2_divisor, scale_operands, triton_params
+from qlora_jax.kernels.triton_common import (
+    k_step,
+    pow2_at_most,
+    pow2_divisor,
+    scale_operands,
+    slice_step,
+    tile_scales,
+    triton_params,
+)
 from qlora_jax.nf4 import QuantizedTensor
 
 MAX_M = 64
@@ -141,7 +148,7 @@ def _fwd_kernel(x_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, o_ref, *, bn, g, s
     kc = g * p_ref.shape[2] * 2  # columns per plane and step
 
     def body(c, acc):
-        blocks, scale = _k_step(c, lo_b, hi_b, g, rows, (a_ref, na_ref, nc_ref, off_ref), nb, dq)  # [bn, g]
+        blocks, scale = k_step(c, lo_b, hi_b, g, rows, (a_ref, na_ref, nc_ref, off_ref), nb, dq)  # [bn, g]
         tiles = _operand_tiles(p_ref[rows, blocks, :], scale, quant_type, dtype, interpret)
         cols = pl.ds(blocks.start * (kc // g), kc)
         for t, w in enumerate(tiles):
@@ -162,11 +169,8 @@ def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, o_ref, *, bn, g, 
     kc = g * p_ref.shape[2] * 2
 
     def body(c, accs):
-        start = lo_r + c * bn
-        r0 = jnp.minimum(start, hi_r - bn)
-        rows = pl.ds(r0, bn)
-        fresh = (r0 + jnp.arange(bn, dtype=jnp.int32)) >= start
-        scale = jnp.where(fresh[:, None], _scales(a_ref, na_ref, nc_ref, off_ref, rows, blocks, nb, dq), 0.0)
+        rows, fresh = slice_step(c, lo_r, hi_r, bn)
+        scale = jnp.where(fresh[:, None], tile_scales((a_ref, na_ref, nc_ref, off_ref), rows, blocks, nb, dq), 0.0)
         tiles = _operand_tiles(p_ref[rows, blocks, :], scale, quant_type, dtype, interpret)
         d = dy_ref[rows, :]  # [bn, Mp]
         return tuple(acc + jnp.dot(w.T, d, preferred_element_type=jnp.float32) for acc, w in zip(accs, tiles))

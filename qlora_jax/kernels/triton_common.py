@@ -1,5 +1,5 @@
-"""What the Pallas/Triton 4-bit kernels share: block-scale operands and their in-kernel decode,
-power-of-two tile sizes, and Triton's compiler parameters."""
+"""What the Pallas/Triton 4-bit kernels share: block-scale operands and their in-kernel decode, loop
+steps over a slice that need not divide evenly, power-of-two tile sizes, and Triton's compiler parameters."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from qlora_jax.nf4 import NESTED_BLOCKSIZE, QuantizedTensor, block_absmax
 
@@ -46,6 +47,36 @@ def decode_scales(codes: jax.Array, flat_block: jax.Array, nested_ref: Any, ncod
     nested = jax.lax.shift_right_logical(flat_block, NESTED_SHIFT)
     offset = offset_ref[nested] if offset_ref.shape[0] > 1 else offset_ref[0]
     return ncode_ref[codes.astype(jnp.int32)] * nested_ref[nested] + offset
+
+
+def tile_scales(scale_refs: tuple[Any, Any, Any, Any], rows: Any, blocks: Any, nb: int, dq_in_kernel: bool) -> jax.Array:
+    """In a kernel: fp32 ``[rows.size, blocks.size]`` scales of a tile (``rows`` / ``blocks`` are ``pl.ds``
+    slices of the ``[N, NB]`` scales; ``scale_refs`` = (scales, nested_absmax, nested_code, offset) as
+    :func:`scale_operands` gives them), double-quant codes decoded when ``dq_in_kernel``."""
+    a_ref, na_ref, nc_ref, off_ref = scale_refs
+    a = a_ref[rows, blocks]
+    if not dq_in_kernel:
+        return a
+    r = rows.start + jnp.arange(rows.size, dtype=jnp.int32)
+    c = blocks.start + jnp.arange(blocks.size, dtype=jnp.int32)
+    return decode_scales(a, r[:, None] * nb + c[None, :], na_ref, nc_ref, off_ref)
+
+
+def slice_step(c: jax.Array, lo: jax.Array, hi: jax.Array, size: int) -> tuple[Any, jax.Array]:
+    """Loop step ``c`` over the slice ``[lo, hi)`` (at least ``size`` long) in chunks of ``size``: the
+    chunk it reads (``pl.ds``; the last one moved back inside the slice, so no read leaves it) and a bool
+    ``[size]`` mask of the entries no earlier step counted (give the others a zero scale)."""
+    start = lo + c * size
+    first = jnp.minimum(start, hi - size)
+    return pl.ds(first, size), (first + jnp.arange(size, dtype=jnp.int32)) >= start
+
+
+def k_step(c: jax.Array, lo_b: jax.Array, hi_b: jax.Array, g: int, rows: Any, scale_refs: tuple, nb: int,
+           dq_in_kernel: bool) -> tuple[Any, jax.Array]:
+    """A forward loop step over a K slice ``[lo_b, hi_b)`` (in blocks): the ``g`` blocks it reads
+    (``pl.ds``) and their fp32 scales ``[rows.size, g]``, zero for blocks an earlier step counted."""
+    blocks, fresh = slice_step(c, lo_b, hi_b, g)
+    return blocks, jnp.where(fresh[None, :], tile_scales(scale_refs, rows, blocks, nb, dq_in_kernel), 0.0)
 
 
 def triton_params(config: Any):
