@@ -69,6 +69,7 @@ from qlora_jax.kernels import prmt_decode
 from qlora_jax.kernels.nf4_matmul import operand_rows
 from qlora_jax.kernels.triton_common import (
     k_step,
+    kernel_support,
     pow2_at_most,
     pow2_divisor,
     scale_operands,
@@ -129,16 +130,7 @@ DEFAULT_T_CONFIG = GemvConfig(block_n=16, blocks_per_step=4, split=8, decode="ga
 
 def supports(w: QuantizedTensor, m: int) -> str | None:
     """``None`` if the GEMV kernels handle this weight and row count, else the reason."""
-    if len(w.shape) != 2:
-        return f"weight is not 2-D: {w.shape}"
-    if w.packed.ndim != 1:
-        return "stacked weight leaves"
-    n, k = w.shape
-    if m > MAX_M:
-        return f"M={m} > {MAX_M}"
-    if k % w.blocksize:
-        return f"K={k} is not a multiple of blocksize {w.blocksize} (blocks span rows)"
-    return None
+    return kernel_support(w, m, MAX_M)
 
 
 @functools.cache

@@ -43,6 +43,7 @@ from qlora_jax.kernels import prmt_decode
 from qlora_jax.kernels.nf4_matmul import operand_rows
 from qlora_jax.kernels.triton_common import (
     k_step,
+    kernel_support,
     pow2_at_most,
     pow2_divisor,
     scale_operands,
@@ -83,17 +84,11 @@ DEFAULT_T_CONFIG = SmallMConfig(split=16)
 
 def supports(w: QuantizedTensor, m: int) -> str | None:
     """``None`` if the small-M kernels handle this weight and row count, else the reason."""
-    if len(w.shape) != 2:
-        return f"weight is not 2-D: {w.shape}"
-    if w.packed.ndim != 1:
-        return "stacked weight leaves"
+    if reason := kernel_support(w, m, MAX_M):
+        return reason
     n, k = w.shape
-    if m > MAX_M:
-        return f"M={m} > {MAX_M}"
     if w.blocksize % 8:
         return f"blocksize {w.blocksize} is not a multiple of 8 (whole 32-bit code words per block)"
-    if k % w.blocksize:
-        return f"K={k} is not a multiple of blocksize {w.blocksize} (blocks span rows)"
     if n % MIN_DOT:
         return f"N={n} is not a multiple of {MIN_DOT}"
     group = pow2_at_most(2 * _min_blocks(w.blocksize) - 1)

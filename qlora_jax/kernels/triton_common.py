@@ -28,6 +28,20 @@ def pow2_divisor(n: int, want: int) -> int:
     return d
 
 
+def kernel_support(w: QuantizedTensor, m: int, max_m: int) -> str | None:
+    """What the Triton 4-bit kernels share in ``supports``: ``None`` for one 2-D weight (not stacked layers)
+    with whole blocks per row and at most ``max_m`` rows of x, else the reason."""
+    if len(w.shape) != 2:
+        return f"weight is not 2-D: {w.shape}"
+    if w.packed.ndim != 1:
+        return "stacked weight leaves"
+    if m > max_m:
+        return f"M={m} > {max_m}"
+    if w.shape[1] % w.blocksize:
+        return f"K={w.shape[1]} is not a multiple of blocksize {w.blocksize} (blocks span rows)"
+    return None
+
+
 def scale_operands(w: QuantizedTensor, in_kernel: bool) -> tuple[jax.Array, tuple[jax.Array, ...], bool]:
     """``(scales [nblocks], (nested_absmax, nested_code, offset [1]), decode_in_kernel)`` for a kernel.
 
