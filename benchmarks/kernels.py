@@ -1,13 +1,19 @@
-"""4-bit matmul speed: what the dispatcher runs (``auto``: Pallas GEMV / Pallas dequantize + dot on a GPU)
-vs the plain XLA dequantize + dot vs a bf16 dot.
+"""4-bit matmul speed: what the dispatcher runs (``auto``: Pallas GEMV / small-M kernel / Pallas dequantize +
+dot on a GPU) vs the plain XLA dequantize + dot vs a bf16 dot.
 
-    python benchmarks/kernels.py [--m 1,16,64,2048] [--shapes 4096x11008,...] [--json out.json]
+    python benchmarks/kernels.py [--m 1,16,64,2048] [--shapes 4096x11008,...] [--json out.json] [--trace-dir DIR]
 
 Shapes are ``KxN`` (in x out): the forward is ``x [M, K] @ W.T`` with ``W [N, K]`` stored
 in 4 bits (NF4 + double quantization, blocksize 64); the backward is ``dy [M, N] @ W``.
 Several copies of each weight are cycled so the 4-bit weight never sits in L2, and
 each timing is one jitted program running many calls (no per-call dispatch in the
 number). Prints one table and writes JSON.
+
+Wall-clock time per call includes the gaps between the program's kernels (~25 us per call on an H200),
+which swamp the small-M rows (M <= 64: 15-100 us kernels). With ``--trace-dir`` the same programs also
+run under ``jax.profiler.trace`` and every row gets device times (the sum of one call's kernels,
+``benchmarks/profile_summary.py``, as ``kernel_profile.py`` measures them); the table's speed
+columns then use those.
 """
 
 from __future__ import annotations
@@ -44,6 +50,27 @@ def _timeit(fn, *args, runs: int) -> float:
     return statistics.median(times)
 
 
+def _device_us(fn, args, calls: int, runs: int, trace_dir: Path | None, name: str) -> float | None:
+    """Device time of one of the ``calls`` calls ``fn(*args)`` makes, over ``runs`` profiled runs (us); None
+    without a trace directory or when the trace holds no GPU kernels (CPU)."""
+    if trace_dir is None:
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import profile_summary
+
+    out = trace_dir / name
+    jax.block_until_ready(fn(*args))
+    with jax.profiler.trace(str(out)):
+        for _ in range(runs):
+            r = fn(*args)
+        jax.block_until_ready(r)
+    try:
+        us = profile_summary.summarize(out, steps=runs * calls, top=1)["total_ms_per_step"] * 1e3
+    except FileNotFoundError:
+        return None
+    return us or None
+
+
 def _calls(op, reps: int):
     """jit(xs, ws) running ``op(xs[r], ws[c])`` for every rep r and copy c; returns all outputs."""
 
@@ -53,7 +80,7 @@ def _calls(op, reps: int):
     return jax.jit(run)
 
 
-def bench_shape(k: int, n: int, m: int, runs: int) -> list[dict]:
+def bench_shape(k: int, n: int, m: int, runs: int, trace_dir: Path | None = None) -> list[dict]:
     key = jax.random.key(k * 7 + n)
     w_f32 = jax.random.normal(key, (n, k), jnp.float32) * 0.02
     w_bf16 = w_f32.astype(jnp.bfloat16)
@@ -74,24 +101,35 @@ def bench_shape(k: int, n: int, m: int, runs: int) -> list[dict]:
             fused, xla = kernels.nf4_matmul_t, kernels.nf4_matmul_t_reference
             dense = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
         impl = kernels.select_implementation(xs[0], qw, transpose=direction == "bwd")
+        tag = f"{k}x{n}_{direction}_m{m}"
         with kernels.use_implementation("auto"):  # "fused" columns: what the dispatcher runs here
-            t_fused = _timeit(_calls(fused, reps), xs, qws, runs=runs) / (reps * len(qws))
+            f_fused = _calls(fused, reps)
+            t_fused = _timeit(f_fused, xs, qws, runs=runs) / (reps * len(qws))
+            d_fused = _device_us(f_fused, (xs, qws), reps * len(qws), runs, trace_dir, f"{tag}_fused")
             y_f = fused(xs[0], qw)
-        t_xla = _timeit(_calls(xla, reps), xs, qws, runs=runs) / (reps * len(qws))
-        t_bf16 = _timeit(_calls(dense, reps), xs, bws, runs=runs) / (reps * len(bws))
+        f_xla, f_bf16 = _calls(xla, reps), _calls(dense, reps)
+        t_xla = _timeit(f_xla, xs, qws, runs=runs) / (reps * len(qws))
+        t_bf16 = _timeit(f_bf16, xs, bws, runs=runs) / (reps * len(bws))
+        d_xla = _device_us(f_xla, (xs, qws), reps * len(qws), runs, trace_dir, f"{tag}_xla")
+        d_bf16 = _device_us(f_bf16, (xs, bws), reps * len(bws), runs, trace_dir, f"{tag}_bf16")
         # check the fused path against the XLA path on this shape
         y_x = xla(xs[0], qw)
         rel = float(jnp.linalg.norm((y_f - y_x).astype(jnp.float32)) / jnp.linalg.norm(y_x.astype(jnp.float32)))
         out_dim = n if direction == "fwd" else k
         act_bytes = 2 * m * (in_dim + out_dim)
+        device = None not in (d_fused, d_xla, d_bf16)
+        # the speed columns: device time where it was measured, else wall-clock time
+        tf, tx, tb = (d_fused * 1e-6, d_xla * 1e-6, d_bf16 * 1e-6) if device else (t_fused, t_xla, t_bf16)
         rows.append(
             dict(
                 shape=f"{k}x{n}", direction=direction, m=m, implementation=impl,
                 fused_us=t_fused * 1e6, xla_dequant_dot_us=t_xla * 1e6, bf16_dot_us=t_bf16 * 1e6,
-                fused_gbps=(qw.nbytes + act_bytes) / t_fused / 1e9,
-                bf16_gbps=(2 * n * k + act_bytes) / t_bf16 / 1e9,
-                fused_tflops=2 * m * n * k / t_fused / 1e12,
-                speedup_vs_bf16=t_bf16 / t_fused, speedup_vs_xla=t_xla / t_fused,
+                fused_device_us=d_fused, xla_dequant_dot_device_us=d_xla, bf16_dot_device_us=d_bf16,
+                timing="device" if device else "wall",
+                fused_gbps=(qw.nbytes + act_bytes) / tf / 1e9,
+                bf16_gbps=(2 * n * k + act_bytes) / tb / 1e9,
+                fused_tflops=2 * m * n * k / tf / 1e12,
+                speedup_vs_bf16=tb / tf, speedup_vs_xla=tx / tf,
                 rel_err_vs_xla=rel,
             )
         )
@@ -140,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--json", type=Path, default=Path("kernels.json"))
     ap.add_argument("--sweep", metavar="KxN", help="sweep the small-M kernels' tile configs on this shape instead")
+    ap.add_argument("--trace-dir", type=Path, help="also measure device time per call from profiler traces written here")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
@@ -152,17 +191,21 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         for m in (int(v) for v in args.m.split(",")):
-            rows += bench_shape(k, n, m, args.runs)
+            rows += bench_shape(k, n, m, args.runs, args.trace_dir)
             for r in rows[-2:]:
                 print(f"  {shape} {r['direction']} M={m}: {r['implementation']} {r['fused_us']:.1f} us, "
-                      f"xla {r['xla_dequant_dot_us']:.1f} us, bf16 {r['bf16_dot_us']:.1f} us", flush=True)
-    hdr = (f"{'shape KxN':<12}{'dir':<5}{'M':>6}  {'impl':<8}{'fused us':>10}{'xla us':>10}{'bf16 us':>10}"
-           f"{'GB/s':>8}{'TFLOP/s':>9}{'x bf16':>8}{'x xla':>7}{'relerr':>9}")
+                      f"xla {r['xla_dequant_dot_us']:.1f} us, bf16 {r['bf16_dot_us']:.1f} us (wall)", flush=True)
+    dev_col = lambda v: f"{v:>10.1f}" if v is not None else f"{'-':>10}"  # noqa: E731
+    hdr = (f"{'shape KxN':<12}{'dir':<5}{'M':>6}  {'impl':<15}{'fused us':>10}{'xla us':>10}{'bf16 us':>10}"
+           f"{'fused dev':>10}{'xla dev':>10}{'bf16 dev':>10}{'GB/s':>8}{'TFLOP/s':>9}{'x bf16':>8}{'x xla':>7}{'relerr':>9}")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for r in rows:
-        print(f"{r['shape']:<12}{r['direction']:<5}{r['m']:>6}  {r['implementation']:<8}{r['fused_us']:>10.1f}"
-              f"{r['xla_dequant_dot_us']:>10.1f}{r['bf16_dot_us']:>10.1f}{r['fused_gbps']:>8.0f}"
+        print(f"{r['shape']:<12}{r['direction']:<5}{r['m']:>6}  {r['implementation']:<15}{r['fused_us']:>10.1f}"
+              f"{r['xla_dequant_dot_us']:>10.1f}{r['bf16_dot_us']:>10.1f}{dev_col(r['fused_device_us'])}"
+              f"{dev_col(r['xla_dequant_dot_device_us'])}{dev_col(r['bf16_dot_device_us'])}{r['fused_gbps']:>8.0f}"
               f"{r['fused_tflops']:>9.1f}{r['speedup_vs_bf16']:>8.2f}{r['speedup_vs_xla']:>7.2f}{r['rel_err_vs_xla']:>9.1e}")
+    print("(us: wall-clock per call; dev: device time per call from the profiler; GB/s, TFLOP/s and the ratios "
+          "use device time where it was measured)")
     meta = dict(device=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
                 date=datetime.now(timezone.utc).isoformat(timespec="seconds"), host=platform.node(),
                 command=" ".join(["python", "benchmarks/kernels.py", *(argv if argv is not None else sys.argv[1:])]))
