@@ -418,8 +418,8 @@ def test_kernels_benchmark_runs_with_device_timing_requested(tmp_path):
 
 def test_kernels_read_joined_tensors_with_one_offset_per_scale_group():
     """A weight joined by ``concat_rows`` (q/k/v as one) carries one double-quant offset per group of
-    256 scales; the GEMV (both register decodes and in-kernel / XLA scales) and the Pallas dequantize
-    read it exactly as the reference does."""
+    256 scales; the GEMV (both register decodes and in-kernel / XLA scales), the small-M kernels and the
+    Pallas dequantize read it exactly as the reference does."""
     from qlora_jax.nf4 import concat_rows
 
     k = 512
@@ -430,6 +430,9 @@ def test_kernels_read_joined_tensors_with_one_offset_per_scale_group():
     for config in (gemv.GemvConfig(), gemv.GemvConfig(decode="prmt", split=2), gemv.GemvConfig(scales_in_kernel=False),
                    gemv.GemvConfig(decode="gather16", block_n=8)):
         assert _rel_err(gemv.nf4_gemv(x, w, config=config, interpret=INTERPRET), ref) < 1e-2, config
+    assert _rel_err(small_m.nf4_matmul_small_m(x, w, interpret=INTERPRET), ref) < 1e-2
+    dy = jax.random.normal(jax.random.key(8), (5, w.shape[0]), jnp.bfloat16)
+    assert _rel_err(small_m.nf4_matmul_t_small_m(dy, w, interpret=INTERPRET), kernels.nf4_matmul_t_reference(dy, w)) < 1e-2
     got = dequant.dequantize_pallas(w, jnp.float16, interpret=INTERPRET)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(dequantize(w, jnp.float16), np.float32),
                                rtol=1e-3, atol=0)
