@@ -9,6 +9,7 @@ result dict. The parent streams its output (progress), enforces ``--timeout`` an
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -149,6 +150,17 @@ def run_child(script: Path, config: dict[str, Any], *, timeout: float, env: dict
             status = "oom" if is_oom(text) else "crashed"
         return {**config, "status": status, "wall_s": wall,
                 "error": f"exit code {proc.returncode}; last output:\n{text[-2000:]}"}
+
+
+def add_runner_args(ap: argparse.ArgumentParser) -> None:
+    """The options every benchmark that runs its configurations through :func:`run_configs` takes: the
+    per-configuration timeout, the overall budget, the JSON output, and the hidden child-process ones
+    (:func:`child_main`)."""
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
+    ap.add_argument("--budget-s", type=float, help="hard deadline (s) for all configurations: each gets at most what is left, none starts with < 30 s")
+    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    ap.add_argument("--_out", help=argparse.SUPPRESS)
 
 
 def child_main(run_one: Callable[[dict[str, Any]], dict[str, Any]], cfg_path: str, out_path: str) -> int:

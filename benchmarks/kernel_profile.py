@@ -80,7 +80,8 @@ def profile_shape(k: int, n: int, *, copies: int | None, repeats: int, trace_dir
     fwd = direction == "fwd"
     x = jax.random.normal(jax.random.key(1), (m, k if fwd else n), jnp.bfloat16)
     want = (nf4_matmul_reference if fwd else nf4_matmul_t_reference)(x, qw).astype(jnp.float32)
-    gemv_fn, small_fn = (nf4_gemv.nf4_gemv, small_m.nf4_matmul_small_m) if fwd else (nf4_gemv.nf4_gemv_t, small_m.nf4_matmul_t_small_m)
+    gemv_fn, small_fn = ((nf4_gemv.nf4_gemv, small_m.nf4_matmul_small_m) if fwd
+                         else (nf4_gemv.nf4_gemv_t, small_m.nf4_matmul_t_small_m))
     dequant_fn = nf4_dequant.nf4_matmul_dequant if fwd else nf4_dequant.nf4_matmul_t_dequant
     rows = []
     for name, cfg in candidates.items():

@@ -50,7 +50,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
-    GiB, child_main, fmt, gib, gpu_total_bytes, meta, parse_batches, print_table, run_configs, write_json,
+    GiB, add_runner_args, child_main, fmt, gib, gpu_total_bytes, meta, parse_batches, print_table, run_configs, write_json,
 )
 
 SIZES = ("tiny", "7b", "13b", "33b", "65b")
@@ -281,11 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-limit-gb", type=float, help="cap the device pool at this many GiB (preallocated)")
     ap.add_argument("--card-mem-gb", type=float, help="card memory in GiB (default: nvidia-smi)")
     ap.add_argument("--profile", help="write a jax profiler trace of 3 extra steps per configuration here")
-    ap.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
-    ap.add_argument("--budget-s", type=float, help="hard deadline (s) for all configurations: each gets at most what is left, none starts with < 30 s")
-    ap.add_argument("--json", help="write all results here")
-    ap.add_argument("--_child", help=argparse.SUPPRESS)
-    ap.add_argument("--_out", help=argparse.SUPPRESS)
+    add_runner_args(ap)
     args = ap.parse_args(argv)
     if args._child:
         return child_main(run_one, args._child, args._out)

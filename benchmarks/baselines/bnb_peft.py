@@ -35,7 +35,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks._common import child_main, fmt, gib, meta, parse_batches, print_table, run_configs, write_json  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    add_runner_args, child_main, fmt, gib, meta, parse_batches, print_table, run_configs, write_json,
+)
 
 SIZES = ("tiny", "7b", "13b", "33b", "65b")
 WEIGHTS = ("nf4", "bf16")
@@ -230,11 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--lora-dropout", type=float, default=0.05)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    ap.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
-    ap.add_argument("--budget-s", type=float, help="hard deadline (s) for all configurations: each gets at most what is left, none starts with < 30 s")
-    ap.add_argument("--json", help="write all results here")
-    ap.add_argument("--_child", help=argparse.SUPPRESS)
-    ap.add_argument("--_out", help=argparse.SUPPRESS)
+    add_runner_args(ap)
     args = ap.parse_args(argv)
     if args._child:
         return child_main(run_one, args._child, args._out)
