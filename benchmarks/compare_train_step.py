@@ -110,12 +110,10 @@ def compare(rows: dict) -> list[dict[str, Any]]:
                                    ("tiny", "7b", "13b", "33b", "65b") else 9, s[2], s[1]))
     out = []
     for size, b, t in shapes:
-        ours_tps = _median(_runs_tps(rows.get(("jax", size, b, t, "nf4"))))
-        bnb_runs = _runs_tps(rows.get(("bnb-peft", size, b, t, "nf4")))
-        tb16_runs = _runs_tps(rows.get(("torch-bf16-peft", size, b, t, "bf16")))
-        ours, ours16, ours_lb, bnb, tb16 = (_last(rows.get(k)) for k in (
-            ("jax", size, b, t, "nf4"), ("jax", size, b, t, "bf16"), ("jax-lora-bf16", size, b, t, "nf4"),
-            ("bnb-peft", size, b, t, "nf4"), ("torch-bf16-peft", size, b, t, "bf16")))
+        runs = [rows.get((impl, size, b, t, weights)) for impl, weights in (
+            ("jax", "nf4"), ("jax", "bf16"), ("jax-lora-bf16", "nf4"), ("bnb-peft", "nf4"), ("torch-bf16-peft", "bf16"))]
+        ours_tps, bnb_runs, tb16_runs = _median(_runs_tps(runs[0])), _runs_tps(runs[3]), _runs_tps(runs[4])
+        ours, ours16, ours_lb, bnb, tb16 = map(_last, runs)
         tg = targets(size, b, t)
         peak = ours.get("peak_bytes") if ours else None
         bnb_used = bnb.get("device_used_bytes") if bnb else None

@@ -34,6 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import profile_summary  # noqa: E402
 from qlora_jax import kernels, quantize  # noqa: E402
 
 L2_BYTES = 60 * 2**20  # at least H100/H200's L2
@@ -52,14 +53,11 @@ def _timeit(fn, *args, runs: int) -> float:
 
 def _device_us(fn, args, calls: int, runs: int, trace_dir: Path | None, name: str) -> float | None:
     """Device time of one of the ``calls`` calls ``fn(*args)`` makes, over ``runs`` profiled runs (us); None
-    without a trace directory or when the trace holds no GPU kernels (CPU)."""
+    without a trace directory or when the trace holds no GPU kernels (CPU). ``fn`` is already compiled
+    (:func:`_timeit` ran it)."""
     if trace_dir is None:
         return None
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import profile_summary
-
     out = trace_dir / name
-    jax.block_until_ready(fn(*args))
     with jax.profiler.trace(str(out)):
         for _ in range(runs):
             r = fn(*args)
@@ -178,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--json", type=Path, default=Path("kernels.json"))
     ap.add_argument("--sweep", metavar="KxN", help="sweep the small-M kernels' tile configs on this shape instead")
-    ap.add_argument("--trace-dir", type=Path, help="also measure device time per call from profiler traces written here")
+    ap.add_argument("--trace-dir", type=Path,
+                    help="also measure device time per call from profiler traces written here")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}", flush=True)
@@ -197,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"xla {r['xla_dequant_dot_us']:.1f} us, bf16 {r['bf16_dot_us']:.1f} us (wall)", flush=True)
     dev_col = lambda v: f"{v:>10.1f}" if v is not None else f"{'-':>10}"  # noqa: E731
     hdr = (f"{'shape KxN':<12}{'dir':<5}{'M':>6}  {'impl':<15}{'fused us':>10}{'xla us':>10}{'bf16 us':>10}"
-           f"{'fused dev':>10}{'xla dev':>10}{'bf16 dev':>10}{'GB/s':>8}{'TFLOP/s':>9}{'x bf16':>8}{'x xla':>7}{'relerr':>9}")
+           f"{'fused dev':>10}{'xla dev':>10}{'bf16 dev':>10}{'GB/s':>8}{'TFLOP/s':>9}{'x bf16':>8}{'x xla':>7}"
+           f"{'relerr':>9}")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for r in rows:
         print(f"{r['shape']:<12}{r['direction']:<5}{r['m']:>6}  {r['implementation']:<15}{r['fused_us']:>10.1f}"

@@ -50,7 +50,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
-    GiB, add_runner_args, child_main, fmt, gib, gpu_total_bytes, meta, parse_batches, print_table, run_configs, write_json,
+    GiB, add_runner_args, child_main, fmt, gib, gpu_total_bytes, meta, parse_batches, print_table, run_configs,
+    write_json,
 )
 
 SIZES = ("tiny", "7b", "13b", "33b", "65b")

@@ -283,9 +283,9 @@ class Generator:
         from 5.97 to 4.14 (with the adapters' ``A`` stored ``[r, in]``; ``benchmarks/RESULTS.md``).
       dequantize_layers: with layer buffers, dequantize the 4-bit weights into them (compute dtype,
         once per decode call) and decode with a plain dot: faster than the 4-bit kernels beyond 64 rows
-        (where the small-M kernel stops), at 4x the buffers' bytes. ``None`` (default): from ``DEQUANTIZE_MIN_BATCH`` rows on, when
-        every device has room (:meth:`uses_dequantized_layers`). The tokens are those of the dequantize +
-        dot path (prefill's), not bit for bit the GEMV's.
+        (where the small-M kernel stops), at 4x the buffers' bytes. ``None`` (default): from
+        ``DEQUANTIZE_MIN_BATCH`` rows on, when every device has room (:meth:`uses_dequantized_layers`).
+        The tokens are those of the dequantize + dot path (prefill's), not bit for bit the 4-bit kernels'.
       mesh: the mesh the model's arrays are sharded over (``qlora_jax.sharding``; ``None``: one
         device). With several processes, every process runs :meth:`generate_ids` with the same
         arguments and gets every row's completion.

@@ -208,8 +208,8 @@ def build_model(cfg: TrainConfig, model_dir: Path, mesh: Any = None) -> nnx.Modu
     step's layout (:func:`~qlora_jax.models.checkpoint.load_model`)."""
     from qlora_jax.models.checkpoint import load_model
 
-    return load_model(model_dir, lora=lora_config(cfg), remat=cfg.model.build_remat, compute_dtype=cfg.model.compute_dtype,
-                      seed=cfg.train.seed, mesh=mesh)
+    return load_model(model_dir, lora=lora_config(cfg), remat=cfg.model.build_remat,
+                      compute_dtype=cfg.model.compute_dtype, seed=cfg.train.seed, mesh=mesh)
 
 
 def load_tokenizer(model_dir: Path) -> Any:

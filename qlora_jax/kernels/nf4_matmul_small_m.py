@@ -91,7 +91,7 @@ def supports(w: QuantizedTensor, m: int) -> str | None:
         return f"blocksize {w.blocksize} is not a multiple of 8 (whole 32-bit code words per block)"
     if n % MIN_DOT:
         return f"N={n} is not a multiple of {MIN_DOT}"
-    group = pow2_at_most(2 * _min_blocks(w.blocksize) - 1)
+    group = _dot_blocks(w.blocksize)
     if (k // w.blocksize) % group:
         return (f"K={k} has {k // w.blocksize} blocks of {w.blocksize}, not a multiple of the {group} blocks "
                 f"one dot needs ({MIN_DOT} columns of one byte position)")
@@ -192,23 +192,26 @@ def _pad_rows(a2: jax.Array) -> jax.Array:
 
 def _validate(name: str, a: jax.Array, w: QuantizedTensor, dim: int) -> int:
     if jnp.dtype(a.dtype).name not in prmt_decode.HALF_DTYPES:
-        raise NotImplementedError(f"{name}: the small-M 4-bit kernels run in bfloat16 or float16, not {jnp.dtype(a.dtype).name}")
+        raise NotImplementedError(f"{name}: the small-M 4-bit kernels run in bfloat16 or float16, "
+                                  f"not {jnp.dtype(a.dtype).name}")
     return operand_rows(name, a, w, dim, supports)
 
 
-def _min_blocks(blocksize: int) -> int:
-    """Blocks per dot so that a plane's operand has at least ``MIN_DOT`` columns (``blocksize / 4`` per block)."""
-    return max(1, -(-MIN_DOT // (blocksize // 4)))
+def _dot_blocks(blocksize: int) -> int:
+    """The fewest quantization blocks, a power of two, whose plane operand has at least ``MIN_DOT`` columns
+    (``blocksize / 4`` per block): a loop step's (forward) or a program's (gradient) smallest group."""
+    return pow2_at_most(2 * max(1, -(-MIN_DOT // (blocksize // 4))) - 1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def nf4_matmul_small_m(x: jax.Array, w: QuantizedTensor, *, config: SmallMConfig = DEFAULT_CONFIG,
                        interpret: bool = False) -> jax.Array:
-    """``x [..., K] @ dequant(w [N, K]).T -> [..., N]`` in ``x.dtype`` (bf16 / fp16); M = prod(...) <= 64; fp32 accumulation."""
+    """``x [..., K] @ dequant(w [N, K]).T -> [..., N]`` in ``x.dtype`` (bf16 / fp16); M = prod(...) <= 64;
+    fp32 accumulation."""
     m = _validate("nf4_matmul_small_m", x, w, 1)
     n, k = w.shape
     nb = k // w.blocksize
-    gmin = pow2_at_most(2 * _min_blocks(w.blocksize) - 1)  # a power of two >= the minimum
+    gmin = _dot_blocks(w.blocksize)
     split = max(1, min(config.split, nb // gmin))
     g = max(gmin, min(pow2_at_most(config.blocks_per_step), pow2_at_most(nb // split)))
     steps = -(-(-(-nb // split)) // g)  # ceil(ceil(nb / split) / g)
@@ -234,14 +237,12 @@ def nf4_matmul_small_m(x: jax.Array, w: QuantizedTensor, *, config: SmallMConfig
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def nf4_matmul_t_small_m(dy: jax.Array, w: QuantizedTensor, *, config: SmallMConfig = DEFAULT_T_CONFIG,
                          interpret: bool = False) -> jax.Array:
-    """``dy [..., N] @ dequant(w [N, K]) -> [..., K]`` in ``dy.dtype`` (bf16 / fp16); M = prod(...) <= 64; fp32 accumulation."""
+    """``dy [..., N] @ dequant(w [N, K]) -> [..., K]`` in ``dy.dtype`` (bf16 / fp16); M = prod(...) <= 64;
+    fp32 accumulation."""
     m = _validate("nf4_matmul_t_small_m", dy, w, 0)
     n, k = w.shape
     nb = k // w.blocksize
-    g = pow2_divisor(nb, max(config.blocks_per_step, _min_blocks(w.blocksize)))
-    if g < _min_blocks(w.blocksize):
-        raise NotImplementedError(f"nf4_matmul_t_small_m: K={k} has {nb} blocks, no power-of-two group of at "
-                                  f"least {_min_blocks(w.blocksize)} divides it")
+    g = pow2_divisor(nb, max(config.blocks_per_step, _dot_blocks(w.blocksize)))  # >= _dot_blocks: supports()
     bn = pow2_divisor(n, max(config.block_n, MIN_DOT))
     split = max(1, min(config.split, n // bn))
     steps = -(-(-(-n // split)) // bn)

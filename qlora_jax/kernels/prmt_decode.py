@@ -78,7 +78,7 @@ def prmt_asm(quant_type: str, t: int, dtype: str = "bfloat16", scaled: bool = Fa
     mask_sel = ("0xD9C8", "0xFBEA")[group]
     lines = [
         "{",
-        ".reg .b32 s, a4, m, lo, hi, h, l, t0, t1, t2, t3, u0, u1, u2, u3;",
+        f".reg .b32 s, a4, m, lo, hi, h, l, t0, t1, t2, t3, u0, u1, u2, u3{', r, nz' if scaled else ''};",
         *[f"mov.b32 t{i}, 0x{v:08x};" for i, v in enumerate(th)],
         *[f"mov.b32 u{i}, 0x{v:08x};" for i, v in enumerate(tl)],
         "and.b32 s, $1, 0x77777777;",  # 3-bit table indices of all 8 nibbles
@@ -97,8 +97,6 @@ def prmt_asm(quant_type: str, t: int, dtype: str = "bfloat16", scaled: bool = Fa
           if scaled else []),
         "}",
     ]
-    if scaled:
-        lines[1] = lines[1].replace("u3;", "u3, r, nz;")
     return "\n".join(lines)
 
 

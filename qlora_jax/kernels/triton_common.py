@@ -63,7 +63,8 @@ def decode_scales(codes: jax.Array, flat_block: jax.Array, nested_ref: Any, ncod
     return ncode_ref[codes.astype(jnp.int32)] * nested_ref[nested] + offset
 
 
-def tile_scales(scale_refs: tuple[Any, Any, Any, Any], rows: Any, blocks: Any, nb: int, dq_in_kernel: bool) -> jax.Array:
+def tile_scales(scale_refs: tuple[Any, Any, Any, Any], rows: Any, blocks: Any, nb: int,
+                dq_in_kernel: bool) -> jax.Array:
     """In a kernel: fp32 ``[rows.size, blocks.size]`` scales of a tile (``rows`` / ``blocks`` are ``pl.ds``
     slices of the ``[N, NB]`` scales; ``scale_refs`` = (scales, nested_absmax, nested_code, offset) as
     :func:`scale_operands` gives them), double-quant codes decoded when ``dq_in_kernel``."""
