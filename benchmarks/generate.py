@@ -152,20 +152,21 @@ def run_jax(args) -> list[dict]:
         model = build_random_model(cfg, variant)
         build_s = time.perf_counter() - t0
         nbytes = model_bytes(model, skip_embeddings=not cfg["tie_word_embeddings"])
-        grid = [(i, u, lb, j, d, b) for i in args.implementation for u in args.unroll_layers for lb in args.layer_buffers
-                for j in args.join_projections for d in args.dequantize_layers for b in args.batch]
-        for impl, unroll, buffers, join, deq, batch in grid:
+        grid = [(i, a, u, lb, j, d, b) for i in args.implementation for a in args.attention for u in args.unroll_layers
+                for lb in args.layer_buffers for j in args.join_projections for d in args.dequantize_layers
+                for b in args.batch]
+        for impl, attention, unroll, buffers, join, deq, batch in grid:
             jax.clear_caches()  # the kernel choice is made while tracing: no trace may be reused across impls
             with kernels.use_implementation(impl):
-                rows.append(_jax_row(model, variant, impl, unroll, buffers, join, deq, batch, args, cfg, device,
-                                     build_s, nbytes))
+                rows.append(_jax_row(model, variant, impl, attention, unroll, buffers, join, deq, batch, args, cfg,
+                                     device, build_s, nbytes))
             print(table([rows[-1]]).splitlines()[-1], file=sys.stderr, flush=True)  # progress, if later rows time out
         del model
     return rows
 
 
-def _jax_row(model, variant: str, impl: str, unroll: bool, buffers: bool | None, join: bool, deq: bool | None, batch: int,
-             args, cfg: dict, device: str, build_s: float, nbytes: int) -> dict:
+def _jax_row(model, variant: str, impl: str, attention: str, unroll: bool, buffers: bool | None, join: bool,
+             deq: bool | None, batch: int, args, cfg: dict, device: str, build_s: float, nbytes: int) -> dict:
     """One JAX row: compile, then time prefill and whole generate calls (and profile one, if asked)."""
     import jax
     import numpy as np
@@ -173,7 +174,7 @@ def _jax_row(model, variant: str, impl: str, unroll: bool, buffers: bool | None,
     from qlora_jax.generate import Generator, _prefill_jit, SamplingConfig
 
     gen = Generator(model, eos_token_ids=(), unroll_layers=unroll, layer_buffers=buffers, join_projections=join,
-                    dequantize_layers=deq)
+                    dequantize_layers=deq, attention=attention)
     prompts = np.random.default_rng(batch).integers(3, cfg["vocab_size"], (batch, args.prompt_len)).tolist()
     kw = dict(max_new_tokens=args.new_tokens, sampling=SamplingConfig(), chunk_size=None)
     t0 = time.perf_counter()
@@ -200,9 +201,10 @@ def _jax_row(model, variant: str, impl: str, unroll: bool, buffers: bool | None,
     extra = {"build_s": build_s, "compile_s": compile_s, "unroll_layers": unroll, "layer_buffers": gen.uses_layer_buffers(),
              "join_projections": join and gen.uses_layer_buffers(),
              "dequantized_layers": gen.uses_layer_buffers() and gen.uses_dequantized_layers(batch) and model.quant.quantize,
-             "implementation": impl}
+             "implementation": impl, "attention": attention}
     if args.profile:
-        trace = Path(args.profile) / (f"{variant}_{impl}_b{batch}_unroll{int(unroll)}_buffers{int(extra['layer_buffers'])}"
+        trace = Path(args.profile) / (f"{variant}_{impl}_att-{attention}_b{batch}_unroll{int(unroll)}"
+                                      f"_buffers{int(extra['layer_buffers'])}"
                                       f"_join{int(extra['join_projections'])}_deq{int(extra['dequantized_layers'])}")
         with jax.profiler.trace(str(trace)):
             gen.generate_ids(prompts, **kw)
@@ -322,6 +324,8 @@ def table(rows: list[dict]) -> str:
             (" (dequantized)" if r.get("dequantized_layers") else "")
         if r.get("implementation", "auto") != "auto":
             variant += f" [{r['implementation']}]"
+        if r.get("attention", "auto") != "auto":
+            variant += f" [attention: {r['attention']}]"
         lines.append(f"| {r['impl']} | {variant} | {r['batch']} | {r['prefill_ms']:.1f} | "
                      f"{r['decode_ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | {fl} | {xf} |")
     return "\n".join(lines)
@@ -341,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tmp-dir", help="where the bitsandbytes baseline writes its temporary bf16 checkpoint (created)")
     ap.add_argument("--implementation", default="auto",
                     help="comma-separated qlora_jax.kernels implementations to decode with (e.g. auto,gemv,xla_reduce)")
+    ap.add_argument("--attention", default="auto",
+                    help="comma-separated Generator(attention=) values for the decode attention (auto,xla,pallas)")
     ap.add_argument("--unroll-layers", default="1", help="comma-separated 0/1: decode with the layer loop unrolled")
     ap.add_argument("--layer-buffers", default="auto",
                     help="comma-separated 0/1/auto: Generator(layer_buffers=): layer weights sliced once per decode "
@@ -360,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     args.unroll_layers = [bool(int(u)) for u in args.unroll_layers.split(",") if u]
     args.layer_buffers = [None if u == "auto" else bool(int(u)) for u in args.layer_buffers.split(",") if u]
     args.implementation = [i for i in args.implementation.split(",") if i]
+    args.attention = [a for a in args.attention.split(",") if a]
     args.join_projections = [bool(int(j)) for j in args.join_projections.split(",") if j]
     args.dequantize_layers = [None if d == "auto" else bool(int(d)) for d in args.dequantize_layers.split(",") if d]
     if args.tmp_dir:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -77,8 +78,16 @@ def summarize(trace_dir: str | Path, steps: int = 1, top: int = 40) -> dict:
     cats: dict[str, float] = collections.defaultdict(float)
     for r in ops:
         cats[r["category"]] += r["ms"]
+    # XLA names each unrolled layer's copy of a fusion apart (loop_add_fusion_61, _62, ...): by kind, they add up
+    kinds: dict[str, list] = collections.defaultdict(lambda: [0.0, 0.0])
+    for r in ops:
+        kind = kinds[re.sub(r"(_\d+)+$", "", r["name"])]
+        kind[0] += r["ms"]
+        kind[1] += r["count"]
+    by_kind = [{"kind": k, "ms": v[0], "count": v[1]} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])]
     return {"total_ms_per_step": total / 1e6 / steps, "lines": sorted(lines_seen),
-            "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "top": ops[:top], "num_ops": len(ops)}
+            "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "top": ops[:top], "num_ops": len(ops),
+            "by_kind": by_kind[:top]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'op':<70} {'ms/step':>9} {'%':>6} {'count':>7}  category")
     for r in s["top"]:
         print(f"{r['name'][:70]:<70} {r['ms']:9.3f} {100 * r['ms'] / max(t, 1e-9):6.1f} {r['count']:7.1f}  {r['category']}")
+    print(f"\n{'op kind (numbered copies added up)':<70} {'ms/step':>9} {'%':>6} {'count':>7}")
+    for r in s["by_kind"]:
+        print(f"{r['kind'][:70]:<70} {r['ms']:9.3f} {100 * r['ms'] / max(t, 1e-9):6.1f} {r['count']:7.1f}")
     for r in s["top"][:a.detail]:
         print(f"\n{r['name']} ({r['ms']:.3f} ms/step, {r['count']:.0f} calls): {r['detail'][:1500] or '(no detail)'}")
     if a.json:

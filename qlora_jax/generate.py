@@ -49,6 +49,8 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax.kernels import nf4_matmul_small_m as small_m
+from qlora_jax.kernels.decode_attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from qlora_jax.kernels.decode_attention import use_attention
 from qlora_jax.models.llama import KVCache, Llama, fuse_projections
 from qlora_jax.nf4 import QuantizedTensor
 from qlora_jax.sharding import fsdp_size, host_values, put_replicated, tracing_mesh
@@ -170,13 +172,14 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: jax.Array, *,
             sampling: SamplingConfig, eos: tuple[int, ...], unroll_layers: bool = False,
             layer_buffers: bool = False, join_projections: bool = True, dequantize_layers: bool = False,
-            mesh: jax.sharding.Mesh | None = None) -> DecodeState:
+            attention: str = "auto", mesh: jax.sharding.Mesh | None = None) -> DecodeState:
     """Generate tokens ``ds.step .. stop_at - 1`` (fewer if every row finishes) in one ``while_loop``.
 
     ``layer_buffers``: slice every layer's weights out of the stacked layer state once, before the
     loop (their own buffers for the loop's duration: the layer weights' bytes once more), instead of
     in every iteration, as :func:`~qlora_jax.models.llama.fuse_projections` (q/k/v and gate/up joined
     with ``join_projections``, 4-bit weights dequantized with ``dequantize_layers``; see :class:`Generator`).
+    ``attention``: the decode attention's implementation (:func:`~qlora_jax.kernels.decode_attention.use_attention`).
     """
     uses_seen = sampling.repetition_penalty != 1.0
     layer_states = layer_projections = None
@@ -195,7 +198,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: 
         # dropout, an adapter trained with lora_dropout > 0), which must stay in this trace.
         model = nnx.merge(graphdef, state, copy=True)
         pos = ds.positions + 1
-        with tracing_mesh(mesh):
+        with tracing_mesh(mesh), use_attention(attention):
             logits, cache = model(ds.last[:, None], positions=pos[:, None],
                                   attention_mask=jnp.ones_like(ds.last)[:, None], cache=ds.cache, deterministic=True,
                                   unroll_layers=unroll_layers, layer_states=layer_states,
@@ -209,7 +212,8 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: 
 LAYER_BUFFER_SLACK = 512 << 20  # bytes left free beside the layer buffers (KV cache growth, workspace)
 _STATIC = ("graphdef", "sampling", "eos", "unroll_layers", "mesh")
 _prefill_jit = jax.jit(_prefill, static_argnames=(*_STATIC, "cache_len", "max_new"))
-_decode_jit = jax.jit(_decode, static_argnames=(*_STATIC, "layer_buffers", "join_projections", "dequantize_layers"),
+_decode_jit = jax.jit(_decode, static_argnames=(*_STATIC, "layer_buffers", "join_projections", "dequantize_layers",
+                                                "attention"),
                       donate_argnames=("ds",))
 # From this batch size on, dequantized layer buffers (a bf16 dot per token) beat the 4-bit kernels: up to
 # 64 rows the tensor-core small-M kernel decodes as fast as a bf16 dot without the buffers' 4x bytes (7B on
@@ -286,6 +290,9 @@ class Generator:
         (where the small-M kernel stops), at 4x the buffers' bytes. ``None`` (default): from
         ``DEQUANTIZE_MIN_BATCH`` rows on, when every device has room (:meth:`uses_dequantized_layers`).
         The tokens are those of the dequantize + dot path (prefill's), not bit for bit the 4-bit kernels'.
+      attention: the decode steps' attention over the KV cache: ``"auto"`` (default) the Pallas kernel
+        ``qlora_jax/kernels/decode_attention.py`` on a GPU, XLA elsewhere; ``"xla"``; ``"pallas"`` (the
+        kernel, interpreted off a GPU). Same tokens up to fp32 rounding of the softmax.
       mesh: the mesh the model's arrays are sharded over (``qlora_jax.sharding``; ``None``: one
         device). With several processes, every process runs :meth:`generate_ids` with the same
         arguments and gets every row's completion.
@@ -293,8 +300,11 @@ class Generator:
 
     def __init__(self, model: Llama, tokenizer: Any = None, *, eos_token_ids: Sequence[int] | None = None,
                  unroll_layers: bool = True, layer_buffers: bool | None = None, join_projections: bool = True,
-                 dequantize_layers: bool | None = None, mesh: jax.sharding.Mesh | None = None):
-        self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+                 dequantize_layers: bool | None = None, attention: str = "auto",
+                 mesh: jax.sharding.Mesh | None = None):
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+        self.model, self.tokenizer, self.mesh, self.attention = model, tokenizer, mesh, attention
         self.join_projections = bool(join_projections)
         self.dequantize_layers = None if dequantize_layers is None else bool(dequantize_layers)
         self.unroll_layers = bool(unroll_layers)
@@ -382,7 +392,7 @@ class Generator:
             ds = _decode_jit(self.graphdef, self.state, ds, put_replicated(np.int32(step), self.mesh),
                              sampling=sampling, eos=self.eos, unroll_layers=self.unroll_layers,
                              layer_buffers=buffers, join_projections=self.join_projections and fsdp_size(self.mesh) == 1,
-                             dequantize_layers=dequantized, mesh=self.mesh)
+                             dequantize_layers=dequantized, attention=self.attention, mesh=self.mesh)
             step = int(host_values(ds.step))
         out = []
         for i, row in enumerate(rows):

@@ -16,6 +16,7 @@ import pytest
 from jax._src import mesh as mesh_lib
 
 from qlora_jax import kernels, nf4_dense, quantize
+from qlora_jax.kernels import decode_attention
 from qlora_jax.kernels import nf4_dequant as dequant
 from qlora_jax.kernels import nf4_gemv as gemv
 from qlora_jax.kernels import nf4_matmul_small_m as small_m
@@ -150,6 +151,16 @@ def test_kernels_lower_for_cuda_on_an_abstract_h100():
                     f = functools.partial(dequant.dequantize_pallas, dtype=dtype, config=cfg)
                     text = jax.jit(f).trace(w).lower(lowering_platforms=("cuda",)).as_text()
                     assert "xla.gpu.triton" in text
+    # decode attention over a stacked bf16 cache (GQA, one layer of four) and one layer's fp32 cache
+    length = jax.ShapeDtypeStruct((), jnp.int32)
+    for q, cache, layer in ((jnp.ones((2, 8, 128), jnp.bfloat16), jnp.ones((4, 2, 192, 2, 128), jnp.bfloat16), 2),
+                            (jnp.ones((1, 4, 64), jnp.float32), jnp.ones((1, 50, 4, 64), jnp.float32), None)):
+        f = functools.partial(decode_attention.decode_attention_pallas, layer=layer)
+        slot_mask = jnp.ones(cache.shape[-4:-2], bool)
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = jax.jit(f).trace(q, cache, cache, slot_mask, length).lower(
+                lowering_platforms=("cuda",)).as_text()
+        assert "xla.gpu.triton" in text
 
 
 # --- GEMV (M <= 8), Pallas dequantize, XLA multiply-and-reduce -------------------------------

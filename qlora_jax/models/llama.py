@@ -13,6 +13,7 @@ selectable policy (:data:`REMAT_POLICIES`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax import kernels
+from qlora_jax.kernels.decode_attention import decode_attention
 from qlora_jax.nf4 import MAX_BLOCKSIZE, MIN_BLOCKSIZE, QUANT_TYPES, QuantizedTensor
 from qlora_jax.nf4_dense import Frozen, FusedDense, LoRADense, NF4Dense, fuse_dense, fused_dense, lora_scaling, matmul_t, shared_input_dense, torch_linear_init
 
@@ -363,7 +365,10 @@ class Attention(nnx.Module):
         self.v_proj = _linear(cfg, lora, quant, "v_proj", d, self.num_kv_heads * hd, b, rngs)
         self.o_proj = _linear(cfg, lora, quant, "o_proj", self.num_heads * hd, d, b, rngs)
 
-    def __call__(self, x, cos, sin, mask, kv, cache_index, deterministic, fused=None):
+    def __call__(self, x, cos, sin, mask, kv, cache_index, deterministic, fused=None, kv_layer=None):
+        """``kv``: this layer's cache ``(k, v)``, each ``[B, S, K, D]``, or with ``kv_layer = i`` the whole
+        stacked cache ``[L, B, S, K, D]`` of which this layer is ``i`` (the step's keys and values are then
+        written into the stacked arrays in place: one small update, no copy of the layer's slice)."""
         B, T, _ = x.shape
         if fused is None:
             q, k, v = shared_input_dense(x, (self.q_proj, self.k_proj, self.v_proj), deterministic=deterministic)
@@ -376,12 +381,25 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:  # write this step's keys/values into the cache, attend over all of it
             ck, cv = kv
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-            new_kv = (k, v)
+            if kv_layer is None:
+                k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+                v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+                new_kv = (k, v)
+            else:
+                at = (kv_layer, 0, cache_index, 0, 0)
+                new_kv = (jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], at),
+                          jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], at))
+                k, v = new_kv
+            if T == 1:  # decoding: one kernel over the cache in place (the mask says which slots it sees)
+                out = decode_attention(q[:, 0], k, v, mask[:, 0, 0], cache_index + 1, layer=kv_layer)[:, None]
+            else:
+                if kv_layer is not None:
+                    k, v = k[kv_layer], v[kv_layer]
+                out = _attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         else:
             new_kv = None
-        out = _attention(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(B, T, -1)  # (B, T, H * D)
+            out = _attention(q, k, v, mask)
+        out = out.reshape(B, T, -1)  # (B, T, H * D)
         out = checkpoint_name(out, "attn_out")
         if fused is None:
             return self.o_proj(out, deterministic=deterministic), new_kv
@@ -434,9 +452,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
         self.mlp = MLP(cfg, lora, quant, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv, cache_index, deterministic, fused=None):
-        """``fused``: :func:`fuse_projections` of this layer, used instead of its projection modules."""
-        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, cache_index, deterministic, fused)
+    def __call__(self, x, cos, sin, mask, kv, cache_index, deterministic, fused=None, kv_layer=None):
+        """``fused``: :func:`fuse_projections` of this layer, used instead of its projection modules;
+        ``kv``, ``kv_layer``: as :class:`Attention`'s."""
+        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, cache_index, deterministic, fused,
+                                   kv_layer)
         h = checkpoint_name(x + a, "resid_mid")
         return h + self.mlp(self.post_attention_layernorm(h), deterministic, fused), new_kv
 
@@ -565,17 +585,19 @@ class Llama(nnx.Module):
 
         graphdef, state = nnx.split(self.layers)
 
-        def body(x, xs, fused=None):
+        def body(x, xs, fused=None, kv_layer=None):
             layer_state, layer_kv = xs
             layer = nnx.merge(graphdef, layer_state)
-            x, new_kv = layer(x, cos, sin, mask, layer_kv, cache_index, deterministic, fused)
+            x, new_kv = layer(x, cos, sin, mask, layer_kv, cache_index, deterministic, fused, kv_layer)
             return x, (nnx.state(layer, nnx.RngState), new_kv)
 
         policy = REMAT_POLICIES[self.remat]
-        if policy is not None:
-            body = jax.checkpoint(body, policy=policy(), prevent_cse=False)
+
+        def remat(f):
+            return f if policy is None else jax.checkpoint(f, policy=policy(), prevent_cse=False)
+
         if layer_states is None:
-            x, (rng_state, new_kv) = jax.lax.scan(body, x, (state, kv), unroll=bool(unroll_layers))
+            x, (rng_state, new_kv) = jax.lax.scan(remat(body), x, (state, kv), unroll=bool(unroll_layers))
             nnx.update(self.layers, rng_state)
         else:
             if len(layer_states) != self.cfg.num_hidden_layers:
@@ -585,9 +607,10 @@ class Llama(nnx.Module):
             new_kv = kv
             for i, layer_state in enumerate(layer_states):
                 fused = None if layer_projections is None else layer_projections[i]
-                x, (_, layer_kv) = body(x, (layer_state, None if kv is None else (new_kv[0][i], new_kv[1][i])), fused)
-                if kv is not None:  # written in place into the stacked cache
-                    new_kv = (new_kv[0].at[i].set(layer_kv[0]), new_kv[1].at[i].set(layer_kv[1]))
+                # the stacked cache goes to every layer, which writes its slot in place (slicing a
+                # layer's cache out and setting it back made XLA rewrite the whole slice, twice, per token)
+                layer_body = remat(functools.partial(body, kv_layer=None if kv is None else i))
+                x, (_, new_kv) = layer_body(x, (layer_state, new_kv), fused)
 
         x = self.norm(x)
         head = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...]
