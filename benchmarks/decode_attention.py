@@ -51,8 +51,9 @@ def bench(batch: int, slots: int, heads: int, kv_heads: int, head_dim: int, laye
     length = jnp.int32(slots)
     want = da.decode_attention_reference(q, kc, vc, mask, length, layer=0)
 
-    def program(attend):
-        return jax.jit(lambda q, kc, vc: [attend(q, kc, vc, mask, length, layer=i) for i in range(layers)])
+    def program(attend):  # a barrier per call: no XLA pass may merge the layers' products with the shared q
+        return jax.jit(lambda q, kc, vc: [attend(jax.lax.optimization_barrier(q), kc, vc, mask, length, layer=i)
+                                          for i in range(layers)])
 
     candidates = [("xla", da.decode_attention_reference)] + [
         (name, lambda *a, cfg=cfg, **kw: da.decode_attention_pallas(*a, config=cfg, interpret=interpret, **kw))

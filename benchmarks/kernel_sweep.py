@@ -107,7 +107,8 @@ class Bench:
 
     def time_calls(self, op, xs, ws) -> float:
         """Seconds per ``op(x, w)``: one jitted program over every (x, w) pair, median of runs."""
-        fn = jax.jit(lambda xs, ws: [op(x, w) for x in xs for w in ws])
+        # a barrier per call: XLA's GPU compiler would merge the dots that share a weight (benchmarks/kernels.py)
+        fn = jax.jit(lambda xs, ws: [op(x, jax.lax.optimization_barrier(w)) for x in xs for w in ws])
         jax.block_until_ready(fn(xs, ws))
         times = []
         for _ in range(self.runs):

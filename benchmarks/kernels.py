@@ -70,10 +70,14 @@ def _device_us(fn, args, calls: int, runs: int, trace_dir: Path | None, name: st
 
 
 def _calls(op, reps: int):
-    """jit(xs, ws) running ``op(xs[r], ws[c])`` for every rep r and copy c; returns all outputs."""
+    """jit(xs, ws) running ``op(xs[r], ws[c])`` for every rep r and copy c; returns all outputs.
+
+    Each call gets its weight through its own ``optimization_barrier``: XLA's GPU compiler otherwise merges
+    the dots that share a weight into one dot over the reps' stacked rows (and computes a shared dequantize
+    once), which made the bf16 and XLA columns at M <= 64 up to ``reps`` times too fast (ninth session)."""
 
     def run(xs, ws):
-        return [op(xs[r], w) for r in range(reps) for w in ws]
+        return [op(xs[r], jax.lax.optimization_barrier(w)) for r in range(reps) for w in ws]
 
     return jax.jit(run)
 

@@ -38,11 +38,17 @@ _forced = "auto"
 class DecodeAttentionConfig:
     """``block_s``: slots per loop step (rounded down to a power of two <= S). ``splits``: slices of the
     slots per (row, KV head), each its own program (0: enough programs for ``min_programs``, at most one
-    slice per ``block_s`` slots). ``num_warps`` / ``num_stages``: Triton's."""
+    slice per ``block_s`` slots). ``num_warps`` / ``num_stages``: Triton's.
+
+    The defaults, from ``benchmarks/decode_attention.py`` on an H200 (ninth session, 7B heads 32 x 128,
+    ``benchmarks/RESULTS.md``): a program streams too little of the cache to keep many loads in flight, so
+    more, shorter slices win as long as each has a whole step: with one slice per 32 KV heads a row, one
+    row took 8.1 / 7.9 / 23.4 us at 192 / 384 / 2048 slots, three slices 5.4 / 7.9 / 30.3, eight slices
+    of 2048 16.9; eight rows 11.8 / 19.7 / 83.0 with one slice, 10.5 / 17.4 / 69.7 with three."""
 
     block_s: int = 64
     splits: int = 0
-    min_programs: int = 128  # about one per SM of an H100 / H200
+    min_programs: int = 768  # 5-6 per SM of an H100 / H200
     num_warps: int = 4
     num_stages: int = 2
 
@@ -80,7 +86,7 @@ def _splits(config: DecodeAttentionConfig, rows: int, kv_heads: int, slots: int,
     if config.splits:
         return max(1, min(config.splits, -(-slots // bs)))
     want = -(-config.min_programs // (rows * kv_heads))
-    return max(1, min(want, slots // (2 * bs) or 1))  # at least two steps per slice
+    return max(1, min(want, slots // bs))  # at least one whole step per slice
 
 
 def _kernel(q_ref, k_ref, v_ref, mask_ref, len_ref, o_ref, ml_ref, *, layer, groups, bs, chunk, slots, scale):
