@@ -95,7 +95,9 @@ def profile_shape(k: int, n: int, *, copies: int | None, repeats: int, trace_dir
             continue  # the GEMV takes at most MAX_M rows; its gradient has no register decode
         else:
             op, ws = (lambda x, w, cfg=cfg: gemv_fn(x, w, config=cfg, interpret=interpret)), qws
-        fn = jax.jit(lambda x, ws, op=op: [op(x, w) for w in ws])
+        # each call through its own barrier: its x preparation (the GEMV's fp16 packing, the small-M kernel's
+        # column permutation) is counted per call, as in decoding, not done once for all copies
+        fn = jax.jit(lambda x, ws, op=op: [op(*jax.lax.optimization_barrier((x, w))) for w in ws])
         row = {"shape": f"{k}x{n}", "direction": direction, "m": m, "impl": name,
                "config": vars(cfg) if isinstance(cfg, (G, S)) else cfg}
         try:
