@@ -58,6 +58,7 @@ from qlora_jax.nf4 import QuantizedTensor
 from qlora_jax.nf4 import dequantize as nf4_dequantize
 
 __all__ = [
+    "ForcedChoice",
     "dequantize",
     "nf4_matmul",
     "nf4_matmul_t",
@@ -69,29 +70,39 @@ __all__ = [
     "use_implementation",
 ]
 
+class ForcedChoice:
+    """A choice among named implementations, ``"auto"`` unless forced for what is traced inside
+    :meth:`use` (a trace-time switch: a jitted function already traced keeps its choice)."""
+
+    def __init__(self, what: str, names: tuple[str, ...]):
+        self.what, self.names, self.value = what, names, "auto"
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        if name not in self.names:
+            raise ValueError(f"{self.what} {name!r} is not one of {self.names}")
+        previous, self.value = self.value, name
+        try:
+            yield
+        finally:
+            self.value = previous
+
+
 _IMPLEMENTATIONS = ("auto", "xla", "small_m", "gemv", "pallas_dequant", "pallas", "xla_reduce")
 GEMV_AUTO_MAX_M = 2  # "auto" runs the GEMV up to this many rows, the small-M kernel from there to 64 rows
-_forced = "auto"
+_choice = ForcedChoice("implementation", _IMPLEMENTATIONS)
 
 
-@contextlib.contextmanager
-def use_implementation(name: str) -> Iterator[None]:
+def use_implementation(name: str) -> contextlib.AbstractContextManager[None]:
     """Force an implementation (one of ``_IMPLEMENTATIONS``, see the module docstring) for calls traced inside the block."""
-    global _forced
-    if name not in _IMPLEMENTATIONS:
-        raise ValueError(f"implementation {name!r} is not one of {_IMPLEMENTATIONS}")
-    previous, _forced = _forced, name
-    try:
-        yield
-    finally:
-        _forced = previous
+    return _choice.use(name)
 
 
 def select_implementation(x: jax.Array, w: QuantizedTensor, *, transpose: bool = False) -> str:
     """What :func:`nf4_matmul` (``transpose=False``) / :func:`nf4_matmul_t` (``True``) run for these
     operands: ``"xla"``, ``"small_m"``, ``"gemv"``, ``"pallas_dequant"`` or ``"xla_reduce"`` (``x`` is
     the activation or the output gradient)."""
-    forced = _forced
+    forced = _choice.value
     if forced == "xla":
         return "xla"
     m = int(np.prod(x.shape[:-1], dtype=np.int64))

@@ -21,17 +21,17 @@ import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from qlora_jax.kernels import ForcedChoice
 from qlora_jax.kernels.triton_common import pow2_at_most, triton_params
 
 _NEG = -1e30  # the running max before any visible slot (finite: no inf - inf)
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
-_forced = "auto"
+_choice = ForcedChoice("decode attention implementation", IMPLEMENTATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +56,10 @@ class DecodeAttentionConfig:
 DEFAULT_CONFIG = DecodeAttentionConfig()
 
 
-@contextlib.contextmanager
-def use_attention(name: str) -> Iterator[None]:
+def use_attention(name: str) -> contextlib.AbstractContextManager[None]:
     """Force ``"xla"`` or ``"pallas"`` (the kernel; interpreted off a GPU) for decode attention traced
     inside the block; ``"auto"``: the kernel on a GPU where :func:`supports` says so, else XLA."""
-    global _forced
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"decode attention implementation {name!r} is not one of {IMPLEMENTATIONS}")
-    previous, _forced = _forced, name
-    try:
-        yield
-    finally:
-        _forced = previous
+    return _choice.use(name)
 
 
 def supports(q: jax.Array, k: jax.Array) -> str | None:
@@ -178,7 +170,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, slot_mask: jax.Ar
                      layer: int | None = None) -> jax.Array:
     """Attention of ``q [B, H, D]`` over the cache: the kernel on a GPU (where :func:`supports` says
     so; :func:`use_attention` overrides), else XLA. ``[B, H, D]`` in ``q.dtype``."""
-    name = _forced
+    name = _choice.value
     on_gpu = jax.default_backend() == "gpu"
     if name == "auto":
         name = "pallas" if on_gpu and supports(q, k) is None else "xla"
