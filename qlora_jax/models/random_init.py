@@ -98,7 +98,6 @@ def _fill(path: tuple[str, ...], abstract: Any, key: jax.Array, target: Any = No
 
     ``target``: the leaf's sharding(s) on a mesh (NF4 stacks are built shard by shard; other leaves
     are built on the default device and then placed)."""
-    name = path[-1]
     if isinstance(abstract, QuantizedTensor):
         return _random_quantized_stack(abstract, key, target)
     value = _fill_dense(path, abstract, key)
