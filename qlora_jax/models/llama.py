@@ -355,7 +355,8 @@ def _linear(cfg: LlamaConfig, lora: LoRAConfig, quant: QuantConfig, name: str, n
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with rotary embeddings through ``jax.nn.dot_product_attention``."""
+    """Grouped-query self-attention with rotary embeddings through ``jax.nn.dot_product_attention``; a decode
+    step (one new token over the KV cache) through :func:`~qlora_jax.kernels.decode_attention.decode_attention`."""
 
     def __init__(self, cfg: LlamaConfig, lora: LoRAConfig, quant: QuantConfig, *, rngs: nnx.Rngs):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
