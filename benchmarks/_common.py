@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -186,6 +187,20 @@ def meta(argv: list[str]) -> dict[str, Any]:
         "python": platform.python_version(),
         "argv": argv,
     }
+
+
+def median_seconds(fn: Callable[..., Any], *args: Any, runs: int) -> float:
+    """Median wall-clock seconds of ``fn(*args)`` over ``runs`` calls, after two untimed ones (compile, warm-up)."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def fmt(x: Any, spec: str) -> str:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.kernels import _device_us, _timeit  # noqa: E402
+from benchmarks._common import fmt, meta, median_seconds, print_table, write_json  # noqa: E402
+from benchmarks.profile_summary import device_us_per_call  # noqa: E402
 from qlora_jax.kernels import decode_attention as da  # noqa: E402
 
 
@@ -62,8 +61,9 @@ def bench(batch: int, slots: int, heads: int, kv_heads: int, head_dim: int, laye
     kv_bytes = 2 * batch * slots * kv_heads * head_dim * 2
     for name, attend in candidates:
         f = program(attend)
-        wall = _timeit(f, q, kc, vc, runs=runs) / layers * 1e6
-        dev = _device_us(f, (q, kc, vc), layers, runs, trace_dir, f"b{batch}_s{slots}_{name}")
+        wall = median_seconds(f, q, kc, vc, runs=runs) / layers * 1e6
+        dev = device_us_per_call(f, (q, kc, vc), calls=layers, runs=runs,
+                                 trace_dir=trace_dir and trace_dir / f"b{batch}_s{slots}_{name}")
         err = float(jnp.max(jnp.abs(f(q, kc, vc)[0].astype(jnp.float32) - want.astype(jnp.float32))))
         us = dev if dev is not None else wall
         rows.append(dict(batch=batch, slots=slots, heads=heads, kv_heads=kv_heads, head_dim=head_dim, impl=name,
@@ -94,21 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         for s in (int(v) for v in args.slots.split(",")):
             rows += bench(b, s, int(heads), int(kv_heads), int(head_dim), args.layers, configs, args.runs,
                           args.trace_dir, interpret)
-    hdr = f"{'B':>3}{'slots':>7}  {'impl':<14}{'wall us':>9}{'dev us':>9}{'KV GB/s':>9}{'x xla':>7}{'max err':>9}"
-    print("\n" + hdr + "\n" + "-" * len(hdr))
-    base = {}
+    xla_us = {(r["batch"], r["slots"]): r["device_us"] or r["wall_us"] for r in rows if r["impl"] == "xla"}
     for r in rows:
-        us = r["device_us"] if r["device_us"] is not None else r["wall_us"]
-        if r["impl"] == "xla":
-            base[(r["batch"], r["slots"])] = us
-        dev_us = f"{r['device_us']:>9.2f}" if r["device_us"] is not None else f"{'-':>9}"
-        print(f"{r['batch']:>3}{r['slots']:>7}  {r['impl']:<14}{r['wall_us']:>9.2f}{dev_us}{r['kv_gbps']:>9.0f}"
-              f"{base[(r['batch'], r['slots'])] / us:>7.2f}{r['max_abs_err']:>9.1e}")
-    print("(per layer's call; dev: device time from the profiler, used for GB/s and x xla where measured)")
-    meta = dict(device=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
-                date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                command=" ".join(["python", "benchmarks/decode_attention.py", *(argv if argv is not None else sys.argv[1:])]))
-    args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+        r["x_xla"] = xla_us[(r["batch"], r["slots"])] / (r["device_us"] or r["wall_us"])
+    print_table("decode attention, per layer's call (dev: device time from the profiler, used for GB/s and "
+                "x xla where measured)", rows,
+                [("B", lambda r: str(r["batch"])), ("slots", lambda r: str(r["slots"])), ("impl", lambda r: r["impl"]),
+                 ("wall us", lambda r: fmt(r["wall_us"], ".2f")), ("dev us", lambda r: fmt(r["device_us"], ".2f")),
+                 ("KV GB/s", lambda r: fmt(r["kv_gbps"], ".0f")), ("x xla", lambda r: fmt(r["x_xla"], ".2f")),
+                 ("max err", lambda r: fmt(r["max_abs_err"], ".1e"))])
+    write_json(str(args.json), {"meta": meta(argv if argv is not None else sys.argv[1:]), "device": dev.device_kind,
+                                "benchmark": "decode_attention", "rows": rows})
     return 0
 
 

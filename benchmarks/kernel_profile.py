@@ -104,12 +104,8 @@ def profile_shape(k: int, n: int, *, copies: int | None, repeats: int, trace_dir
             got = jax.block_until_ready(fn(x, ws))[0].astype(jnp.float32)
             if cfg is not None:  # not the bf16 dot
                 row["rel_err"] = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-            out = trace_dir / f"{k}x{n}_{direction}_m{m}_{name}"
-            with jax.profiler.trace(str(out)):
-                for _ in range(repeats):
-                    r = fn(x, ws)
-                jax.block_until_ready(r)
-            s = profile_summary.summarize(out, steps=repeats * len(ws), top=5)
+            s = profile_summary.profile_calls(fn, (x, ws), calls=len(ws), runs=repeats,
+                                              trace_dir=trace_dir / f"{k}x{n}_{direction}_m{m}_{name}", top=5)
             row["us"] = s["total_ms_per_step"] * 1e3
             row["kernels"] = [(o["name"], o["ms"] * 1e3) for o in s["top"]]
             nbytes = 2 * n * k if cfg is None else qw.nbytes

@@ -22,9 +22,7 @@ import argparse
 import dataclasses
 import json
 import platform
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,39 +32,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import profile_summary  # noqa: E402
+from benchmarks._common import median_seconds  # noqa: E402
+from benchmarks.profile_summary import device_us_per_call  # noqa: E402
 from qlora_jax import kernels, quantize  # noqa: E402
 
 L2_BYTES = 60 * 2**20  # at least H100/H200's L2
-
-
-def _timeit(fn, *args, runs: int) -> float:
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _device_us(fn, args, calls: int, runs: int, trace_dir: Path | None, name: str) -> float | None:
-    """Device time of one of the ``calls`` calls ``fn(*args)`` makes, over ``runs`` profiled runs (us); None
-    without a trace directory or when the trace holds no GPU kernels (CPU). ``fn`` is already compiled
-    (:func:`_timeit` ran it)."""
-    if trace_dir is None:
-        return None
-    out = trace_dir / name
-    with jax.profiler.trace(str(out)):
-        for _ in range(runs):
-            r = fn(*args)
-        jax.block_until_ready(r)
-    try:
-        us = profile_summary.summarize(out, steps=runs * calls, top=1)["total_ms_per_step"] * 1e3
-    except FileNotFoundError:
-        return None
-    return us or None
 
 
 def _calls(op, reps: int):
@@ -104,16 +74,21 @@ def bench_shape(k: int, n: int, m: int, runs: int, trace_dir: Path | None = None
             dense = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
         impl = kernels.select_implementation(xs[0], qw, transpose=direction == "bwd")
         tag = f"{k}x{n}_{direction}_m{m}"
+
+        def device_us(f, args, calls, name):  # f already compiled (median_seconds ran it)
+            out = trace_dir and trace_dir / f"{tag}_{name}"
+            return device_us_per_call(f, args, calls=calls, runs=runs, trace_dir=out)
+
         with kernels.use_implementation("auto"):  # "fused" columns: what the dispatcher runs here
             f_fused = _calls(fused, reps)
-            t_fused = _timeit(f_fused, xs, qws, runs=runs) / (reps * len(qws))
-            d_fused = _device_us(f_fused, (xs, qws), reps * len(qws), runs, trace_dir, f"{tag}_fused")
+            t_fused = median_seconds(f_fused, xs, qws, runs=runs) / (reps * len(qws))
+            d_fused = device_us(f_fused, (xs, qws), reps * len(qws), "fused")
             y_f = fused(xs[0], qw)
         f_xla, f_bf16 = _calls(xla, reps), _calls(dense, reps)
-        t_xla = _timeit(f_xla, xs, qws, runs=runs) / (reps * len(qws))
-        t_bf16 = _timeit(f_bf16, xs, bws, runs=runs) / (reps * len(bws))
-        d_xla = _device_us(f_xla, (xs, qws), reps * len(qws), runs, trace_dir, f"{tag}_xla")
-        d_bf16 = _device_us(f_bf16, (xs, bws), reps * len(bws), runs, trace_dir, f"{tag}_bf16")
+        t_xla = median_seconds(f_xla, xs, qws, runs=runs) / (reps * len(qws))
+        t_bf16 = median_seconds(f_bf16, xs, bws, runs=runs) / (reps * len(bws))
+        d_xla = device_us(f_xla, (xs, qws), reps * len(qws), "xla")
+        d_bf16 = device_us(f_bf16, (xs, bws), reps * len(bws), "bf16")
         # check the fused path against the XLA path on this shape
         y_x = xla(xs[0], qw)
         rel = float(jnp.linalg.norm((y_f - y_x).astype(jnp.float32)) / jnp.linalg.norm(y_x.astype(jnp.float32)))
@@ -157,7 +132,7 @@ def sweep(k: int, n: int, m: int, runs: int) -> list[dict]:
         xs = [jax.random.normal(jax.random.key(r), (m, k if direction == "fwd" else n), jnp.bfloat16) for r in range(4)]
         op = lambda x, w, cfg=cfg, fn=fn: fn(x, w, config=cfg)
         try:
-            t = _timeit(_calls(op, 4), xs, ws, runs=runs) / (4 * copies)
+            t = median_seconds(_calls(op, 4), xs, ws, runs=runs) / (4 * copies)
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory / registers for this tile
             print(f"  {direction} {cfg}: failed: {str(e).splitlines()[0][:120]}", flush=True)
             continue

@@ -90,6 +90,30 @@ def summarize(trace_dir: str | Path, steps: int = 1, top: int = 40) -> dict:
             "by_kind": by_kind[:top]}
 
 
+def profile_calls(fn, args: tuple, *, calls: int, runs: int, trace_dir: str | Path, top: int = 1) -> dict:
+    """Run the compiled ``fn(*args)`` (``calls`` calls of the op being measured) ``runs`` times under
+    ``jax.profiler.trace`` into ``trace_dir`` and :func:`summarize` it per call (``steps = runs * calls``)."""
+    import jax
+
+    with jax.profiler.trace(str(trace_dir)):
+        for _ in range(runs):
+            r = fn(*args)
+        jax.block_until_ready(r)
+    return summarize(trace_dir, steps=runs * calls, top=top)
+
+
+def device_us_per_call(fn, args: tuple, *, calls: int, runs: int, trace_dir: str | Path | None) -> float | None:
+    """Device time (us) of one of the ``calls`` calls ``fn(*args)`` makes (:func:`profile_calls`); None
+    without a trace directory or when the trace holds no GPU kernels (CPU)."""
+    if trace_dir is None:
+        return None
+    try:
+        us = profile_calls(fn, args, calls=calls, runs=runs, trace_dir=trace_dir)["total_ms_per_step"] * 1e3
+    except FileNotFoundError:
+        return None
+    return us or None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace_dir")

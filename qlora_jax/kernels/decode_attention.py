@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from qlora_jax.kernels import ForcedChoice
-from qlora_jax.kernels.triton_common import pow2_at_most, triton_params
+from qlora_jax.kernels.triton_common import pow2_at_most, slice_step, triton_params
 
 _NEG = -1e30  # the running max before any visible slot (finite: no inf - inf)
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
@@ -91,12 +91,12 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, len_ref, o_ref, ml_ref, *, layer, gro
     cache_at = (() if layer is None else (layer,)) + (b,)
 
     def body(j, carry):
-        start = lo + j * bs
-        b0 = jnp.minimum(start, slots - bs)  # the last step moves back inside the cache; its
-        idx = b0 + jax.lax.iota(jnp.int32, bs)  # slots already counted are masked out
-        ok = (idx >= start) & (idx < hi) & (mask_ref[b, pl.ds(b0, bs)] != 0)
-        k = k_ref[(*cache_at, pl.ds(b0, bs), h, slice(None))].astype(jnp.float32)  # [bs, D]
-        v = v_ref[(*cache_at, pl.ds(b0, bs), h, slice(None))].astype(jnp.float32)
+        # the last step moves back inside the cache (not the slice: its end may be < bs past lo); the
+        # slots it repeats and those from hi on are masked out
+        at, fresh = slice_step(j, lo, slots, bs)
+        ok = fresh & (at.start + jax.lax.iota(jnp.int32, bs) < hi) & (mask_ref[b, at] != 0)
+        k = k_ref[(*cache_at, at, h, slice(None))].astype(jnp.float32)  # [bs, D]
+        v = v_ref[(*cache_at, at, h, slice(None))].astype(jnp.float32)
         out = []
         for g in range(groups):
             o, m, l = carry[g]
