@@ -10,7 +10,7 @@ each candidate runs as one jitted program of calls on distinct weight copies (to
 time of one call (the sum of its kernels, :mod:`benchmarks.profile_summary`), the 4-bit weight's
 GB/s, and the relative error against the XLA reference, for M = ``--m`` rows of x. Candidates: the
 bf16 dot, the Pallas dequantize + XLA dot, the GEMV (M <= 8) with the gather decode and with the
-register decodes (``prmt``: fp32 FMAs; ``prmt_f16x2``: packed fp16x2 FMAs) in several tile
+register decodes (``prmt``: fp32 FMAs; ``prmt_f16x2`` / ``prmt_bf16x2``: packed fp16x2 / bf16x2 FMAs) in several tile
 configurations, and the tensor-core small-M kernel (``nf4_matmul_small_m.py``, M <= 64); ``--config``
 adds more (``kernel:small_m`` for the small-M kernel, else a GEMV).
 """
@@ -48,6 +48,9 @@ CANDIDATES = {  # name -> GEMV / small-M config (None: the bf16 dot; "dequant": 
     "gemv_prmt_f16x2_bn32_g4": G(decode="prmt_f16x2", block_n=32, blocks_per_step=4),
     "gemv_prmt_f16x2_g16": G(decode="prmt_f16x2", blocks_per_step=16),
     "gemv_prmt_f16x2_s8": G(decode="prmt_f16x2", split=8),
+    "gemv_prmt_bf16x2": G(decode="prmt_bf16x2"),
+    "gemv_prmt_bf16x2_s1": G(decode="prmt_bf16x2", split=1),
+    "gemv_prmt_bf16x2_s2": G(decode="prmt_bf16x2", split=2),
     "small_m": S(),
 }
 
@@ -91,7 +94,7 @@ def profile_shape(k: int, n: int, *, copies: int | None, repeats: int, trace_dir
             op, ws = (lambda x, w: dequant_fn(x, w, interpret=interpret)), qws
         elif isinstance(cfg, S):
             op, ws = (lambda x, w, cfg=cfg: small_fn(x, w, config=cfg, interpret=interpret)), qws
-        elif m > nf4_gemv.MAX_M or (not fwd and cfg.decode in nf4_gemv.REGISTER_DECODES):
+        elif m > nf4_gemv.MAX_M or (not fwd and cfg.decode in ("auto", *nf4_gemv.REGISTER_DECODES)):
             continue  # the GEMV takes at most MAX_M rows; its gradient has no register decode
         else:
             op, ws = (lambda x, w, cfg=cfg: gemv_fn(x, w, config=cfg, interpret=interpret)), qws

@@ -141,7 +141,8 @@ def test_kernels_lower_for_cuda_on_an_abstract_h100():
                         gemv.GemvConfig(decode="pair256", scales_in_kernel=False, reduce="step", split=1,
                                         x_layout="strided"),
                         gemv.GemvConfig(decode="prmt"), gemv.GemvConfig(decode="prmt_f16x2", split=1),
-                        gemv.GemvConfig(decode="prmt_f16x2", reduce="end")):
+                        gemv.GemvConfig(decode="prmt_f16x2", reduce="end"), gemv.GemvConfig(decode="prmt_bf16x2", split=1, x_layout="split"),
+                        gemv.GemvConfig(x_layout="strided"), gemv.GemvConfig()):
                 for fn, arg in ((gemv.nf4_gemv, x), (gemv.nf4_gemv_t, dy)):
                     f = functools.partial(fn, config=cfg)
                     text = jax.jit(f).trace(arg, w).lower(lowering_platforms=("cuda",)).as_text()
@@ -184,6 +185,14 @@ GEMV_CASES = [
     # register decodes reducing once after the loop
     (1, 172, 640, "nf4", True, gemv.GemvConfig(decode="prmt_f16x2", reduce="end", block_n=4, blocks_per_step=4, split=3)),
     (3, 64, 512, "fp4", False, gemv.GemvConfig(decode="prmt", reduce="end", split=2)),
+    # packed bf16x2 FMAs on x as it is (the bf16 default), x in planes, in place with stride 4 and split on
+    # chip: uneven K slices, M = 8, one slice (x.dtype out)
+    (1, 172, 640, "nf4", True, gemv.GemvConfig(decode="prmt_bf16x2", block_n=4, blocks_per_step=4, split=3, x_layout="split")),
+    (8, 64, 512, "fp4", False, gemv.GemvConfig(decode="prmt_bf16x2", scales_in_kernel=False, split=2, x_layout="strided")),
+    (3, 172, 640, "nf4", True, gemv.GemvConfig(decode="prmt_bf16x2", block_n=4, blocks_per_step=4, split=3,
+                                                x_layout="pairs")),
+    (1, 64, 256, "nf4", False, gemv.GemvConfig(split=1, x_layout="strided")),
+    (1, 64, 256, "nf4", False, gemv.GemvConfig(split=1, x_layout="pairs")),
 ]
 
 
@@ -223,6 +232,26 @@ def test_gemv_f16x2_keeps_precision_at_any_activation_scale(dtype, split):
         assert _rel_err(y[r], want[r]) < 1e-2, r
 
 
+@pytest.mark.parametrize("split", [1, 4])
+def test_gemv_bf16x2_keeps_precision_at_any_activation_scale(split):
+    """The bf16 default (``decode="auto"`` -> ``"prmt_bf16x2"``): x as it is, no scaling. Rows at 1e15 and
+    1e-15 (far outside fp16's range), a zero row, an outlier of 3e4, a row whose halves differ by 10^8:
+    bf16-level error; and the decode the default resolves to is the bf16 one."""
+    bf16, f16 = gemv.resolve_decode(gemv.GemvConfig(), jnp.bfloat16), gemv.resolve_decode(gemv.GemvConfig(), jnp.float16)
+    assert (bf16.decode, bf16.x_layout, f16.decode, f16.x_layout) == ("prmt_bf16x2", "pairs", "prmt_f16x2", "split")
+    w = _weight(96, 512, seed=5)
+    x = jax.random.normal(jax.random.key(9), (6, 512), jnp.float32) * 0.5
+    x = x * jnp.asarray([1e15, 1e-15, 0.0, 1.0, 1.0, 1.0])[:, None]
+    x = x.at[4, 17].set(3e4)
+    x = x.at[5, :256].multiply(1e4).at[5, 256:].multiply(1e-4).astype(jnp.bfloat16)
+    want = kernels.nf4_matmul_reference(x.astype(jnp.float32), w)
+    y = gemv.nf4_gemv(x, w, config=gemv.GemvConfig(split=split), interpret=INTERPRET)
+    assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+    assert not bool(jnp.any(y[2]))
+    for r in (0, 1, 3, 4, 5):
+        assert _rel_err(y[r], want[r]) < 1e-2, r
+
+
 def test_gemv_f16x2_with_float32_activations():
     """fp32 x with the default config: fp16 pairs of the scaled x, bf16-level error."""
     w = _weight(64, 256, seed=6)
@@ -248,6 +277,9 @@ def test_gemv_rejects_what_it_does_not_handle():
     assert "M=9" in gemv.supports(_weight(64, 128), 9)
     with pytest.raises(ValueError, match="M=16"):
         gemv.nf4_gemv(jnp.ones((16, 128), jnp.bfloat16), _weight(64, 128), interpret=True)
+    with pytest.raises(ValueError, match="x_layout='pairs'.*decode is 'prmt_f16x2'"):
+        gemv.nf4_gemv(jnp.ones((1, 128), jnp.float16), _weight(64, 128), config=gemv.GemvConfig(x_layout="pairs"),
+                      interpret=True)
 
 
 def test_gemv_llama7b_size():

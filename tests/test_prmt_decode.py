@@ -1,8 +1,9 @@
 """The register-only decode's PTX (``qlora_jax.kernels.prmt_decode``) executed instruction by
 instruction by a small emulator of the PTX it uses (mov, and, shr, shl, prmt, lop3, the half-pair
 fma) equals the codebook lookup bit for bit, for NF4 and FP4, bf16 and fp16 tables, on every byte
-value in every byte position, and so does its scaled form (the small-M kernels'); the packed fp16x2 FMA PTX, emulated with numpy's IEEE fp16 (one rounding per
-operation), equals its jnp reference."""
+value in every byte position, and so does its scaled form (the small-M kernels'); the packed fp16x2 /
+bf16x2 FMA PTX, emulated with numpy's IEEE fp16 / ml_dtypes' bf16 (one rounding per operation), equals
+its jnp reference."""
 
 from __future__ import annotations
 
@@ -108,24 +109,30 @@ def run_ptx(asm: str, word: np.ndarray, scale: np.ndarray | None = None) -> np.n
     return regs["$0"].astype(np.uint32)
 
 
-def _expected(words: np.ndarray, quant_type: str, dtype: str = "bfloat16") -> list[np.ndarray]:
+def _expected(words: np.ndarray, quant_type: str, dtype: str = "bfloat16", even_upper: bool = True) -> list[np.ndarray]:
     bits = prmt_decode.code_bits(quant_type, dtype)
     out = []
     for t in range(4):
         byte = (words >> np.uint32(8 * t)) & np.uint32(0xFF)
-        out.append(((bits[byte >> 4] << 16) | bits[byte & 0xF]).astype(np.uint32))
+        hi, lo = bits[byte >> 4], bits[byte & 0xF]
+        out.append(((hi << 16) | lo if even_upper else (lo << 16) | hi).astype(np.uint32))
     return out
 
 
+@pytest.mark.parametrize("even_upper", [True, False])
 @pytest.mark.parametrize("dtype", prmt_decode.HALF_DTYPES)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_ptx_decode_equals_codebook_lookup_bit_for_bit(quant_type, dtype):
+def test_ptx_decode_equals_codebook_lookup_bit_for_bit(quant_type, dtype, even_upper):
+    """Both pair orders: the even column (high nibble) in the upper half, or in the lower (x's order in memory)."""
     b = np.arange(256, dtype=np.uint32)
     rng = np.random.default_rng(0)
     words = np.concatenate([b << np.uint32(8 * t) | rng.integers(0, 2**32, 256, dtype=np.uint32) & ~(np.uint32(0xFF) << np.uint32(8 * t))
                             for t in range(4)] + [rng.integers(0, 2**32, 4096, dtype=np.uint32)])
-    for t, e in enumerate(_expected(words, quant_type, dtype)):
-        np.testing.assert_array_equal(run_ptx(prmt_decode.prmt_asm(quant_type, t, dtype), words), e, err_msg=f"byte {t}")
+    ref = prmt_decode.decode_words_reference(words, quant_type, dtype, even_upper)
+    for t, e in enumerate(_expected(words, quant_type, dtype, even_upper)):
+        np.testing.assert_array_equal(run_ptx(prmt_decode.prmt_asm(quant_type, t, dtype, even_upper=even_upper), words), e,
+                                      err_msg=f"byte {t}")
+        np.testing.assert_array_equal(np.asarray(ref[t]), e)
 
 
 @pytest.mark.parametrize("dtype", prmt_decode.HALF_DTYPES)
@@ -171,27 +178,41 @@ def test_reference_decode_matches_expected_and_halves_are_the_codebook():
     np.testing.assert_allclose(float(prmt_decode.lower_f32(pair)[0]), code[10], rtol=2**-8)
 
 
-def _f16(bits: np.ndarray) -> np.ndarray:
-    return bits.astype(np.uint16).view(np.float16)
+def _half(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """uint32 16-bit patterns -> ``dtype`` (float16 / bfloat16) values."""
+    import ml_dtypes
+
+    return bits.astype(np.uint16).view(np.float16 if dtype == "float16" else ml_dtypes.bfloat16)
 
 
-def run_hfma2_ptx(asm: str, args: list[np.ndarray]) -> np.ndarray:
-    """Execute :data:`prmt_decode.HFMA2_ASM` on uint32 ``args`` (``$1..$8``): fp16x2 ``mul`` / ``fma``
-    as numpy fp16 with one rounding (exact float64 products and sums first), ``mov`` unpacking,
-    ``cvt.f32.f16``, ``add.f32``; returns ``$0`` as fp32."""
-    regs: dict[str, object] = {f"${i + 1}": (_f16(a >> np.uint32(16)), _f16(a & np.uint32(0xFFFF))) for i, a in enumerate(args)}
+def run_dot_pairs_ptx(asm: str, args: list[np.ndarray], dtype: str) -> np.ndarray:
+    """Execute :func:`prmt_decode.dot_pairs_asm` on uint32 ``args`` (``$1..$8``): ``fma.rn.{f16x2,bf16x2}``
+    as numpy ``dtype`` with one rounding (exact float64 product and sum first), ``mov`` of immediates and
+    registers and the unpacking ``mov``, ``cvt.f32.f16``, ``shl`` / ``and`` on bit patterns, ``add.f32``;
+    returns ``$0`` as fp32."""
+    pair = lambda a: (_half(a >> np.uint32(16), dtype), _half(a & np.uint32(0xFFFF), dtype))  # noqa: E731
+    regs: dict[str, object] = {f"${i + 1}": pair(a) for i, a in enumerate(args)}
+    n = len(args[0])
     for op, ops in _statements(asm):
-        if op in ("mul.rn.f16x2", "fma.rn.f16x2"):
-            a, b = regs[ops[1]], regs[ops[2]]
-            c = regs[ops[3]] if op.startswith("fma") else (np.float16(0), np.float16(0))
-            regs[ops[0]] = tuple((x.astype(np.float64) * y.astype(np.float64) + z.astype(np.float64)).astype(np.float16)
+        if op in ("fma.rn.f16x2", "fma.rn.bf16x2"):
+            assert op.endswith("bf16x2") == (dtype == "bfloat16")
+            a, b, c = regs[ops[1]], regs[ops[2]], regs[ops[3]]
+            regs[ops[0]] = tuple((x.astype(np.float64) * y.astype(np.float64) + z.astype(np.float64)).astype(x.dtype)
                                  for x, y, z in zip(a, b, c))
+        elif op == "mov.b32" and ops[1].startswith("0x"):
+            regs[ops[0]] = pair(np.full(n, int(ops[1], 16), np.uint32))
         elif op == "mov.b32" and ops[0].startswith("{"):
             hi, lo = regs[ops[1]]
-            names = [n.strip() for n in ops[0].strip("{}").split(",")]
+            names = [t.strip() for t in ops[0].strip("{}").split(",")]
             regs[names[0]], regs[names[1]] = lo, hi  # {low half, high half}
         elif op == "cvt.f32.f16":
             regs[ops[0]] = regs[ops[1]].astype(np.float32)
+        elif op == "shl.b32":  # the lower bf16 half moved up: its fp32 value
+            assert ops[2] == "16"
+            regs[ops[0]] = regs[ops[1]][1].astype(np.float32)
+        elif op == "and.b32":  # the upper bf16 half kept: its fp32 value
+            assert ops[2] == "0xFFFF0000"
+            regs[ops[0]] = regs[ops[1]][0].astype(np.float32)
         elif op == "add.f32":
             regs[ops[0]] = regs[ops[1]] + regs[ops[2]]
         elif op == "mov.b32":
@@ -201,23 +222,30 @@ def run_hfma2_ptx(asm: str, args: list[np.ndarray]) -> np.ndarray:
     return regs["$0"]
 
 
-def test_hfma2_ptx_equals_its_reference():
-    """Four fp16 weight pairs (decoded codes) times four fp16 activation pairs in [-1, 1]: the PTX's
-    fp32 result equals ``dot_pairs_f16_reference`` and is within fp16 rounding of the exact sum."""
+@pytest.mark.parametrize("dtype", prmt_decode.HALF_DTYPES)
+def test_dot_pairs_ptx_equals_its_reference(dtype):
+    """Four ``dtype`` weight pairs (decoded codes) times four activation pairs (fp16: in [-1, 1]; bf16: any
+    magnitude): the PTX's fp32 result equals ``dot_pairs_reference`` and is within ``dtype`` rounding of the
+    exact sum (3 roundings per half, each at most half an ulp of a partial sum)."""
     import jax.numpy as jnp
 
     rng = np.random.default_rng(2)
     n = 4096
-    pairs = prmt_decode.decode_words_reference(jnp.asarray(rng.integers(0, 2**32, n, dtype=np.uint32)), "nf4", "float16")
+    pairs = prmt_decode.decode_words_reference(jnp.asarray(rng.integers(0, 2**32, n, dtype=np.uint32)), "nf4", dtype)
     pairs = [np.asarray(p) for p in pairs]
+    mag = 1.0 if dtype == "float16" else np.exp(rng.uniform(-20, 20, n))  # bf16: unscaled x, any range
     xs = []
     for _ in range(4):
-        h = rng.uniform(-1, 1, (2, n)).astype(np.float16).view(np.uint16).astype(np.uint32)
+        v = rng.uniform(-1, 1, (2, n)) * mag
+        h = np.asarray(jnp.asarray(v, jnp.float32).astype(dtype)).view(np.uint16).astype(np.uint32)
         xs.append((h[0] << np.uint32(16)) | h[1])
-    got = run_hfma2_ptx(prmt_decode.HFMA2_ASM, pairs + xs)
-    ref = np.asarray(prmt_decode.dot_pairs_f16_reference(tuple(map(jnp.asarray, pairs)), tuple(map(jnp.asarray, xs))))
+    got = run_dot_pairs_ptx(prmt_decode.dot_pairs_asm(dtype), pairs + xs, dtype)
+    ref = np.asarray(prmt_decode.dot_pairs_reference(tuple(map(jnp.asarray, pairs)), tuple(map(jnp.asarray, xs)), dtype))
     np.testing.assert_array_equal(got, ref)
-    exact = sum(_f16(p >> np.uint32(16)).astype(np.float64) * _f16(x >> np.uint32(16)).astype(np.float64)
-                + _f16(p & np.uint32(0xFFFF)).astype(np.float64) * _f16(x & np.uint32(0xFFFF)).astype(np.float64)
+    f64 = lambda a: _half(a, dtype).astype(np.float64)  # noqa: E731
+    exact = sum(f64(p >> np.uint32(16)) * f64(x >> np.uint32(16)) + f64(p & np.uint32(0xFFFF)) * f64(x & np.uint32(0xFFFF))
                 for p, x in zip(pairs, xs))
-    assert np.max(np.abs(got - exact)) < 4 * 2.0**-10 * 4  # 3 roundings per half, each <= 2^-11 * |partial| <= 4
+    bound = sum(np.abs(f64(p >> np.uint32(16)) * f64(x >> np.uint32(16))) + np.abs(f64(p & np.uint32(0xFFFF)) * f64(x & np.uint32(0xFFFF)))
+                for p, x in zip(pairs, xs))
+    ulp = 2.0**-11 if dtype == "float16" else 2.0**-8  # half an ulp, relative
+    assert np.all(np.abs(got - exact) <= 4 * ulp * bound + 1e-30)

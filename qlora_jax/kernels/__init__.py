@@ -4,9 +4,10 @@
 
 * on a GPU, 16-bit activations, one 2-D weight:
   - forward with M <= ``GEMV_AUTO_MAX_M`` = 2 (decoding one or two sequences): the Pallas GEMV
-    ``nf4_gemv.py`` with the register decode and packed fp16x2 FMAs — it streams the 4-bit weight
-    once. Device time on 4096x11008 / 11008x4096 / 8192x22016 at M = 1 (profiler traces, RESULTS.md,
-    eighth session): 15.5 / 19.8 / 48.8 us, 1.4-1.7x faster than the bf16 dot;
+    ``nf4_gemv.py`` with the register decode and packed bf16x2 FMAs on x as it is (fp16x2 on x scaled
+    into fp16's range for fp16 activations) — it streams the 4-bit weight once. Device time on
+    4096x11008 / 11008x4096 / 8192x22016 at M = 1 (profiler traces, RESULTS.md, tenth session): 15.2 /
+    18.4 / 48.0 us, 1.5-1.8x faster than the bf16 dot;
   - forward and input gradient with M <= 64 (batched decoding, small batches): the tensor-core
     small-M kernel ``nf4_matmul_small_m.py`` (the same register decode, ``jnp.dot`` on the decoded
     tiles): its time hardly depends on M. Forward at M = 8: 24.3 / 25.8 / 74.8 us (1.05-1.2x faster

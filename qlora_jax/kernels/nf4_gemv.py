@@ -33,14 +33,23 @@ byte permutes (``prmt_decode.py``: no gathers, no table in memory); x comes as f
 parity ``[Mp, 4, NB, hb/4]`` (plane ``t`` = the columns of byte ``t`` of each word), and the block
 scale multiplies each block's partial sum once instead of every weight.
 
-``decode="prmt_f16x2"`` (the default; forward only) decodes the words into fp16 pairs instead and
-multiplies them by x's fp16 pairs with packed fp16x2 FMAs (``prmt_decode.dot_pairs_f16``: four
+``decode="prmt_f16x2"`` (forward only) decodes the words into fp16 pairs instead and
+multiplies them by x's fp16 pairs with packed fp16x2 FMAs (``prmt_decode.dot_pairs``: four
 instructions for a word's 8 products, instead of 8 FMAs plus 8 bf16 -> fp32 conversions of the
 weights and 8 of x); each word's two fp16 partial sums go to fp32, and fp32 from there on. x enters
 as one plane of fp16 pairs per byte position, each row scaled by a power of two into [-1, 1]
 first (undone on the output), so no fp16 product or 4-term sum can overflow. The ncu profile of the
 fp32-FMA kernel (``"prmt"``) showed it bound by instruction issue (0.74 warp instructions per cycle
 per scheduler, 19% of DRAM bandwidth), so this variant cuts instructions per weight.
+
+``decode="prmt_bf16x2"`` (forward only) is the same with bf16 pairs and ``fma.rn.bf16x2``: x needs no
+scaling (bf16 has fp32's range), so no row reduction runs before the kernel; x's layout
+(``GemvConfig.x_layout``): ``"split"``, one XLA layout pass into the planes above; ``"strided"`` /
+``"pairs"``, none: the kernel reads x's bf16 pairs as they lie in memory (``[Mp, NB, hb/4, 4]`` uint32, a
+free reshape) with stride 4 per byte position, or contiguously and splits them on chip (through shared
+memory), and decodes each word with the even column in the lower half to match. Each word's two
+4-product partial sums are rounded to bf16 (8 bits of mantissa) before fp32. ``decode="auto"`` (the default): ``"prmt_bf16x2"`` for bf16
+activations, ``"prmt_f16x2"`` otherwise.
 
 * forward ``y [M, N] = x [M, K] @ W.T``: program ``(i, s)`` owns rows ``i*block_n ..`` and the
   ``s``-th of ``split`` K slices; partials ``[split, Mp, N]`` fp32 (``split == 1``: the output
@@ -80,8 +89,9 @@ from qlora_jax.kernels.triton_common import (
 from qlora_jax.nf4 import QuantizedTensor, codebook
 
 MAX_M = 8
-DECODES = ("gather16", "pair256", "prmt", "prmt_f16x2")
-REGISTER_DECODES = ("prmt", "prmt_f16x2")  # forward only; the input gradient uses "pair256"
+DECODES = ("auto", "gather16", "pair256", "prmt", "prmt_f16x2", "prmt_bf16x2")
+REGISTER_DECODES = ("prmt", "prmt_f16x2", "prmt_bf16x2")  # forward only; the input gradient uses "pair256"
+PAIR_DECODES = {"prmt_f16x2": "float16", "prmt_bf16x2": "bfloat16"}  # packed-FMA decodes -> their half dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +102,9 @@ class GemvConfig:
     power of two dividing N (forward). ``blocks_per_step``: quantization blocks per row and loop
     step (forward; ``* blocksize/2`` contiguous bytes per row) or owned by one program (gradient;
     rounded down to a power of two dividing K/blocksize). ``split``: K slices (forward) or N
-    slices (gradient). ``decode``: ``"prmt_f16x2"`` or ``"prmt"`` (register decodes, forward; the
-    input gradient uses ``"pair256"``), ``"gather16"`` or ``"pair256"`` (module docstring).
+    slices (gradient). ``decode``: ``"auto"`` (``"prmt_bf16x2"`` for bf16 x, else ``"prmt_f16x2"``),
+    ``"prmt_bf16x2"``, ``"prmt_f16x2"`` or ``"prmt"`` (register decodes, forward; the input gradient uses
+    ``"pair256"``), ``"gather16"`` or ``"pair256"`` (module docstring).
     ``scales_in_kernel``: decode double-quantized scales in the kernel (else one small XLA op
     makes fp32 ``[N, NB]`` scales first: 4 extra bytes read per 32 code bytes).
     ``reduce``: ``"end"`` keeps one elementwise fp32 accumulator per row of x the size of the byte
@@ -102,24 +113,30 @@ class GemvConfig:
     into ``[block_n]`` (forward) or ``[blocks_per_step, hb]`` (gradient) accumulators; ``"auto"`` (the
     default) picks ``"end"`` for a register decode's forward with one row of x, else ``"step"`` (what
     the H200 measurements favour, below).
-    ``x_layout`` (forward): ``"split"`` de-interleaves x into even / odd columns with one small XLA
-    op first, so the kernel's activation loads are contiguous (vectorizable); ``"strided"`` reads
-    x in place with stride 2 (no op before the kernel, but scalar loads: one per weight and row of x).
+    ``x_layout`` (forward): ``"split"`` de-interleaves x into even / odd columns (the register decodes:
+    into per-byte-position planes) with one small XLA op first, so the kernel's activation loads are
+    contiguous (vectorizable); ``"strided"`` reads x in place with stride 2 (the gather decodes: scalar
+    loads, one per weight and row of x) or 4 (``"prmt_bf16x2"``: one per code word and row of x);
+    ``"pairs"`` (``"prmt_bf16x2"`` only) reads x in place contiguously and splits the byte positions on
+    chip. ``"prmt"`` and ``"prmt_f16x2"`` always take the XLA op's planes. ``"auto"`` (the default):
+    ``"pairs"`` for ``"prmt_bf16x2"``, else ``"split"``.
     ``num_warps`` / ``num_stages``: Triton's.
     """
 
     block_n: int = 16
     blocks_per_step: int = 8
     split: int = 4
-    # register decode + fp16x2 FMAs: at M = 1 1.2-1.3x faster than "prmt" (fp32 FMAs) and 1.6-1.9x than
+    # register decode + packed FMAs: fp16x2 at M = 1 1.2-1.3x faster than "prmt" (fp32 FMAs) and 1.6-1.9x than
     # "gather16" on the three LLaMA shapes; at M = 8 1.6-1.9x faster than "prmt" (H200 profiles, RESULTS.md)
-    decode: str = "prmt_f16x2"
+    decode: str = "auto"
     scales_in_kernel: bool = True
     # "auto": "end" for the register decodes at Mp = 1 (H200, sixth session: 5-10% faster on three of the four
     # joined 7B shapes, 1.5% slower on 11008x4096) and "step" otherwise ("end" 2-8% slower at M = 8; "step"
     # fastest for the gather decodes at M = 1, second session's sweep). benchmarks/RESULTS.md.
     reduce: str = "auto"
-    x_layout: str = "split"
+    # "auto": "pairs" for "prmt_bf16x2" (H200, tenth session: 3-10% faster per call than its XLA planes, 1.1-1.4x
+    # faster than "strided"; 7B batch-1 decoding 2.76 / 2.80 / 3.32 ms per token), "split" for the other decodes
+    x_layout: str = "auto"
     num_warps: int = 4
     num_stages: int = 3
 
@@ -192,15 +209,19 @@ def _fwd_kernel(xe_ref, xo_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_
         o_ref[0, m, :] = acc.astype(o_ref.dtype)
 
 
-def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_type, interpret, f16x2,
-                      reduce_at_end=False):
+def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_type, interpret, half,
+                      reduce_at_end=False, natural_x=None):
     """The register decodes: as :func:`_fwd_kernel`, on uint32 words ``p_ref [N, NB, hb/4]``.
 
-    ``decode="prmt"`` (``f16x2=False``): ``refs[:2]`` are x planes ``xe / xo [Mp, 4, NB, hb/4]`` (even /
+    ``decode="prmt"`` (``half=None``): ``refs[:2]`` are x planes ``xe / xo [Mp, 4, NB, hb/4]`` (even /
     odd columns of byte ``t`` of each word); the bf16-rounded codes times x in fp32 FMAs.
-    ``decode="prmt_f16x2"``: ``refs[0]`` is ``xp [Mp, 4, NB, hb/4]`` uint32, the fp16 pair (even column
-    upper, odd lower) of byte ``t`` of each word, of x scaled into [-1, 1]; fp16 codes times those pairs
-    in packed fp16x2 FMAs, fp32 from each word's 8-product sums on.
+    ``decode="prmt_f16x2"`` / ``"prmt_bf16x2"`` (``half`` = ``"float16"`` / ``"bfloat16"``): ``refs[0]`` is
+    ``xp [Mp, 4, NB, hb/4]`` uint32, the ``half`` pair (even column upper, odd lower) of byte ``t`` of each
+    word (fp16: of x scaled into [-1, 1]); codes rounded to ``half`` times those pairs in packed FMAs, fp32
+    from each word's 8-product sums on. ``natural_x`` (``"strided"`` / ``"pairs"``, bf16): ``refs[0]`` is x
+    itself as uint32 pairs ``[Mp, NB, hb/4, 4]`` (pair ``t`` of word ``w``: columns ``8w + 2t`` in the lower
+    half, ``+ 1`` in the upper), read with stride 4 per byte position, or contiguously and split on chip;
+    the decode puts the even column lower to match.
     ``reduce_at_end``: accumulate ``scale * (word sums)`` elementwise in a ``[bn, g, hb/4]`` fp32 tile per
     row of x and reduce it once after the loop, instead of reducing every step.
     """
@@ -213,14 +234,21 @@ def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_ty
     def body(c, accs):
         blocks, scale = k_step(c, lo_b, hi_b, g, rows, (a_ref, na_ref, nc_ref, off_ref), nb, dq_in_kernel)  # [bn, g]
         pairs = prmt_decode.decode_words(p_ref[rows, blocks, :], quant_type, interpret=interpret,
-                                         dtype="float16" if f16x2 else "bfloat16")  # 4 x [bn, g, hb/4]
-        if not f16x2:
+                                         dtype=half or "bfloat16", even_upper=not natural_x)  # 4 x [bn, g, hb/4]
+        if not half:
             halves = [(prmt_decode.upper_f32(p), prmt_decode.lower_f32(p)) for p in pairs]
         out = []
         for m in range(mp):
-            if f16x2:
+            if natural_x == "strided":  # the pairs of byte position t: every 4th uint32 of x (x stays in L1)
+                xp = [jnp.broadcast_to(x_refs[0][m, blocks, :, t][None], pairs[0].shape) for t in range(4)]
+                prod = prmt_decode.dot_pairs(pairs, xp, dtype=half, interpret=interpret)
+            elif natural_x == "pairs":  # [g, hb/4, 4] contiguous, split into the 4 byte positions on chip
+                xw = x_refs[0][m, blocks, :, :]
+                xp = [jnp.broadcast_to(p.reshape(xw.shape[:2])[None], pairs[0].shape) for p in jnp.split(xw, 4, axis=-1)]
+                prod = prmt_decode.dot_pairs(pairs, xp, dtype=half, interpret=interpret)
+            elif half:
                 xp = [jnp.broadcast_to(x_refs[0][m, t, blocks, :][None], pairs[0].shape) for t in range(4)]
-                prod = prmt_decode.dot_pairs_f16(pairs, xp, interpret=interpret)
+                prod = prmt_decode.dot_pairs(pairs, xp, dtype=half, interpret=interpret)
             else:
                 prod = None
                 for t, (whi, wlo) in enumerate(halves):
@@ -241,21 +269,25 @@ def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_ty
         o_ref[0, m, :] = acc.astype(o_ref.dtype)
 
 
-def f16_pair_planes(x2: jax.Array, blocksize: int) -> tuple[jax.Array, jax.Array]:
-    """``x2 [Mp, K]`` -> (uint32 ``[Mp, 4, NB, hb/4]`` fp16 pairs of ``x2 / scale`` (plane ``t``: the
-    columns of byte ``t`` of each code word; even column in the upper half), fp32 ``scale [Mp]``).
+def pair_planes(x2: jax.Array, blocksize: int, half: str) -> tuple[jax.Array, jax.Array | None]:
+    """``x2 [Mp, K]`` -> (uint32 ``[Mp, 4, NB, hb/4]`` ``half`` pairs (plane ``t``: the columns of byte ``t``
+    of each code word; even column in the upper half), and fp32 ``scale [Mp]`` or None).
 
-    ``scale`` is the power of two at or above each row's largest magnitude (1 for a zero row), so the
-    scaled row lies in [-1, 1] (fp16's range holds any bf16 activation after it) and is exact to
-    fp16 except where it falls below fp16's normal range (2^-14 of the row's maximum).
+    ``half="float16"``: pairs of ``x2 / scale``, ``scale`` the power of two at or above each row's largest
+    magnitude (1 for a zero row), so the scaled row lies in [-1, 1] (fp16's range holds any bf16 activation
+    after it) and is exact to fp16 except where it falls below fp16's normal range (2^-14 of the row's
+    maximum). ``half="bfloat16"``: x rounded to bf16 as it is, no scale (one layout pass).
     """
     mp, k = x2.shape
     nb, hb = k // blocksize, blocksize // 2
-    xf = x2.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=1)
-    _, e = jnp.frexp(amax)  # amax = f * 2^e, f in [0.5, 1): 2^e >= amax
-    scale = jnp.where(amax > 0, jnp.ldexp(jnp.ones_like(amax), e), 1.0)
-    bits = jax.lax.bitcast_convert_type((xf / scale[:, None]).astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
+    scale = None
+    if half == "float16":
+        xf = x2.astype(jnp.float32)
+        amax = jnp.max(jnp.abs(xf), axis=1)
+        _, e = jnp.frexp(amax)  # amax = f * 2^e, f in [0.5, 1): 2^e >= amax
+        scale = jnp.where(amax > 0, jnp.ldexp(jnp.ones_like(amax), e), 1.0)
+        x2 = xf / scale[:, None]
+    bits = jax.lax.bitcast_convert_type(x2.astype(half), jnp.uint16).astype(jnp.uint32)
     pairs = (bits[:, 0::2] << 16) | bits[:, 1::2]  # [Mp, K/2]
     return pairs.reshape(mp, nb, hb // 4, 4).transpose(0, 3, 1, 2), scale
 
@@ -293,6 +325,17 @@ def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
             e, o = jnp.sum(e, axis=0), jnp.sum(o, axis=0)
         o_ref[0, m, :, :, 0] = e.astype(o_ref.dtype)
         o_ref[0, m, :, :, 1] = o.astype(o_ref.dtype)
+
+
+def resolve_decode(config: GemvConfig, dtype) -> GemvConfig:
+    """``decode="auto"`` -> ``"prmt_bf16x2"`` for bf16 activations (x read as it is), ``"prmt_f16x2"`` for the
+    others (fp16 products of x scaled into [-1, 1]); ``x_layout="auto"`` -> ``"pairs"`` for ``"prmt_bf16x2"``,
+    else ``"split"``."""
+    if config.decode == "auto":
+        config = dataclasses.replace(config, decode="prmt_bf16x2" if jnp.dtype(dtype) == jnp.bfloat16 else "prmt_f16x2")
+    if config.x_layout == "auto":
+        config = dataclasses.replace(config, x_layout="pairs" if config.decode == "prmt_bf16x2" else "split")
+    return config
 
 
 def _reduce_at_end(config: GemvConfig, mp: int, direction: str = "fwd") -> bool:
@@ -342,9 +385,15 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
              interpret: bool = False) -> jax.Array:
     """``x [..., K] @ dequant(w [N, K]).T -> [..., N]`` in ``x.dtype``; M = prod(...) <= 8.
 
-    fp32 decode and accumulation (the weight is never rounded to ``x.dtype``).
+    fp32 accumulation; with a packed-FMA decode (the default) each code word's 8 products are summed in
+    fp16 / bf16 first (``GemvConfig.decode``).
     """
     m = _validate("nf4_gemv", x, w, 1)
+    config = resolve_decode(config, x.dtype)
+    if config.x_layout not in ("split", "strided", "pairs") or (
+            config.x_layout == "pairs" and config.decode != "prmt_bf16x2"):
+        raise ValueError(f"x_layout={config.x_layout!r}: 'split' or 'strided' (any decode), or 'pairs' "
+                         f"(decode 'prmt_bf16x2'); decode is {config.decode!r}")
     if config.decode in REGISTER_DECODES and not interpret and prmt_decode.rocm_backend():
         config = dataclasses.replace(config, decode="pair256")  # the same bf16-rounded codes, by table
     n, k = w.shape
@@ -357,8 +406,13 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     bn = pow2_divisor(n, config.block_n)
     operands, dq = _weight_operands(w, config)
     x_scale = None
-    if config.decode == "prmt_f16x2":
-        xp, x_scale = f16_pair_planes(x2, w.blocksize)
+    natural_x = None
+    if config.decode == "prmt_bf16x2" and config.x_layout in ("strided", "pairs"):
+        # x as it is: its bf16 pairs, a free reshape (no XLA op before the kernel)
+        pairs = jax.lax.bitcast_convert_type(x2.astype(jnp.bfloat16).reshape(mp, k // 2, 2), jnp.uint32)
+        xs, natural_x = (pairs.reshape(mp, nb, hb // 4, 4),), config.x_layout
+    elif config.decode in PAIR_DECODES:
+        xp, x_scale = pair_planes(x2, w.blocksize, PAIR_DECODES[config.decode])
         xs = (xp,)
     elif config.decode == "prmt":
         planes = lambda half: half.reshape(mp, nb, hb // 4, 4).transpose(0, 3, 1, 2)  # [Mp, 4, NB, hb/4]
@@ -366,7 +420,8 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     if config.decode in REGISTER_DECODES:
         kernel = functools.partial(_fwd_kernel_words, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
                                    dq_in_kernel=dq, quant_type=w.quant_type, interpret=interpret,
-                                   f16x2=config.decode == "prmt_f16x2",
+                                   half=PAIR_DECODES.get(config.decode),
+                                   natural_x=natural_x,
                                    reduce_at_end=_reduce_at_end(config, mp))
     else:
         if config.x_layout == "strided":
@@ -375,7 +430,7 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
         elif config.x_layout == "split":
             xs = (x2[:, 0::2].reshape(mp, nb, hb), x2[:, 1::2].reshape(mp, nb, hb))
         else:
-            raise ValueError(f"x_layout={config.x_layout!r} is not 'split' or 'strided'")
+            raise AssertionError(config.x_layout)  # ruled out above
         kernel = functools.partial(_fwd_kernel, bn=bn, g=g, steps=steps, split=split, nb=nb, mp=mp,
                                    dq_in_kernel=dq, decode=config.decode, x_strided=config.x_layout == "strided",
                                    reduce_at_end=_reduce_at_end(config, mp))
@@ -403,7 +458,7 @@ def nf4_gemv_t(dy: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAUL
                interpret: bool = False) -> jax.Array:
     """``dy [..., N] @ dequant(w [N, K]) -> [..., K]`` in ``dy.dtype``; M = prod(...) <= 8."""
     m = _validate("nf4_gemv_t", dy, w, 0)
-    if config.decode in REGISTER_DECODES:  # the register decodes are forward-only; bf16-rounded codes
+    if config.decode in ("auto", *REGISTER_DECODES):  # the register decodes are forward-only; bf16-rounded codes
         config = dataclasses.replace(config, decode="pair256")
     n, k = w.shape
     nb, hb = k // w.blocksize, w.blocksize // 2

@@ -61,9 +61,12 @@ def _table_words(bytes16: np.ndarray) -> list[int]:
 
 
 @functools.cache
-def prmt_asm(quant_type: str, t: int, dtype: str = "bfloat16", scaled: bool = False) -> str:
+def prmt_asm(quant_type: str, t: int, dtype: str = "bfloat16", scaled: bool = False,
+             even_upper: bool = True) -> str:
     """The PTX body: ``$1`` = a packed uint32 word, ``$0`` = the ``dtype`` (bf16 or fp16) pair of its
-    byte ``t`` (0..3). ``scaled``: ``$2`` is a ``dtype`` pair and ``$0`` the decoded pair times it (one
+    byte ``t`` (0..3): the high nibble's value (the even column) in the upper half, or with
+    ``even_upper=False`` in the lower half (the order of a row's bf16 pairs in memory). ``scaled``: ``$2``
+    is a ``dtype`` pair and ``$0`` the decoded pair times it (one
     ``fma.rn.bf16x2`` / ``fma.rn.f16x2`` with -0.0 added: the product rounded once, signed zeros kept).
 
     One statement per output byte (jax's Triton lowering of inline asm takes one result); the four
@@ -92,7 +95,7 @@ def prmt_asm(quant_type: str, t: int, dtype: str = "bfloat16", scaled: bool = Fa
         "prmt.b32 hi, u2, u3, s;",
         "lop3.b32 l, lo, hi, m, 0xD8;",
         # byte 2g + half: [L(lo nibble), H(lo nibble), L(hi nibble), H(hi nibble)]
-        f"prmt.b32 {'r' if scaled else '$0'}, l, h, {('0x5140', '0x7362')[half]};",
+        f"prmt.b32 {'r' if scaled else '$0'}, l, h, {(('0x4051', '0x6273'), ('0x5140', '0x7362'))[even_upper][half]};",
         *(["mov.b32 nz, 0x80008000;", f"fma.rn.{'bf16x2' if dtype == 'bfloat16' else 'f16x2'} $0, r, $2, nz;"]
           if scaled else []),
         "}",
@@ -106,7 +109,8 @@ def rocm_backend() -> bool:
     return "rocm" in jax.devices()[0].client.platform_version.lower()
 
 
-def decode_words_reference(words: jax.Array, quant_type: str, dtype: str = "bfloat16") -> tuple[jax.Array, ...]:
+def decode_words_reference(words: jax.Array, quant_type: str, dtype: str = "bfloat16",
+                           even_upper: bool = True) -> tuple[jax.Array, ...]:
     """What the PTX computes, as jnp gathers: uint32 ``words`` -> four uint32 arrays of ``dtype`` pairs."""
     bits = [int(b) for b in code_bits(quant_type, dtype)]
 
@@ -119,7 +123,8 @@ def decode_words_reference(words: jax.Array, quant_type: str, dtype: str = "bflo
     out = []
     for t in range(4):
         byte = (words >> (8 * t)) & 0xFF
-        out.append((lookup(byte >> 4) << 16) | lookup(byte & 0xF))
+        hi, lo = lookup(byte >> 4), lookup(byte & 0xF)
+        out.append((hi << 16) | lo if even_upper else (lo << 16) | hi)
     return tuple(out)
 
 
@@ -148,14 +153,15 @@ def mul_pairs_reference(a: jax.Array, b: jax.Array, dtype: str = "bfloat16") -> 
 
 
 def decode_words(words: jax.Array, quant_type: str, *, interpret: bool, dtype: str = "bfloat16",
-                 scale_pairs: jax.Array | None = None) -> tuple[jax.Array, ...]:
+                 scale_pairs: jax.Array | None = None, even_upper: bool = True) -> tuple[jax.Array, ...]:
     """Inside a Pallas/Triton kernel: uint32 ``words`` (any shape) -> four uint32 arrays of the same
-    shape; output ``t`` is ``half(code[hi nibble]) << 16 | half(code[lo nibble])`` of byte ``t``,
-    ``half`` = ``dtype`` (bfloat16 or float16). ``scale_pairs`` (uint32 :func:`half_pair` values of
+    shape; output ``t`` is ``half(code[hi nibble]) << 16 | half(code[lo nibble])`` of byte ``t``
+    (halves swapped with ``even_upper=False``), ``half`` = ``dtype`` (bfloat16 or float16).
+    ``scale_pairs`` (uint32 :func:`half_pair` values of
     ``words``' shape): each pair multiplied by it in ``dtype`` (:func:`mul_pairs_reference`)."""
     scaled = scale_pairs is not None
     if interpret:
-        pairs = decode_words_reference(words, quant_type, dtype)
+        pairs = decode_words_reference(words, quant_type, dtype, even_upper)
         return tuple(mul_pairs_reference(p, scale_pairs, dtype) for p in pairs) if scaled else pairs
     from jax.experimental.pallas import triton as pltriton
 
@@ -164,7 +170,7 @@ def decode_words(words: jax.Array, quant_type: str, *, interpret: bool, dtype: s
     args = [jax.lax.bitcast_convert_type(a, jnp.int32) for a in ((words, scale_pairs) if scaled else (words,))]
     constraints = "=r" + ",r" * len(args)
     return tuple(jax.lax.bitcast_convert_type(
-        pltriton.elementwise_inline_asm(prmt_asm(quant_type, t, dtype, scaled), args=args, constraints=constraints,
+        pltriton.elementwise_inline_asm(prmt_asm(quant_type, t, dtype, scaled, even_upper), args=args, constraints=constraints,
                                         pack=1, result_shape_dtypes=[out])[0], jnp.uint32) for t in range(4))
 
 
@@ -178,26 +184,32 @@ def lower_f32(pair: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(pair << 16, jnp.float32)
 
 
-# $0 (fp32 bits) = sum over t of the two halves of $(1+t) * $(5+t): four packed fp16 pairs of weights times
-# four of activations (fp16x2 FMAs, one rounding to fp16 per operation), then the two fp16 partial sums
-# converted to fp32 and added. Each half sums 4 products: with weights and activations in [-1, 1]
-# (the GEMV scales x by a power of two first) no partial sum leaves fp16's range.
-HFMA2_ASM = "\n".join([
-    "{",
-    ".reg .b32 acc;",
-    ".reg .b16 al, ah;",
-    ".reg .f32 fl, fh;",
-    "mul.rn.f16x2 acc, $1, $5;",
-    "fma.rn.f16x2 acc, $2, $6, acc;",
-    "fma.rn.f16x2 acc, $3, $7, acc;",
-    "fma.rn.f16x2 acc, $4, $8, acc;",
-    "mov.b32 {al, ah}, acc;",
-    "cvt.f32.f16 fl, al;",
-    "cvt.f32.f16 fh, ah;",
-    "add.f32 fl, fl, fh;",
-    "mov.b32 $0, fl;",
-    "}",
-])
+@functools.cache
+def dot_pairs_asm(dtype: str = "float16") -> str:
+    """PTX: ``$0`` (fp32 bits) = the sum over t < 4 of the two halves of ``$(1+t) * $(5+t)``: four packed
+    ``dtype`` (fp16 or bf16) pairs of weights times four of activations in one chain of ``dtype``x2 FMAs
+    (one rounding to ``dtype`` per operation; the first adds -0.0, which keeps signed zeros), then the
+    two partial sums converted to fp32 and added. fp16: each half sums 4 products; with weights and
+    activations in [-1, 1] (the GEMV scales x by a power of two first) no partial sum leaves fp16's
+    range. bf16: x as it is (bf16's range is fp32's), each partial sum rounded to 8 bits of mantissa."""
+    if dtype not in HALF_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {HALF_DTYPES}")
+    op = "fma.rn.bf16x2" if dtype == "bfloat16" else "fma.rn.f16x2"
+    to_f32 = (["shl.b32 fl, acc, 16;", "and.b32 fh, acc, 0xFFFF0000;"] if dtype == "bfloat16" else
+              ["mov.b32 {al, ah}, acc;", "cvt.f32.f16 fl, al;", "cvt.f32.f16 fh, ah;"])
+    return "\n".join([
+        "{",
+        ".reg .b32 acc, nz;",
+        ".reg .b16 al, ah;",
+        ".reg .f32 fl, fh;",
+        "mov.b32 nz, 0x80008000;",
+        f"{op} acc, $1, $5, nz;",
+        *[f"{op} acc, ${1 + t}, ${5 + t}, acc;" for t in range(1, 4)],
+        *to_f32,
+        "add.f32 fl, fl, fh;",
+        "mov.b32 $0, fl;",
+        "}",
+    ])
 
 
 def _f16_halves(pair: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -206,29 +218,30 @@ def _f16_halves(pair: jax.Array) -> tuple[jax.Array, jax.Array]:
     return f16(pair >> 16), f16(pair & jnp.uint32(0xFFFF))
 
 
-def dot_pairs_f16_reference(pairs: tuple[jax.Array, ...], xpairs: tuple[jax.Array, ...]) -> jax.Array:
-    """What :data:`HFMA2_ASM` computes, in jnp (fp32 arithmetic rounded to fp16 after every operation;
-    a product of two fp16 values is exact in fp32, so only a sum can round twice)."""
+def dot_pairs_reference(pairs: tuple[jax.Array, ...], xpairs: tuple[jax.Array, ...],
+                        dtype: str = "float16") -> jax.Array:
+    """What :func:`dot_pairs_asm` computes, in jnp (fp32 arithmetic rounded to ``dtype`` after every
+    operation; a product of two 16-bit floats is exact in fp32, so only a sum can round twice)."""
     acc = None
     for p, x in zip(pairs, xpairs):
-        (ph, pl_), (xh, xl) = _f16_halves(p), _f16_halves(x)
+        (ph, pl_), (xh, xl) = pair_halves_f32(p, dtype), pair_halves_f32(x, dtype)
         if acc is None:
-            acc = ((ph * xh).astype(jnp.float16), (pl_ * xl).astype(jnp.float16))
+            acc = ((ph * xh).astype(dtype), (pl_ * xl).astype(dtype))
         else:
-            acc = ((ph * xh + acc[0].astype(jnp.float32)).astype(jnp.float16),
-                   (pl_ * xl + acc[1].astype(jnp.float32)).astype(jnp.float16))
+            acc = ((ph * xh + acc[0].astype(jnp.float32)).astype(dtype),
+                   (pl_ * xl + acc[1].astype(jnp.float32)).astype(dtype))
     return acc[1].astype(jnp.float32) + acc[0].astype(jnp.float32)
 
 
-def dot_pairs_f16(pairs: tuple[jax.Array, ...], xpairs: tuple[jax.Array, ...], *, interpret: bool) -> jax.Array:
-    """Inside a Pallas/Triton kernel: four uint32 arrays of fp16 weight pairs (``decode_words(...,
-    dtype="float16")``) and four of fp16 activation pairs, all the same shape -> fp32, per element the
-    sum of the 8 products (packed fp16x2 FMAs: a quarter of the fp32 FMAs' instructions)."""
+def dot_pairs(pairs: tuple[jax.Array, ...], xpairs: tuple[jax.Array, ...], *, dtype: str, interpret: bool) -> jax.Array:
+    """Inside a Pallas/Triton kernel: four uint32 arrays of ``dtype`` (fp16 / bf16) weight pairs
+    (``decode_words(..., dtype=dtype)``) and four of activation pairs, all the same shape -> fp32, per
+    element the sum of the 8 products (packed FMAs: a quarter of the fp32 FMAs' instructions)."""
     if interpret:
-        return dot_pairs_f16_reference(pairs, xpairs)
+        return dot_pairs_reference(pairs, xpairs, dtype)
     from jax.experimental.pallas import triton as pltriton
 
     args = [jax.lax.bitcast_convert_type(a, jnp.int32) for a in (*pairs, *xpairs)]
-    out = pltriton.elementwise_inline_asm(HFMA2_ASM, args=args, constraints="=r" + ",r" * 8, pack=1,
+    out = pltriton.elementwise_inline_asm(dot_pairs_asm(dtype), args=args, constraints="=r" + ",r" * 8, pack=1,
                                           result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.int32)])[0]
     return jax.lax.bitcast_convert_type(out, jnp.float32)
