@@ -282,6 +282,13 @@ def test_gemv_rejects_what_it_does_not_handle():
                       interpret=True)
 
 
+def test_gemv_auto_split_targets_about_2560_programs():
+    """``split=0``: the power of two (at most 8) nearest in ratio to 2560 programs over the row tiles — the
+    joined 7B decode shapes get 2 (N = 22016), 4 (N = 12288) and 8 (N = 4096) K slices."""
+    assert [gemv.auto_split(n // 16) for n in (22016, 12288, 4096, 172 * 16, 64)] == [2, 4, 8, 8, 8]
+    assert gemv.auto_split(2560) == 1 and gemv.auto_split(10**6) == 1 and gemv.auto_split(1) == 8
+
+
 def test_gemv_llama7b_size():
     """down_proj-sized weight [N=4096, K=11008] (K/64 = 172 blocks), M = 1, default configs."""
     w = _weight(4096, 11008)

@@ -6,8 +6,9 @@
   - forward with M <= ``GEMV_AUTO_MAX_M`` = 2 (decoding one or two sequences): the Pallas GEMV
     ``nf4_gemv.py`` with the register decode and packed bf16x2 FMAs on x as it is (fp16x2 on x scaled
     into fp16's range for fp16 activations) — it streams the 4-bit weight once. Device time on
-    4096x11008 / 11008x4096 / 8192x22016 at M = 1 (profiler traces, RESULTS.md, tenth session): 15.2 /
-    18.4 / 48.0 us, 1.5-1.8x faster than the bf16 dot;
+    4096x11008 / 11008x4096 / 8192x22016 at M = 1 (profiler traces, RESULTS.md, tenth session, 4 K
+    slices): 15.2 / 18.4 / 48.0 us, 1.5-1.8x faster than the bf16 dot; at M = 2 1.1-1.3x faster than the
+    small-M kernel on the joined 7B decode shapes, slower from M = 3;
   - forward and input gradient with M <= 64 (batched decoding, small batches): the tensor-core
     small-M kernel ``nf4_matmul_small_m.py`` (the same register decode, ``jnp.dot`` on the decoded
     tiles): its time hardly depends on M. Forward at M = 8: 24.3 / 25.8 / 74.8 us (1.05-1.2x faster

@@ -101,8 +101,8 @@ class GemvConfig:
     ``block_n``: rows of W per program (forward) or per loop step (gradient); rounded down to a
     power of two dividing N (forward). ``blocks_per_step``: quantization blocks per row and loop
     step (forward; ``* blocksize/2`` contiguous bytes per row) or owned by one program (gradient;
-    rounded down to a power of two dividing K/blocksize). ``split``: K slices (forward) or N
-    slices (gradient). ``decode``: ``"auto"`` (``"prmt_bf16x2"`` for bf16 x, else ``"prmt_f16x2"``),
+    rounded down to a power of two dividing K/blocksize). ``split``: K slices (forward; 0, the default:
+    :func:`auto_split`) or N slices (gradient; 0: ``DEFAULT_T_CONFIG``'s 8). ``decode``: ``"auto"`` (``"prmt_bf16x2"`` for bf16 x, else ``"prmt_f16x2"``),
     ``"prmt_bf16x2"``, ``"prmt_f16x2"`` or ``"prmt"`` (register decodes, forward; the input gradient uses
     ``"pair256"``), ``"gather16"`` or ``"pair256"`` (module docstring).
     ``scales_in_kernel``: decode double-quantized scales in the kernel (else one small XLA op
@@ -125,7 +125,9 @@ class GemvConfig:
 
     block_n: int = 16
     blocks_per_step: int = 8
-    split: int = 4
+    # 0: auto, powers of two giving about AUTO_SPLIT_PROGRAMS programs (H200, tenth session: 2-7% faster than 4
+    # K slices on three of the four joined 7B decode shapes at M = 1, the same on 4096x12288)
+    split: int = 0
     # register decode + packed FMAs: fp16x2 at M = 1 1.2-1.3x faster than "prmt" (fp32 FMAs) and 1.6-1.9x than
     # "gather16" on the three LLaMA shapes; at M = 8 1.6-1.9x faster than "prmt" (H200 profiles, RESULTS.md)
     decode: str = "auto"
@@ -327,6 +329,16 @@ def _bwd_kernel(dy_ref, p_ref, a_ref, na_ref, nc_ref, off_ref, t_ref, o_ref, *,
         o_ref[0, m, :, :, 1] = o.astype(o_ref.dtype)
 
 
+AUTO_SPLIT_PROGRAMS = 2560
+
+
+def auto_split(row_tiles: int) -> int:
+    """K slices for ``split=0``: the power of two (1-8) nearest, in ratio, to ``AUTO_SPLIT_PROGRAMS / row_tiles``
+    (H200 sweep, tenth session: 7B's joined decode shapes ran fastest at 2,000-3,000 programs: 4096x22016
+    with 2 slices, 4096x12288 with 4, 11008x4096 and 4096x4096 with 8)."""
+    return int(min(8, max(1, 2 ** round(np.log2(AUTO_SPLIT_PROGRAMS / row_tiles)))))
+
+
 def resolve_decode(config: GemvConfig, dtype) -> GemvConfig:
     """``decode="auto"`` -> ``"prmt_bf16x2"`` for bf16 activations (x read as it is), ``"prmt_f16x2"`` for the
     others (fp16 products of x scaled into [-1, 1]); ``x_layout="auto"`` -> ``"pairs"`` for ``"prmt_bf16x2"``,
@@ -400,10 +412,10 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
     nb, hb = k // w.blocksize, w.blocksize // 2
     x2 = _pad_m(x.reshape(m, k))
     mp = x2.shape[0]
-    split = max(1, min(config.split, nb))
+    bn = pow2_divisor(n, config.block_n)
+    split = max(1, min(config.split or auto_split(n // bn), nb))
     g = min(pow2_at_most(config.blocks_per_step), pow2_at_most(nb // split))
     steps = -(-(-(-nb // split)) // g)  # ceil(ceil(nb / split) / g)
-    bn = pow2_divisor(n, config.block_n)
     operands, dq = _weight_operands(w, config)
     x_scale = None
     natural_x = None
@@ -465,7 +477,7 @@ def nf4_gemv_t(dy: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAUL
     dy2 = _pad_m(dy.reshape(m, n))
     mp = dy2.shape[0]
     g = pow2_divisor(nb, config.blocks_per_step)
-    split = max(1, min(config.split, n))
+    split = max(1, min(config.split or DEFAULT_T_CONFIG.split, n))
     bn = min(pow2_at_most(config.block_n), pow2_at_most(n // split))
     steps = -(-(-(-n // split)) // bn)
     operands, dq = _weight_operands(w, config)
