@@ -130,8 +130,8 @@ def test_ptx_decode_equals_codebook_lookup_bit_for_bit(quant_type, dtype, even_u
                             for t in range(4)] + [rng.integers(0, 2**32, 4096, dtype=np.uint32)])
     ref = prmt_decode.decode_words_reference(words, quant_type, dtype, even_upper)
     for t, e in enumerate(_expected(words, quant_type, dtype, even_upper)):
-        np.testing.assert_array_equal(run_ptx(prmt_decode.prmt_asm(quant_type, t, dtype, even_upper=even_upper), words), e,
-                                      err_msg=f"byte {t}")
+        asm = prmt_decode.prmt_asm(quant_type, t, dtype, even_upper=even_upper)
+        np.testing.assert_array_equal(run_ptx(asm, words), e, err_msg=f"byte {t}")
         np.testing.assert_array_equal(np.asarray(ref[t]), e)
 
 
@@ -240,12 +240,11 @@ def test_dot_pairs_ptx_equals_its_reference(dtype):
         h = np.asarray(jnp.asarray(v, jnp.float32).astype(dtype)).view(np.uint16).astype(np.uint32)
         xs.append((h[0] << np.uint32(16)) | h[1])
     got = run_dot_pairs_ptx(prmt_decode.dot_pairs_asm(dtype), pairs + xs, dtype)
-    ref = np.asarray(prmt_decode.dot_pairs_reference(tuple(map(jnp.asarray, pairs)), tuple(map(jnp.asarray, xs)), dtype))
-    np.testing.assert_array_equal(got, ref)
-    f64 = lambda a: _half(a, dtype).astype(np.float64)  # noqa: E731
-    exact = sum(f64(p >> np.uint32(16)) * f64(x >> np.uint32(16)) + f64(p & np.uint32(0xFFFF)) * f64(x & np.uint32(0xFFFF))
-                for p, x in zip(pairs, xs))
-    bound = sum(np.abs(f64(p >> np.uint32(16)) * f64(x >> np.uint32(16))) + np.abs(f64(p & np.uint32(0xFFFF)) * f64(x & np.uint32(0xFFFF)))
-                for p, x in zip(pairs, xs))
+    ref = prmt_decode.dot_pairs_reference(tuple(map(jnp.asarray, pairs)), tuple(map(jnp.asarray, xs)), dtype)
+    np.testing.assert_array_equal(got, np.asarray(ref))
+    halves = lambda a: (_half(a >> np.uint32(16), dtype).astype(np.float64),  # noqa: E731
+                        _half(a & np.uint32(0xFFFF), dtype).astype(np.float64))
+    products = [ph * xh for p, x in zip(pairs, xs) for ph, xh in zip(halves(p), halves(x))]
+    exact, bound = sum(products), sum(np.abs(v) for v in products)
     ulp = 2.0**-11 if dtype == "float16" else 2.0**-8  # half an ulp, relative
     assert np.all(np.abs(got - exact) <= 4 * ulp * bound + 1e-30)

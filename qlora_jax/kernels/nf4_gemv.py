@@ -48,8 +48,8 @@ scaling (bf16 has fp32's range), so no row reduction runs before the kernel; x's
 ``"pairs"``, none: the kernel reads x's bf16 pairs as they lie in memory (``[Mp, NB, hb/4, 4]`` uint32, a
 free reshape) with stride 4 per byte position, or contiguously and splits them on chip (through shared
 memory), and decodes each word with the even column in the lower half to match. Each word's two
-4-product partial sums are rounded to bf16 (8 bits of mantissa) before fp32. ``decode="auto"`` (the default): ``"prmt_bf16x2"`` for bf16
-activations, ``"prmt_f16x2"`` otherwise.
+4-product partial sums are rounded to bf16 (8 bits of mantissa) before fp32. ``decode="auto"`` (the
+default): ``"prmt_bf16x2"`` for bf16 activations, ``"prmt_f16x2"`` otherwise.
 
 * forward ``y [M, N] = x [M, K] @ W.T``: program ``(i, s)`` owns rows ``i*block_n ..`` and the
   ``s``-th of ``split`` K slices; partials ``[split, Mp, N]`` fp32 (``split == 1``: the output
@@ -102,9 +102,10 @@ class GemvConfig:
     power of two dividing N (forward). ``blocks_per_step``: quantization blocks per row and loop
     step (forward; ``* blocksize/2`` contiguous bytes per row) or owned by one program (gradient;
     rounded down to a power of two dividing K/blocksize). ``split``: K slices (forward; 0, the default:
-    :func:`auto_split`) or N slices (gradient; 0: ``DEFAULT_T_CONFIG``'s 8). ``decode``: ``"auto"`` (``"prmt_bf16x2"`` for bf16 x, else ``"prmt_f16x2"``),
-    ``"prmt_bf16x2"``, ``"prmt_f16x2"`` or ``"prmt"`` (register decodes, forward; the input gradient uses
-    ``"pair256"``), ``"gather16"`` or ``"pair256"`` (module docstring).
+    :func:`auto_split`) or N slices (gradient; 0: ``DEFAULT_T_CONFIG``'s 8). ``decode``: ``"auto"``
+    (``"prmt_bf16x2"`` for bf16 x, else ``"prmt_f16x2"``), ``"prmt_bf16x2"``, ``"prmt_f16x2"`` or ``"prmt"``
+    (register decodes, forward; the input gradient uses ``"pair256"``), ``"gather16"`` or ``"pair256"``
+    (module docstring).
     ``scales_in_kernel``: decode double-quantized scales in the kernel (else one small XLA op
     makes fp32 ``[N, NB]`` scales first: 4 extra bytes read per 32 code bytes).
     ``reduce``: ``"end"`` keeps one elementwise fp32 accumulator per row of x the size of the byte
@@ -246,7 +247,8 @@ def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_ty
                 prod = prmt_decode.dot_pairs(pairs, xp, dtype=half, interpret=interpret)
             elif natural_x == "pairs":  # [g, hb/4, 4] contiguous, split into the 4 byte positions on chip
                 xw = x_refs[0][m, blocks, :, :]
-                xp = [jnp.broadcast_to(p.reshape(xw.shape[:2])[None], pairs[0].shape) for p in jnp.split(xw, 4, axis=-1)]
+                xp = [jnp.broadcast_to(p.reshape(xw.shape[:2])[None], pairs[0].shape)
+                      for p in jnp.split(xw, 4, axis=-1)]
                 prod = prmt_decode.dot_pairs(pairs, xp, dtype=half, interpret=interpret)
             elif half:
                 xp = [jnp.broadcast_to(x_refs[0][m, t, blocks, :][None], pairs[0].shape) for t in range(4)]
@@ -407,7 +409,9 @@ def nf4_gemv(x: jax.Array, w: QuantizedTensor, *, config: GemvConfig = DEFAULT_C
         raise ValueError(f"x_layout={config.x_layout!r}: 'split' or 'strided' (any decode), or 'pairs' "
                          f"(decode 'prmt_bf16x2'); decode is {config.decode!r}")
     if config.decode in REGISTER_DECODES and not interpret and prmt_decode.rocm_backend():
-        config = dataclasses.replace(config, decode="pair256")  # the same bf16-rounded codes, by table
+        # the same bf16-rounded codes, by table (x de-interleaved by XLA where the register decode read it in place)
+        config = dataclasses.replace(config, decode="pair256",
+                                     x_layout="split" if config.x_layout == "pairs" else config.x_layout)
     n, k = w.shape
     nb, hb = k // w.blocksize, w.blocksize // 2
     x2 = _pad_m(x.reshape(m, k))

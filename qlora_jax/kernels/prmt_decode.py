@@ -170,7 +170,8 @@ def decode_words(words: jax.Array, quant_type: str, *, interpret: bool, dtype: s
     args = [jax.lax.bitcast_convert_type(a, jnp.int32) for a in ((words, scale_pairs) if scaled else (words,))]
     constraints = "=r" + ",r" * len(args)
     return tuple(jax.lax.bitcast_convert_type(
-        pltriton.elementwise_inline_asm(prmt_asm(quant_type, t, dtype, scaled, even_upper), args=args, constraints=constraints,
+        pltriton.elementwise_inline_asm(prmt_asm(quant_type, t, dtype, scaled, even_upper), args=args,
+                                        constraints=constraints,
                                         pack=1, result_shape_dtypes=[out])[0], jnp.uint32) for t in range(4))
 
 
