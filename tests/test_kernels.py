@@ -20,6 +20,7 @@ from qlora_jax.kernels import decode_attention
 from qlora_jax.kernels import nf4_dequant as dequant
 from qlora_jax.kernels import nf4_gemv as gemv
 from qlora_jax.kernels import nf4_matmul_small_m as small_m
+from qlora_jax.kernels import prmt_decode
 from qlora_jax.nf4 import dequantize
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -400,6 +401,35 @@ def test_auto_picks_the_measured_kernels_on_a_gpu(monkeypatch):
     assert pick(jnp.ones((3, 128), jnp.bfloat16), stacked) == "xla"
     monkeypatch.setattr(kernels.jax, "default_backend", lambda: "cpu")
     assert pick(jnp.ones((1, 128), jnp.bfloat16), w) == "xla"
+
+
+class _FakeGpu:
+    platform = "gpu"
+
+    def __init__(self, compute_capability: str):
+        self.compute_capability = compute_capability
+
+
+def test_gpus_before_ampere_get_no_bf16x2_ptx(monkeypatch):
+    """On a CUDA GPU older than compute capability 8.0 (faked here: a T4 is 7.5) the bf16 paths that emit
+    bf16x2 PTX are not chosen: bf16 activations take the fp16x2 GEMV and the Pallas dequantize instead of
+    the small-M kernel; fp16 keeps the small-M kernel; Ampere and Hopper keep the bf16 paths."""
+    w = _weight(64, 128)
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    for cc, bf16_ok in (("7.5", False), ("7.0", False), ("8.0", True), ("9.0", True)):
+        monkeypatch.setattr(jax, "devices", lambda cc=cc: [_FakeGpu(cc)])
+        assert prmt_decode.bf16x2_supported() == bf16_ok, cc
+        want = "prmt_bf16x2" if bf16_ok else "prmt_f16x2"
+        assert gemv.resolve_decode(gemv.GemvConfig(), jnp.bfloat16).decode == want, cc
+        assert gemv.resolve_decode(gemv.GemvConfig(), jnp.float16).decode == "prmt_f16x2"
+        pick = kernels.select_implementation
+        assert pick(jnp.ones((8, 128), jnp.bfloat16), w) == ("small_m" if bf16_ok else "pallas_dequant"), cc
+        assert pick(jnp.ones((8, 128), jnp.float16), w) == "small_m"
+        assert pick(jnp.ones((1, 128), jnp.bfloat16), w) == "gemv"
+        with kernels.use_implementation("small_m"):
+            assert pick(jnp.ones((8, 128), jnp.bfloat16), w) == ("small_m" if bf16_ok else "xla"), cc
+    monkeypatch.setattr(jax, "devices", lambda: [_FakeGpu("gfx90a")])  # not a CUDA capability
+    assert prmt_decode.bf16x2_supported()
 
 
 def test_use_implementation_rejects_unknown_names():

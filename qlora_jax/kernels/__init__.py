@@ -20,6 +20,8 @@
   - everything else (M > 64, or N not a multiple of 16): the Pallas dequantize ``nf4_dequant.py``
     (2.1-2.6x faster than XLA's dequantize fusion) followed by XLA's dot — at M = 2048 on 4096x11008,
     0.98x (forward) and 0.88x (input gradient) of a bf16 dot's time;
+* GPUs older than Ampere (compute capability < 8.0, no ``fma.rn.bf16x2``): bf16 activations take the
+  fp16x2 GEMV and, instead of the small-M kernel, the Pallas dequantize + dot (fp16 keeps both kernels);
 * otherwise (CPU, fp32, stacked leaves, weights that are not whole blocks): the XLA path of
   ``nf4_matmul.py`` (even/odd halves decoded straight from the nibbles, contraction split).
 
@@ -44,12 +46,14 @@ import contextlib
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.kernels import nf4_dequant as dequant
 from qlora_jax.kernels import nf4_gemv as gemv
 from qlora_jax.kernels import nf4_matmul as xla_paths
 from qlora_jax.kernels import nf4_matmul_small_m as small_m
+from qlora_jax.kernels import prmt_decode
 from qlora_jax.kernels.nf4_matmul import (
     nf4_matmul_reduce,
     nf4_matmul_reference,
@@ -114,14 +118,17 @@ def select_implementation(x: jax.Array, w: QuantizedTensor, *, transpose: bool =
     if jax.default_backend() != "gpu":
         return "xla"
     half = np.dtype(x.dtype).itemsize == 2
+    # the small-M kernels' bf16 PTX (fma.rn.bf16x2) and bf16 tl.dot need Ampere or newer
+    can_small_m = (half and small_m.supports(w, m) is None
+                   and (x.dtype != jnp.bfloat16 or prmt_decode.bf16x2_supported()))
     if forced == "small_m":
-        return "small_m" if half and small_m.supports(w, m) is None else "xla"
+        return "small_m" if can_small_m else "xla"
     can_gemv = gemv.supports(w, m) is None
     can_dequant = len(w.shape) == 2 and dequant.supports(w, x.dtype) is None
     if forced == "auto":  # measured choices, see the module docstring
         if half and not transpose and can_gemv and m <= GEMV_AUTO_MAX_M:
             return "gemv"
-        if half and small_m.supports(w, m) is None:  # M <= 64
+        if can_small_m:  # M <= 64
             return "small_m"
         return "pallas_dequant" if half and can_dequant else "xla"
     if forced in ("gemv", "pallas") and can_gemv:

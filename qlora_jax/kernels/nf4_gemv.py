@@ -343,10 +343,11 @@ def auto_split(row_tiles: int) -> int:
 
 def resolve_decode(config: GemvConfig, dtype) -> GemvConfig:
     """``decode="auto"`` -> ``"prmt_bf16x2"`` for bf16 activations (x read as it is), ``"prmt_f16x2"`` for the
-    others (fp16 products of x scaled into [-1, 1]); ``x_layout="auto"`` -> ``"pairs"`` for ``"prmt_bf16x2"``,
-    else ``"split"``."""
+    others (fp16 products of x scaled into [-1, 1]) and on GPUs older than Ampere (no bf16x2 FMAs);
+    ``x_layout="auto"`` -> ``"pairs"`` for ``"prmt_bf16x2"``, else ``"split"``."""
     if config.decode == "auto":
-        config = dataclasses.replace(config, decode="prmt_bf16x2" if jnp.dtype(dtype) == jnp.bfloat16 else "prmt_f16x2")
+        bf16 = jnp.dtype(dtype) == jnp.bfloat16 and prmt_decode.bf16x2_supported()
+        config = dataclasses.replace(config, decode="prmt_bf16x2" if bf16 else "prmt_f16x2")
     if config.x_layout == "auto":
         config = dataclasses.replace(config, x_layout="pairs" if config.decode == "prmt_bf16x2" else "split")
     return config

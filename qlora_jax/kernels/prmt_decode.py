@@ -109,6 +109,18 @@ def rocm_backend() -> bool:
     return "rocm" in jax.devices()[0].client.platform_version.lower()
 
 
+def bf16x2_supported() -> bool:
+    """Whether the default device runs the bf16 PTX the kernels emit (``fma.rn.bf16x2``, and Triton's bf16
+    ``tl.dot``): every device but a CUDA GPU older than compute capability 8.0 (Ampere). A CPU says yes: it
+    only interprets the kernels or lowers them for an abstract H100."""
+    dev = jax.devices()[0]
+    try:
+        major = int(str(getattr(dev, "compute_capability", "")).split(".")[0])
+    except ValueError:  # not a CUDA device (no or a non-numeric capability)
+        return True
+    return dev.platform != "gpu" or major >= 8
+
+
 def decode_words_reference(words: jax.Array, quant_type: str, dtype: str = "bfloat16",
                            even_upper: bool = True) -> tuple[jax.Array, ...]:
     """What the PTX computes, as jnp gathers: uint32 ``words`` -> four uint32 arrays of ``dtype`` pairs."""
