@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -40,6 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks._common import median_seconds  # noqa: E402
 from qlora_jax import quantize  # noqa: E402
 from qlora_jax.kernels import nf4_dequant as dequant  # noqa: E402
 from qlora_jax.kernels import nf4_gemv as gemv  # noqa: E402
@@ -109,13 +109,7 @@ class Bench:
         """Seconds per ``op(x, w)``: one jitted program over every (x, w) pair, median of runs."""
         # a barrier per call: XLA's GPU compiler would merge the dots that share a weight (benchmarks/kernels.py)
         fn = jax.jit(lambda xs, ws: [op(x, jax.lax.optimization_barrier(w)) for x in xs for w in ws])
-        jax.block_until_ready(fn(xs, ws))
-        times = []
-        for _ in range(self.runs):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(xs, ws))
-            times.append(time.perf_counter() - t)
-        return statistics.median(times) / (len(xs) * len(ws))
+        return median_seconds(fn, xs, ws, runs=self.runs) / (len(xs) * len(ws))
 
     def record(self, **row) -> None:
         self.rows.append(row)

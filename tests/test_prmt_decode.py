@@ -54,18 +54,27 @@ def _statements(asm: str):
         yield m.group(1), [t.strip() for t in re.split(r",(?![^{]*})", m.group(2))]
 
 
+def _half_type(dtype: str) -> type:
+    """numpy's type for ``dtype``: float16, or ml_dtypes' bfloat16."""
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+
+
+def _half(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """Integer 16-bit patterns -> ``dtype`` (float16 / bfloat16) values."""
+    return bits.astype(np.uint16).view(_half_type(dtype))
+
+
 def _half_pair_mul(a: np.ndarray, b: np.ndarray, dtype: str) -> np.ndarray:
     """``fma.rn.{bf16x2,f16x2} d, a, b, -0.0`` on uint64-held 32-bit pairs: each half's exact product
     (float64) rounded once to ``dtype`` (ml_dtypes / numpy round to nearest even)."""
-    import ml_dtypes
-
-    half = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
     out = np.zeros_like(a)
     for shift in (0, 16):
         s = np.uint64(shift)
-        ha = ((a >> s) & np.uint64(0xFFFF)).astype(np.uint16).view(half).astype(np.float64)
-        hb = ((b >> s) & np.uint64(0xFFFF)).astype(np.uint16).view(half).astype(np.float64)
-        out |= (ha * hb).astype(half).view(np.uint16).astype(np.uint64) << s
+        ha = _half((a >> s) & np.uint64(0xFFFF), dtype).astype(np.float64)
+        hb = _half((b >> s) & np.uint64(0xFFFF), dtype).astype(np.float64)
+        out |= (ha * hb).astype(_half_type(dtype)).view(np.uint16).astype(np.uint64) << s
     return out
 
 
@@ -152,13 +161,11 @@ def test_scaled_ptx_decode_equals_decode_times_scale_rounded_once(dtype):
         got = run_ptx(prmt_decode.prmt_asm("nf4", t, dtype, scaled=True), words, pairs)
         np.testing.assert_array_equal(got, np.asarray(w), err_msg=f"byte {t}")
     # and that is the codebook value times the scale, both rounded to dtype, then the product rounded
-    import ml_dtypes
-
-    half = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
-    code = prmt_decode.code_bits(dtype=dtype, quant_type="nf4").astype(np.uint16).view(half).astype(np.float64)
+    half = _half_type(dtype)
+    code = _half(prmt_decode.code_bits(dtype=dtype, quant_type="nf4"), dtype).astype(np.float64)
     hi = (words >> np.uint32(4)) & np.uint32(0xF)  # byte 0's high nibble: the upper half of output 0
     expect = (code[hi] * scales.astype(half).astype(np.float64)).astype(half)
-    got_hi = (np.asarray(want[0]) >> np.uint32(16)).astype(np.uint16).view(half)
+    got_hi = _half(np.asarray(want[0]) >> np.uint32(16), dtype)
     np.testing.assert_array_equal(got_hi, expect)
 
 
@@ -176,13 +183,6 @@ def test_reference_decode_matches_expected_and_halves_are_the_codebook():
     code = codebook("nf4")
     np.testing.assert_allclose(float(prmt_decode.upper_f32(pair)[0]), code[7], rtol=2**-8)
     np.testing.assert_allclose(float(prmt_decode.lower_f32(pair)[0]), code[10], rtol=2**-8)
-
-
-def _half(bits: np.ndarray, dtype: str) -> np.ndarray:
-    """uint32 16-bit patterns -> ``dtype`` (float16 / bfloat16) values."""
-    import ml_dtypes
-
-    return bits.astype(np.uint16).view(np.float16 if dtype == "float16" else ml_dtypes.bfloat16)
 
 
 def run_dot_pairs_ptx(asm: str, args: list[np.ndarray], dtype: str) -> np.ndarray:

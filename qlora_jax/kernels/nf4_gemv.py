@@ -242,16 +242,15 @@ def _fwd_kernel_words(*refs, bn, g, steps, split, nb, mp, dq_in_kernel, quant_ty
             halves = [(prmt_decode.upper_f32(p), prmt_decode.lower_f32(p)) for p in pairs]
         out = []
         for m in range(mp):
-            if natural_x == "strided":  # the pairs of byte position t: every 4th uint32 of x (x stays in L1)
-                xp = [jnp.broadcast_to(x_refs[0][m, blocks, :, t][None], pairs[0].shape) for t in range(4)]
-                prod = prmt_decode.dot_pairs(pairs, xp, dtype=half, interpret=interpret)
-            elif natural_x == "pairs":  # [g, hb/4, 4] contiguous, split into the 4 byte positions on chip
-                xw = x_refs[0][m, blocks, :, :]
-                xp = [jnp.broadcast_to(p.reshape(xw.shape[:2])[None], pairs[0].shape)
-                      for p in jnp.split(xw, 4, axis=-1)]
-                prod = prmt_decode.dot_pairs(pairs, xp, dtype=half, interpret=interpret)
-            elif half:
-                xp = [jnp.broadcast_to(x_refs[0][m, t, blocks, :][None], pairs[0].shape) for t in range(4)]
+            if half:  # x's pairs of byte position t, [g, hb/4] each, broadcast over the rows
+                if natural_x == "strided":  # every 4th uint32 of x (x stays in L1)
+                    xp = [x_refs[0][m, blocks, :, t] for t in range(4)]
+                elif natural_x == "pairs":  # [g, hb/4, 4] contiguous, split into the 4 byte positions on chip
+                    xw = x_refs[0][m, blocks, :, :]
+                    xp = [p.reshape(xw.shape[:2]) for p in jnp.split(xw, 4, axis=-1)]
+                else:  # XLA's planes
+                    xp = [x_refs[0][m, t, blocks, :] for t in range(4)]
+                xp = [jnp.broadcast_to(p[None], pairs[0].shape) for p in xp]
                 prod = prmt_decode.dot_pairs(pairs, xp, dtype=half, interpret=interpret)
             else:
                 prod = None
