@@ -143,6 +143,7 @@ def run_jax(args) -> list[dict]:
     import jax
 
     from qlora_jax import kernels
+    from qlora_jax.kernels.rms_norm import use_rms_norm
 
     cfg = model_shape(args.size)
     device = jax.devices()[0].device_kind
@@ -152,21 +153,24 @@ def run_jax(args) -> list[dict]:
         model = build_random_model(cfg, variant)
         build_s = time.perf_counter() - t0
         nbytes = model_bytes(model, skip_embeddings=not cfg["tie_word_embeddings"])
-        grid = [(i, a, u, lb, j, d, b) for i in args.implementation for a in args.attention for u in args.unroll_layers
-                for lb in args.layer_buffers for j in args.join_projections for d in args.dequantize_layers
+        grid = [(i, n, a, u, lb, j, d, f, b) for i in args.implementation for n in args.rms_norm
+                for a in args.attention for u in args.unroll_layers for lb in args.layer_buffers
+                for j in args.join_projections for d in args.dequantize_layers for f in args.fp32_scales
                 for b in args.batch]
-        for impl, attention, unroll, buffers, join, deq, batch in grid:
+        for impl, norm, attention, unroll, buffers, join, deq, f32s, batch in grid:
             jax.clear_caches()  # the kernel choice is made while tracing: no trace may be reused across impls
-            with kernels.use_implementation(impl):
-                rows.append(_jax_row(model, variant, impl, attention, unroll, buffers, join, deq, batch, args, cfg,
-                                     device, build_s, nbytes))
+            with kernels.use_implementation(impl), use_rms_norm(norm):
+                rows.append(_jax_row(model, variant, impl, attention, unroll, buffers, join, deq, f32s, batch, args,
+                                     cfg, device, build_s, nbytes))
+                rows[-1]["rms_norm"] = norm
             print(table([rows[-1]]).splitlines()[-1], file=sys.stderr, flush=True)  # progress, if later rows time out
         del model
     return rows
 
 
 def _jax_row(model, variant: str, impl: str, attention: str, unroll: bool, buffers: bool | None, join: bool,
-             deq: bool | None, batch: int, args, cfg: dict, device: str, build_s: float, nbytes: int) -> dict:
+             deq: bool | None, f32s: bool | None, batch: int, args, cfg: dict, device: str, build_s: float,
+             nbytes: int) -> dict:
     """One JAX row: compile, then time prefill and whole generate calls (and profile one, if asked)."""
     import jax
     import numpy as np
@@ -174,7 +178,7 @@ def _jax_row(model, variant: str, impl: str, attention: str, unroll: bool, buffe
     from qlora_jax.generate import Generator, _prefill_jit, SamplingConfig
 
     gen = Generator(model, eos_token_ids=(), unroll_layers=unroll, layer_buffers=buffers, join_projections=join,
-                    dequantize_layers=deq, attention=attention)
+                    dequantize_layers=deq, fp32_scales=f32s, attention=attention)
     prompts = np.random.default_rng(batch).integers(3, cfg["vocab_size"], (batch, args.prompt_len)).tolist()
     kw = dict(max_new_tokens=args.new_tokens, sampling=SamplingConfig(), chunk_size=None)
     t0 = time.perf_counter()
@@ -201,11 +205,14 @@ def _jax_row(model, variant: str, impl: str, attention: str, unroll: bool, buffe
     extra = {"build_s": build_s, "compile_s": compile_s, "unroll_layers": unroll, "layer_buffers": gen.uses_layer_buffers(),
              "join_projections": join and gen.uses_layer_buffers(),
              "dequantized_layers": gen.uses_layer_buffers() and gen.uses_dequantized_layers(batch) and model.quant.quantize,
+             "fp32_scales": (gen.uses_layer_buffers() and not gen.uses_dequantized_layers(batch) and model.quant.quantize
+                             and gen.uses_fp32_scales()),
              "implementation": impl, "attention": attention}
     if args.profile:
         trace = Path(args.profile) / (f"{variant}_{impl}_att-{attention}_b{batch}_unroll{int(unroll)}"
                                       f"_buffers{int(extra['layer_buffers'])}"
-                                      f"_join{int(extra['join_projections'])}_deq{int(extra['dequantized_layers'])}")
+                                      f"_join{int(extra['join_projections'])}_deq{int(extra['dequantized_layers'])}"
+                                      f"_f32s{int(extra['fp32_scales'])}")
         with jax.profiler.trace(str(trace)):
             gen.generate_ids(prompts, **kw)
         from benchmarks.profile_summary import summarize
@@ -321,11 +328,13 @@ def table(rows: list[dict]) -> str:
         xf = "n/a" if r["x_floor"] is None else f"{r['x_floor']:.1f}x"
         variant = r["variant"] + (" (layers unrolled)" if r.get("unroll_layers") else "") + \
             (" (layer buffers)" if r.get("layer_buffers") else "") + (" (joined q/k/v, gate/up)" if r.get("join_projections") else "") + \
-            (" (dequantized)" if r.get("dequantized_layers") else "")
+            (" (dequantized)" if r.get("dequantized_layers") else "") + (" (fp32 scales)" if r.get("fp32_scales") else "")
         if r.get("implementation", "auto") != "auto":
             variant += f" [{r['implementation']}]"
         if r.get("attention", "auto") != "auto":
             variant += f" [attention: {r['attention']}]"
+        if r.get("rms_norm", "auto") != "auto":
+            variant += f" [rms norm: {r['rms_norm']}]"
         lines.append(f"| {r['impl']} | {variant} | {r['batch']} | {r['prefill_ms']:.1f} | "
                      f"{r['decode_ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | {fl} | {xf} |")
     return "\n".join(lines)
@@ -347,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated qlora_jax.kernels implementations to decode with (e.g. auto,gemv,xla_reduce)")
     ap.add_argument("--attention", default="auto",
                     help="comma-separated Generator(attention=) values for the decode attention (auto,xla,pallas)")
+    ap.add_argument("--rms-norm", default="auto",
+                    help="comma-separated qlora_jax.kernels.rms_norm.use_rms_norm values for the norms (auto,xla,pallas)")
     ap.add_argument("--unroll-layers", default="1", help="comma-separated 0/1: decode with the layer loop unrolled")
     ap.add_argument("--layer-buffers", default="auto",
                     help="comma-separated 0/1/auto: Generator(layer_buffers=): layer weights sliced once per decode "
@@ -356,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dequantize-layers", default="auto",
                     help="comma-separated 0/1/auto: Generator(dequantize_layers=): 4-bit weights dequantized into the "
                          "layer buffers (auto: from DEQUANTIZE_MIN_BATCH rows on, when the device has room)")
+    ap.add_argument("--fp32-scales", default="auto",
+                    help="comma-separated 0/1/auto: Generator(fp32_scales=): 4-bit layer buffers with their block "
+                         "scales decoded to fp32 (auto: when the device has room)")
     ap.add_argument("--profile", help="write a profiler trace of one generate call per JAX row here; rows get a summary")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -367,8 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     args.layer_buffers = [None if u == "auto" else bool(int(u)) for u in args.layer_buffers.split(",") if u]
     args.implementation = [i for i in args.implementation.split(",") if i]
     args.attention = [a for a in args.attention.split(",") if a]
+    args.rms_norm = [n for n in args.rms_norm.split(",") if n]
     args.join_projections = [bool(int(j)) for j in args.join_projections.split(",") if j]
     args.dequantize_layers = [None if d == "auto" else bool(int(d)) for d in args.dequantize_layers.split(",") if d]
+    args.fp32_scales = [None if f == "auto" else bool(int(f)) for f in args.fp32_scales.split(",") if f]
     if args.tmp_dir:
         Path(args.tmp_dir).mkdir(parents=True, exist_ok=True)
     bad = (set(args.variants) - set(JAX_VARIANTS)) | (set(args.baselines) - set(BASELINES))

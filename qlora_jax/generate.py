@@ -172,13 +172,14 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: jax.Array, *,
             sampling: SamplingConfig, eos: tuple[int, ...], unroll_layers: bool = False,
             layer_buffers: bool = False, join_projections: bool = True, dequantize_layers: bool = False,
-            attention: str = "auto", mesh: jax.sharding.Mesh | None = None) -> DecodeState:
+            fp32_scales: bool = False, attention: str = "auto", mesh: jax.sharding.Mesh | None = None) -> DecodeState:
     """Generate tokens ``ds.step .. stop_at - 1`` (fewer if every row finishes) in one ``while_loop``.
 
     ``layer_buffers``: slice every layer's weights out of the stacked layer state once, before the
     loop (their own buffers for the loop's duration: the layer weights' bytes once more), instead of
     in every iteration, as :func:`~qlora_jax.models.llama.fuse_projections` (q/k/v and gate/up joined
-    with ``join_projections``, 4-bit weights dequantized with ``dequantize_layers``; see :class:`Generator`).
+    with ``join_projections``, 4-bit weights dequantized with ``dequantize_layers``, or their block scales
+    decoded to fp32 with ``fp32_scales``; see :class:`Generator`).
     ``attention``: the decode attention's implementation (:func:`~qlora_jax.kernels.decode_attention.use_attention`).
     """
     uses_seen = sampling.repetition_penalty != 1.0
@@ -188,7 +189,8 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, ds: DecodeState, stop_at: 
         layer_graphdef, stacked = nnx.split(model.layers)  # every leaf [L, ...]
         layer_states = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.cfg.num_hidden_layers)]
         layer_projections = [fuse_projections(nnx.merge(layer_graphdef, st), join=join_projections,
-                                              dequantize=dequantize_layers) for st in layer_states]
+                                              dequantize=dequantize_layers, fp32_scales=fp32_scales)
+                             for st in layer_states]
 
     def cond(ds: DecodeState) -> jax.Array:
         return (ds.step < stop_at) & ~jnp.all(ds.done)
@@ -213,7 +215,7 @@ LAYER_BUFFER_SLACK = 512 << 20  # bytes left free beside the layer buffers (KV c
 _STATIC = ("graphdef", "sampling", "eos", "unroll_layers", "mesh")
 _prefill_jit = jax.jit(_prefill, static_argnames=(*_STATIC, "cache_len", "max_new"))
 _decode_jit = jax.jit(_decode, static_argnames=(*_STATIC, "layer_buffers", "join_projections", "dequantize_layers",
-                                                "attention"),
+                                                "fp32_scales", "attention"),
                       donate_argnames=("ds",))
 # From this batch size on, dequantized layer buffers (a bf16 dot per token) beat the 4-bit kernels: up to
 # 64 rows the tensor-core small-M kernel decodes as fast as a bf16 dot without the buffers' 4x bytes (7B on
@@ -233,12 +235,13 @@ class Completion:
 
 
 def layer_buffers_fit(model: Llama, memory_stats: Callable[[Any], dict | None] = lambda d: d.memory_stats(), *,
-                      dequantized: bool = False) -> bool:
+                      dequantized: bool = False, fp32_scales: bool = False) -> bool:
     """True when every device holding part of ``model``'s layer weights has their bytes (its shards'),
     plus 10% and ``LAYER_BUFFER_SLACK``, free (``bytes_limit - bytes_in_use`` of ``memory_stats``);
     False where a device reports no statistics, and with several processes (each would judge only its
     own devices, and processes that decided differently would run different programs). ``dequantized``:
-    the 4-bit weights count as their compute-dtype size (two values per packed byte)."""
+    the 4-bit weights count as their compute-dtype size (two values per packed byte); ``fp32_scales``: their
+    codes plus 4 bytes per block scale (double-quantized scales decoded, :func:`qlora_jax.nf4.expand_scales`)."""
     if jax.process_count() > 1:
         return False
     itemsize = jnp.dtype(model.quant.compute_dtype).itemsize
@@ -246,6 +249,9 @@ def layer_buffers_fit(model: Llama, memory_stats: Callable[[Any], dict | None] =
     for node in jax.tree.leaves(nnx.state(model.layers), is_leaf=lambda x: isinstance(x, QuantizedTensor)):
         if dequantized and isinstance(node, QuantizedTensor):
             sized = [(s.device, 2 * s.data.size * itemsize) for s in getattr(node.packed, "addressable_shards", ())]
+        elif fp32_scales and isinstance(node, QuantizedTensor):
+            sized = [(s.device, s.data.size * size) for leaf, size in ((node.packed, 1), (node.absmax, 4))
+                     for s in getattr(leaf, "addressable_shards", ())]
         else:
             sized = [(s.device, s.data.nbytes) for leaf in jax.tree.leaves(node)
                      for s in getattr(leaf, "addressable_shards", ())]
@@ -285,6 +291,12 @@ class Generator:
         XLA's choice, not the shards the room check counts).
         On an H200 (7B, batch 1) NF4 decoding went from 3.78 to 3.51 ms/token, with an unmerged adapter
         from 5.97 to 4.14 (with the adapters' ``A`` stored ``[r, in]``; ``benchmarks/RESULTS.md``).
+      fp32_scales: with 4-bit layer buffers, decode the double-quantized block scales into them as fp32 once
+        per decode call (:func:`~qlora_jax.nf4.expand_scales`: 3 more bytes per 64 weights, ~0.3 GB for 7B),
+        so the GEMV and small-M kernels read each scale instead of decoding it from its 8-bit code on every
+        token: on an H200 the 7B decode GEMVs ran 4-6% faster (``benchmarks/RESULTS.md``, eleventh session).
+        Same tokens up to an FMA's rounding of a scale. ``None`` (default): on when every device has room
+        for the buffers with the fp32 scales (:func:`layer_buffers_fit`), else the buffers keep the codes.
       dequantize_layers: with layer buffers, dequantize the 4-bit weights into them (compute dtype,
         once per decode call) and decode with a plain dot: faster than the 4-bit kernels beyond 64 rows
         (where the small-M kernel stops), at 4x the buffers' bytes. ``None`` (default): from
@@ -300,13 +312,14 @@ class Generator:
 
     def __init__(self, model: Llama, tokenizer: Any = None, *, eos_token_ids: Sequence[int] | None = None,
                  unroll_layers: bool = True, layer_buffers: bool | None = None, join_projections: bool = True,
-                 dequantize_layers: bool | None = None, attention: str = "auto",
+                 dequantize_layers: bool | None = None, fp32_scales: bool | None = None, attention: str = "auto",
                  mesh: jax.sharding.Mesh | None = None):
         if attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
         self.model, self.tokenizer, self.mesh, self.attention = model, tokenizer, mesh, attention
         self.join_projections = bool(join_projections)
         self.dequantize_layers = None if dequantize_layers is None else bool(dequantize_layers)
+        self.fp32_scales = None if fp32_scales is None else bool(fp32_scales)
         self.unroll_layers = bool(unroll_layers)
         self.layer_buffers = None if layer_buffers is None else bool(layer_buffers)
         self.graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
@@ -374,6 +387,7 @@ class Generator:
         chunk = max_new_tokens if chunk_size is None else max(1, int(chunk_size))
         buffers = self.uses_layer_buffers()
         dequantized = buffers and self.uses_dequantized_layers(B)
+        fp32_scales = buffers and not dequantized and self.uses_fp32_scales()
         stopped: dict[int, tuple[list[int], str]] = {}
         step = 1
         while True:
@@ -392,7 +406,8 @@ class Generator:
             ds = _decode_jit(self.graphdef, self.state, ds, put_replicated(np.int32(step), self.mesh),
                              sampling=sampling, eos=self.eos, unroll_layers=self.unroll_layers,
                              layer_buffers=buffers, join_projections=self.join_projections and fsdp_size(self.mesh) == 1,
-                             dequantize_layers=dequantized, attention=self.attention, mesh=self.mesh)
+                             dequantize_layers=dequantized, fp32_scales=fp32_scales, attention=self.attention,
+                             mesh=self.mesh)
             step = int(host_values(ds.step))
         out = []
         for i, row in enumerate(rows):
@@ -410,6 +425,14 @@ class Generator:
         """Whether decode calls now slice the layer weights once per call (``layer_buffers``; ``None``:
         :func:`layer_buffers_fit`)."""
         return layer_buffers_fit(self.model) if self.layer_buffers is None else self.layer_buffers
+
+    def uses_fp32_scales(self) -> bool:
+        """Whether 4-bit layer buffers get their block scales decoded to fp32 (``fp32_scales``; ``None``: when
+        the model has double-quantized 4-bit weights and every device has room, :func:`layer_buffers_fit`)."""
+        if self.fp32_scales is not None:
+            return self.fp32_scales
+        return (self.model.quant.quantize and self.model.quant.double_quant
+                and layer_buffers_fit(self.model, fp32_scales=True))
 
     def uses_dequantized_layers(self, batch: int) -> bool:
         """Whether a decode call for ``batch`` rows would dequantize the 4-bit layer weights into its layer

@@ -330,6 +330,16 @@ def block_absmax(qt: QuantizedTensor) -> jax.Array:
     return values * scale + qt.nested_offset[..., None]
 
 
+def expand_scales(qt: QuantizedTensor) -> QuantizedTensor:
+    """``qt`` with its double-quantized block scales decoded into fp32 ``absmax`` (:func:`block_absmax`; no
+    nested fields): the same weights, 3 more bytes per block, and no two-level scale decode left for the
+    kernels to do. ``qt`` itself when it is not double-quantized."""
+    if not qt.double_quant:
+        return qt
+    return dataclasses.replace(qt, absmax=block_absmax(qt).astype(jnp.float32), nested_absmax=None,
+                               nested_offset=None, nested_code=None)
+
+
 def per_nested_offset(qt: QuantizedTensor) -> bool:
     """Whether ``qt`` has one double-quantization offset per block of 256 scales (:func:`concat_rows`)
     rather than one for the tensor (leading stacked axes aside)."""

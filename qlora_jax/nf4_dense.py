@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from qlora_jax import kernels
-from qlora_jax.nf4 import QuantizedTensor, concat_rows, concat_rows_problem, quantize
+from qlora_jax.nf4 import QuantizedTensor, concat_rows, concat_rows_problem, expand_scales, quantize
 from qlora_jax.sharding import gather_for_compute
 
 
@@ -488,19 +488,23 @@ def _joinable(weights: Sequence[Any]) -> bool:
     return all(isinstance(w, QuantizedTensor) for w in weights) and concat_rows_problem(weights) is None
 
 
-def fuse_dense(layers: Sequence[LoRADense]) -> tuple[FusedDense, ...]:
+def fuse_dense(layers: Sequence[LoRADense], *, fp32_scales: bool = False) -> tuple[FusedDense, ...]:
     """``layers`` (one 2-D weight each, same input) as one :class:`FusedDense`, or one per layer where their
     weights cannot be joined exactly (different formats, or double-quantized scales that do not fill whole
     groups of 256); adapters in the layers' ``compute_dtype``. Inference only: no dropout, no gradients.
-    Runs inside ``jit`` (e.g. once before a decode loop); the result holds a copy of the weights."""
+    Runs inside ``jit`` (e.g. once before a decode loop); the result holds a copy of the weights.
+    ``fp32_scales``: 4-bit weights keep their block scales decoded to fp32 (:func:`qlora_jax.nf4.expand_scales`:
+    3 more bytes per block; the GEMV and small-M kernels then read a scale instead of decoding one)."""
     layers = list(layers)
     cdt = jnp.dtype(layers[0].compute_dtype)
+    weights = [l.weight.get_value() for l in layers]
+    if fp32_scales:
+        weights = [expand_scales(w) if isinstance(w, QuantizedTensor) else w for w in weights]
     if len(layers) > 1 and (
         any(jnp.dtype(l.compute_dtype) != cdt or l.in_features != layers[0].in_features for l in layers)
-        or not _joinable([l.weight.get_value() for l in layers])
+        or not _joinable(weights)
     ):
-        return tuple(f for l in layers for f in fuse_dense([l]))
-    weights = [l.weight.get_value() for l in layers]
+        return tuple(f for l in layers for f in fuse_dense([l], fp32_scales=fp32_scales))
     if len(weights) == 1:
         weight = weights[0]
     elif isinstance(weights[0], QuantizedTensor):

@@ -5,6 +5,7 @@ samplers keep only the allowed tokens, and the CLI and chat mode print completio
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -144,6 +145,64 @@ def test_joined_projections_decode_like_the_modules():
     assert dequantized[0]["qkv"][0].weight.shape == (512, 256) and dequantized[0]["qkv"][0].weight.dtype == jnp.float32
     got = model(ids, layer_states=states, layer_projections=dequantized)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_fp32_scale_layer_buffers_decode_like_the_modules():
+    """Layer buffers with fp32 block scales (``fuse_projections(fp32_scales=True)``): every 4-bit buffer has
+    fp32 scales and no nested fields, the logits are the plain modules', and generation gives the same
+    tokens as without layer buffers, joined or not."""
+    from qlora_jax.models.llama import fuse_projections
+    from qlora_jax.nf4 import QuantizedTensor
+
+    model = _random_nf4_model()
+    layer_graphdef, stacked = nnx.split(model.layers)
+    states = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.cfg.num_hidden_layers)]
+    projections = [fuse_projections(nnx.merge(layer_graphdef, st), fp32_scales=True) for st in states]
+    weights = [f.weight for p in projections for g in p.values() for f in g]
+    assert len(weights) == 8 and all(isinstance(w, QuantizedTensor) and not w.double_quant
+                                     and w.absmax.dtype == jnp.float32 for w in weights)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 9)), jnp.int32)
+    want = model(ids)
+    got = model(ids, layer_states=states, layer_projections=projections)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    prompts = [[1, 5, 9, 17], [1, 3]]
+    kw = dict(max_new_tokens=8, chunk_size=4)
+    plain = Generator(model, eos_token_ids=(), layer_buffers=False).generate_ids(prompts, **kw)
+    for join in (True, False):
+        got = Generator(model, eos_token_ids=(), layer_buffers=True, join_projections=join,
+                        fp32_scales=True).generate_ids(prompts, **kw)
+        assert [c.tokens for c in got] == [c.tokens for c in plain], join
+
+
+def test_fp32_scales_default_follows_memory():
+    """``fp32_scales=None`` expands the scales when every device has room for the buffers with 4 bytes per
+    block scale (codes + fp32 scales + the other layer arrays); a model without double quantization has no
+    scales to expand."""
+    from qlora_jax.generate import LAYER_BUFFER_SLACK, layer_buffers_fit
+    from qlora_jax.nf4 import QuantizedTensor
+
+    model = _random_nf4_model()
+    nodes = jax.tree.leaves(nnx.state(model.layers), is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    qts = [n for n in nodes if isinstance(n, QuantizedTensor)]
+    other = sum(a.nbytes for n in nodes if not isinstance(n, QuantizedTensor) for a in jax.tree.leaves(n))
+    need = (sum(q.packed.size + 4 * q.absmax.size for q in qts) + other) * 1.1 + LAYER_BUFFER_SLACK
+    plain_need = sum(a.nbytes for a in jax.tree.leaves(nnx.state(model.layers))) * 1.1 + LAYER_BUFFER_SLACK
+    assert plain_need < need
+    stats = lambda free: (lambda d: {"bytes_limit": 10 * need, "bytes_in_use": 10 * need - free})  # noqa: E731
+    assert layer_buffers_fit(model, stats(need + 1), fp32_scales=True)
+    assert not layer_buffers_fit(model, stats(need - 1), fp32_scales=True)
+    assert layer_buffers_fit(model, stats(need - 1))  # the buffers with 8-bit scale codes still fit
+    assert Generator(model).uses_fp32_scales() == layer_buffers_fit(model, fp32_scales=True)  # CPU: no statistics
+    assert Generator(model, fp32_scales=True).uses_fp32_scales()
+    import qlora_jax.generate as generate_module
+
+    original, generate_module.layer_buffers_fit = generate_module.layer_buffers_fit, lambda *a, **k: True
+    try:
+        assert Generator(model).uses_fp32_scales()
+        model.quant = dataclasses.replace(model.quant, double_quant=False)  # no scales to expand
+        assert not Generator(model).uses_fp32_scales()
+    finally:
+        generate_module.layer_buffers_fit = original
 
 
 def test_dequantized_layer_buffers_default_follows_batch_and_memory():

@@ -307,3 +307,27 @@ def test_concat_rows_rejects_what_it_cannot_join_exactly():
         concat_rows([w(64, 256), w(64, 128)])
     with pytest.raises(ValueError, match=r"tensor 1 .*does not match tensor 0"):
         concat_rows([w(64, 256), w(64, 256, quant_type="fp4")])
+
+
+def test_expand_scales_keeps_the_weights_and_drops_the_nested_fields():
+    """``expand_scales`` decodes double-quantized scales to fp32 ``absmax`` (the values ``block_absmax``
+    gives, so ``dequantize`` is bit for bit the same), drops the nested fields, and joins like any
+    fp32-scale tensor; a tensor without double quantization comes back as it is."""
+    from qlora_jax.nf4 import block_absmax, concat_rows, dequantize, expand_scales, quantize
+
+    w = jax.random.normal(jax.random.key(0), (300, 128), jnp.float32)  # 600 blocks: not whole groups of 256
+    q = quantize(w)
+    e = expand_scales(q)
+    assert q.double_quant and not e.double_quant
+    assert e.absmax.dtype == jnp.float32 and e.absmax.shape == q.absmax.shape
+    assert (e.nested_absmax, e.nested_offset, e.nested_code) == (None, None, None)
+    np.testing.assert_array_equal(np.asarray(e.absmax), np.asarray(block_absmax(q)))
+    np.testing.assert_array_equal(np.asarray(dequantize(e)), np.asarray(dequantize(q)))
+    assert e.nbytes == q.packed.size + 4 * q.absmax.size
+    plain = quantize(w, double_quant=False)
+    assert expand_scales(plain) is plain
+    # the expanded tensors join even where the double-quantized ones could not (partial groups of 256)
+    other = quantize(w[:100])
+    joined = concat_rows([e, expand_scales(other)])
+    np.testing.assert_array_equal(np.asarray(dequantize(joined)),
+                                  np.concatenate([np.asarray(dequantize(q)), np.asarray(dequantize(other))]))

@@ -18,8 +18,9 @@
     27.7 / 32.4 / 92.0 us against the dequantize + dot's 62.2 / 61.8 / 210.5 (the GEMV's gradient:
     2-5x slower than the small-M kernel at M = 1);
   - everything else (M > 64, or N not a multiple of 16): the Pallas dequantize ``nf4_dequant.py``
-    (2.1-2.6x faster than XLA's dequantize fusion) followed by XLA's dot — at M = 2048 on 4096x11008,
-    0.98x (forward) and 0.88x (input gradient) of a bf16 dot's time;
+    (2.1-2.6x faster than XLA's dequantize fusion) followed by XLA's dot with a bf16 product — at M = 2048
+    on 4096x11008 1.14x a bf16 dot's time (forward and input gradient; the dequantize is 30 of the 30-32 us
+    over it: RESULTS.md, eleventh session);
 * GPUs older than Ampere (compute capability < 8.0, no ``fma.rn.bf16x2``): bf16 activations take the
   fp16x2 GEMV and, instead of the small-M kernel, the Pallas dequantize + dot (fp16 keeps both kernels);
 * otherwise (CPU, fp32, stacked leaves, weights that are not whole blocks): the XLA path of

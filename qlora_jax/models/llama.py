@@ -28,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax import kernels
 from qlora_jax.kernels.decode_attention import decode_attention
+from qlora_jax.kernels.rms_norm import rms_norm
 from qlora_jax.nf4 import MAX_BLOCKSIZE, MIN_BLOCKSIZE, QUANT_TYPES, QuantizedTensor
 from qlora_jax.nf4_dense import Frozen, FusedDense, LoRADense, NF4Dense, fuse_dense, fused_dense, lora_scaling, matmul_t, shared_input_dense, torch_linear_init
 
@@ -275,9 +276,8 @@ class RMSNorm(nnx.Module):
         self.scale = Frozen(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...].astype(jnp.float32) * xf.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+        # a few rows (decoding) on a GPU: one Pallas kernel instead of XLA's two (qlora_jax/kernels/rms_norm.py)
+        return rms_norm(x, self.scale[...], self.eps)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -462,18 +462,23 @@ class DecoderLayer(nnx.Module):
         return h + self.mlp(self.post_attention_layernorm(h), deterministic, fused), new_kv
 
 
-def fuse_projections(layer: DecoderLayer, *, join: bool = True, dequantize: bool = False) -> dict[str, tuple[FusedDense, ...]]:
+def fuse_projections(layer: DecoderLayer, *, join: bool = True, dequantize: bool = False,
+                     fp32_scales: bool = False) -> dict[str, tuple[FusedDense, ...]]:
     """A decoder layer's projections prepared for inference (:func:`qlora_jax.nf4_dense.fuse_dense`):
     adapters cast to the compute dtype once, and with ``join`` q/k/v and gate/up each joined into one
     layer (one 4-bit GEMV and two adapter matmuls instead of three of each per projection). With
     ``dequantize`` the 4-bit weights are dequantized to the compute dtype here, once (the numbers of
-    the dequantize + dot path that prefill and training run), for a plain dot on every token.
+    the dequantize + dot path that prefill and training run), for a plain dot on every token. With
+    ``fp32_scales`` (and not ``dequantize``) the 4-bit weights' double-quantized block scales are decoded to
+    fp32 here, once (:func:`qlora_jax.nf4.expand_scales`), instead of by the kernels on every token.
     Keys ``qkv``, ``o``, ``gate_up``, ``down``. For one layer's arrays (not the stacked ``[L, ...]``
     state); made inside ``jit`` before a decode loop, it holds a copy of the layer's weights."""
     a, m = layer.self_attn, layer.mlp
 
     def group(*layers):
-        fused = fuse_dense(layers) if join else tuple(f for l in layers for f in fuse_dense([l]))
+        expand = fp32_scales and not dequantize
+        fused = (fuse_dense(layers, fp32_scales=expand) if join
+                 else tuple(f for l in layers for f in fuse_dense([l], fp32_scales=expand)))
         if dequantize:
             fused = tuple(dataclasses.replace(f, weight=kernels.dequantize(f.weight, jnp.dtype(f.compute_dtype)))
                           if isinstance(f.weight, QuantizedTensor) else f for f in fused)
