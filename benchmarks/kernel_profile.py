@@ -32,6 +32,7 @@ from benchmarks._common import fmt, meta, print_table, write_json  # noqa: E402
 from benchmarks.kernel_sweep import weight_copies  # noqa: E402
 from qlora_jax.kernels import nf4_dequant, nf4_gemv, nf4_matmul_reference, nf4_matmul_t_reference  # noqa: E402
 from qlora_jax.kernels import nf4_matmul_small_m as small_m  # noqa: E402
+from qlora_jax.nf4 import expand_scales  # noqa: E402
 
 G = nf4_gemv.GemvConfig
 S = small_m.SmallMConfig
@@ -77,9 +78,14 @@ def parse_config(text: str) -> tuple[str, nf4_gemv.GemvConfig | small_m.SmallMCo
 
 
 def profile_shape(k: int, n: int, *, copies: int | None, repeats: int, trace_dir: Path, interpret: bool, m: int = 1,
-                  candidates: dict[str, nf4_gemv.GemvConfig | None] = CANDIDATES, direction: str = "fwd") -> list[dict]:
-    """One row per candidate; ``direction`` ``"fwd"``: ``x [m, k] @ W.T``, ``"bwd"``: ``dy [m, n] @ W``."""
+                  candidates: dict[str, nf4_gemv.GemvConfig | None] = CANDIDATES, direction: str = "fwd",
+                  fp32_scales: bool = False) -> list[dict]:
+    """One row per candidate; ``direction`` ``"fwd"``: ``x [m, k] @ W.T``, ``"bwd"``: ``dy [m, n] @ W``;
+    ``fp32_scales``: the 4-bit weights with their block scales decoded to fp32 (as decoding's layer buffers hold
+    them, ``nf4.expand_scales``) instead of double-quantized."""
     qw, qws, bws = weight_copies(k, n, copies)
+    if fp32_scales:
+        qw, qws = expand_scales(qw), [expand_scales(q) for q in qws]
     fwd = direction == "fwd"
     x = jax.random.normal(jax.random.key(1), (m, k if fwd else n), jnp.bfloat16)
     want = (nf4_matmul_reference if fwd else nf4_matmul_t_reference)(x, qw).astype(jnp.float32)
@@ -101,7 +107,7 @@ def profile_shape(k: int, n: int, *, copies: int | None, repeats: int, trace_dir
         # each call through its own barrier: its x preparation (the GEMV's fp16 packing, the small-M kernel's
         # column permutation) is counted per call, as in decoding, not done once for all copies
         fn = jax.jit(lambda x, ws, op=op: [op(*jax.lax.optimization_barrier((x, w))) for w in ws])
-        row = {"shape": f"{k}x{n}", "direction": direction, "m": m, "impl": name,
+        row = {"shape": f"{k}x{n}", "direction": direction, "m": m, "impl": name, "fp32_scales": fp32_scales,
                "config": vars(cfg) if isinstance(cfg, (G, S)) else cfg}
         try:
             got = jax.block_until_ready(fn(x, ws))[0].astype(jnp.float32)
@@ -135,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", action="append", default=[], type=parse_config,
                     help="an extra GEMV candidate NAME=field:value,... (repeatable), e.g. bn32_w8=block_n:32,num_warps:8")
     ap.add_argument("--only-extra", action="store_true", help="profile the bf16 dot, the dequantize + dot and the --config candidates only")
+    ap.add_argument("--fp32-scales", action="store_true",
+                    help="4-bit weights with fp32 block scales (decoding's layer buffers), not double-quantized")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: one small shape, interpret mode")
     args = ap.parse_args(argv)
     baselines = ("bf16_dot", "pallas_dequant_dot")
@@ -151,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"error: --direction {direction!r} is not fwd or bwd")
             for m in (int(v) for v in args.m.split(",")):
                 rows += profile_shape(k, n, m=m, copies=copies, repeats=repeats, trace_dir=args.trace_dir,
-                                      interpret=interpret, candidates=candidates, direction=direction)
+                                      interpret=interpret, candidates=candidates, direction=direction,
+                                      fp32_scales=args.fp32_scales)
     table = print_table(
         f"device time per call ({jax.devices()[0].device_kind})", rows,
         [("shape", lambda r: r["shape"]), ("dir", lambda r: r["direction"]), ("M", lambda r: str(r["m"])),

@@ -118,9 +118,11 @@ def _random_nf4_model():
 def test_joined_projections_decode_like_the_modules():
     """With layer buffers, q/k/v and gate/up are joined into one layer each (NF4 with double quant,
     grouped-query attention, adapters with nonzero B on all projections but k): the logits are the
-    plain modules' and so are the greedy tokens, joined or not, and with the 4-bit weights dequantized
-    into the buffers."""
+    plain modules' and so are the greedy tokens, joined or not, with the 4-bit weights dequantized
+    into the buffers, and with their block scales decoded to fp32 there (``fp32_scales``: no nested
+    fields left, joined or not)."""
     from qlora_jax.models.llama import fuse_projections
+    from qlora_jax.nf4 import QuantizedTensor
 
     model = _random_nf4_model()
     cfg = model.cfg
@@ -137,41 +139,21 @@ def test_joined_projections_decode_like_the_modules():
     prompts = [[1, 5, 9, 17], [1, 3]]
     kw = dict(max_new_tokens=8, chunk_size=4)
     plain = Generator(model, eos_token_ids=(), layer_buffers=False).generate_ids(prompts, **kw)
-    for join, dequantize in ((True, False), (False, False), (True, True)):
+    for join, dequantize, fp32 in ((True, False, False), (False, False, False), (True, True, False),
+                                   (True, False, True), (False, False, True)):
         got = Generator(model, eos_token_ids=(), layer_buffers=True, join_projections=join,
-                        dequantize_layers=dequantize).generate_ids(prompts, **kw)
-        assert [c.tokens for c in got] == [c.tokens for c in plain], (join, dequantize)
+                        dequantize_layers=dequantize, fp32_scales=fp32).generate_ids(prompts, **kw)
+        assert [c.tokens for c in got] == [c.tokens for c in plain], (join, dequantize, fp32)
     dequantized = [fuse_projections(nnx.merge(layer_graphdef, st), dequantize=True) for st in states]
     assert dequantized[0]["qkv"][0].weight.shape == (512, 256) and dequantized[0]["qkv"][0].weight.dtype == jnp.float32
     got = model(ids, layer_states=states, layer_projections=dequantized)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-
-
-def test_fp32_scale_layer_buffers_decode_like_the_modules():
-    """Layer buffers with fp32 block scales (``fuse_projections(fp32_scales=True)``): every 4-bit buffer has
-    fp32 scales and no nested fields, the logits are the plain modules', and generation gives the same
-    tokens as without layer buffers, joined or not."""
-    from qlora_jax.models.llama import fuse_projections
-    from qlora_jax.nf4 import QuantizedTensor
-
-    model = _random_nf4_model()
-    layer_graphdef, stacked = nnx.split(model.layers)
-    states = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.cfg.num_hidden_layers)]
-    projections = [fuse_projections(nnx.merge(layer_graphdef, st), fp32_scales=True) for st in states]
-    weights = [f.weight for p in projections for g in p.values() for f in g]
+    expanded = [fuse_projections(nnx.merge(layer_graphdef, st), fp32_scales=True) for st in states]
+    weights = [f.weight for p in expanded for g in p.values() for f in g]
     assert len(weights) == 8 and all(isinstance(w, QuantizedTensor) and not w.double_quant
                                      and w.absmax.dtype == jnp.float32 for w in weights)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 9)), jnp.int32)
-    want = model(ids)
-    got = model(ids, layer_states=states, layer_projections=projections)
+    got = model(ids, layer_states=states, layer_projections=expanded)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-    prompts = [[1, 5, 9, 17], [1, 3]]
-    kw = dict(max_new_tokens=8, chunk_size=4)
-    plain = Generator(model, eos_token_ids=(), layer_buffers=False).generate_ids(prompts, **kw)
-    for join in (True, False):
-        got = Generator(model, eos_token_ids=(), layer_buffers=True, join_projections=join,
-                        fp32_scales=True).generate_ids(prompts, **kw)
-        assert [c.tokens for c in got] == [c.tokens for c in plain], join
 
 
 def test_fp32_scales_default_follows_memory():
