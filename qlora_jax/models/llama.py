@@ -276,7 +276,7 @@ class RMSNorm(nnx.Module):
         self.scale = Frozen(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # a few rows (decoding) on a GPU: one Pallas kernel instead of XLA's two (qlora_jax/kernels/rms_norm.py)
+        # one row (batch-1 decoding) on a GPU: one Pallas kernel instead of XLA's two (qlora_jax/kernels/rms_norm.py)
         return rms_norm(x, self.scale[...], self.eps)
 
 
