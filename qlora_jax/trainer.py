@@ -575,6 +575,11 @@ def train(cfg: TrainConfig, output_dir: str | Path, *, resume: bool = False,
 
     tx = make_optimizer(cfg)
     opt_state = init_optimizer(tx, lora, mesh)
+    if mesh is None:
+        # The jitted steps return arrays committed to the device; commit the adapters and the optimizer state
+        # there too (no copy), so the first call compiles the programs every later call runs. From uncommitted
+        # arrays the train, eval and MMLU steps each compiled twice (7B on an H200: ~11 s per train-step compile).
+        lora, opt_state = jax.tree.map(lambda a: jax.device_put(a, a.sharding), (lora, opt_state))
     put_batch: Callable[[dict[str, np.ndarray]], Any] = lambda b: b  # noqa: E731
     put_eval: Callable[[dict[str, np.ndarray]], Any] = lambda b: b  # noqa: E731
     shardings = None

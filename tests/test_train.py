@@ -103,6 +103,21 @@ def short_paged_run(base, tmp_path_factory) -> list[dict]:
     return train(_cfg(base, *SHORT, "optim.paged=true"), tmp_path_factory.mktemp("short") / "p", progress=False).metrics
 
 
+def test_step_programs_compile_once(base, tmp_path, monkeypatch):
+    """One device: the train step and the eval step each compile once for the whole run (evaluations at steps
+    0, 2 and 4 around 4 training steps). The steps return arrays committed to the device; before ``train``
+    committed the fresh adapters and optimizer state too, the first call of each compiled a second program."""
+    import qlora_jax.trainer as trainer
+
+    made = []
+    for name in ("make_train_step", "make_eval_step"):
+        original = getattr(trainer, name)
+        monkeypatch.setattr(trainer, name, lambda *a, _f=original, **k: made.append(_f(*a, **k)) or made[-1])
+    metrics = train(_cfg(base, *SHORT, "train.eval_every=2"), tmp_path / "o", progress=False).metrics
+    assert [r["step"] for r in metrics if "eval_loss" in r] == [0, 2, 4]
+    assert len(made) == 2 and [f._cache_size() for f in made] == [1, 1]
+
+
 def _losses(metrics: list[dict]) -> list[float]:
     return [r["loss"] for r in metrics if "loss" in r]
 
