@@ -31,8 +31,14 @@ def _rel_err(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
+def _normal(seed: int, shape, dtype=jnp.float32) -> jax.Array:
+    """Standard normal test data drawn with NumPy: ``jax.random`` compiles a program per shape and dtype on
+    CPU (0.2-2 s each), and these checks only need seeded random operands."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32), dtype)
+
+
 def _weight(n, k, quant_type="nf4", double_quant=True, seed=0):
-    return quantize(jax.random.normal(jax.random.key(seed), (n, k)) * 0.05, quant_type=quant_type, double_quant=double_quant)
+    return quantize(_normal(seed, (n, k)) * 0.05, quant_type=quant_type, double_quant=double_quant)
 
 
 CASES = [
@@ -49,10 +55,10 @@ CASES = [
 @pytest.mark.parametrize("lead, n, k, quant_type, double_quant, blocksize", CASES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_small_m_forward_and_backward_equal_reference(lead, n, k, quant_type, double_quant, blocksize, dtype):
-    w = quantize(jax.random.normal(jax.random.key(n + k), (n, k)) * 0.05, quant_type=quant_type,
+    w = quantize(_normal(n + k, (n, k)) * 0.05, quant_type=quant_type,
                  double_quant=double_quant, blocksize=blocksize)
-    x = jax.random.normal(jax.random.key(1), (*lead, k), dtype)
-    dy = jax.random.normal(jax.random.key(2), (*lead, n), dtype)
+    x = _normal(1, (*lead, k), dtype)
+    dy = _normal(2, (*lead, n), dtype)
     y = small_m.nf4_matmul_small_m(x, w, interpret=INTERPRET)
     dx = small_m.nf4_matmul_t_small_m(dy, w, interpret=INTERPRET)
     assert y.shape == (*lead, n) and y.dtype == dtype
@@ -77,8 +83,8 @@ def test_small_m_column_permutation_is_the_decoded_tiles_order():
                                     small_m.SmallMConfig(block_n=32, split=3, blocks_per_step=4)])
 def test_small_m_tile_configs_agree(config):
     w = _weight(96, 768)
-    x = jax.random.normal(jax.random.key(3), (7, 768), jnp.bfloat16)
-    dy = jax.random.normal(jax.random.key(4), (7, 96), jnp.bfloat16)
+    x = _normal(3, (7, 768), jnp.bfloat16)
+    dy = _normal(4, (7, 96), jnp.bfloat16)
     assert _rel_err(small_m.nf4_matmul_small_m(x, w, config=config, interpret=INTERPRET),
                     kernels.nf4_matmul_reference(x, w)) < 1e-2
     assert _rel_err(small_m.nf4_matmul_t_small_m(dy, w, config=config, interpret=INTERPRET),
@@ -90,8 +96,8 @@ def test_small_m_llama7b_sizes():
     """The 7B MLP shapes, both orientations (down_proj [4096, 11008] and up_proj [11008, 4096])."""
     for n, k in ((4096, 11008), (11008, 4096)):
         w = _weight(n, k)
-        x = jax.random.normal(jax.random.key(5), (1, k), jnp.bfloat16)
-        dy = jax.random.normal(jax.random.key(6), (1, n), jnp.bfloat16)
+        x = _normal(5, (1, k), jnp.bfloat16)
+        dy = _normal(6, (1, n), jnp.bfloat16)
         cfg = small_m.SmallMConfig(block_n=128, split=2, blocks_per_step=4)
         assert _rel_err(small_m.nf4_matmul_small_m(x, w, config=cfg, interpret=INTERPRET),
                         kernels.nf4_matmul_reference(x, w)) < 1e-2
@@ -117,8 +123,8 @@ def test_unsupported_shapes_are_rejected_with_a_reason():
 def test_entry_point_equals_reference_on_any_shape(n, k, lead):
     """The entry point (whatever it picks on this platform) on stories260K's sizes and beyond."""
     w = _weight(n, k)
-    x = jax.random.normal(jax.random.key(7), (*lead, k), jnp.bfloat16)
-    dy = jax.random.normal(jax.random.key(8), (*lead, n), jnp.bfloat16)
+    x = _normal(7, (*lead, k), jnp.bfloat16)
+    dy = _normal(8, (*lead, n), jnp.bfloat16)
     assert _rel_err(kernels.nf4_matmul(x, w), kernels.nf4_matmul_reference(x, w)) < 1e-2
     assert _rel_err(kernels.nf4_matmul_t(dy, w), kernels.nf4_matmul_t_reference(dy, w)) < 1e-2
 
@@ -200,8 +206,8 @@ GEMV_CASES = [
 @pytest.mark.parametrize("m, n, k, quant_type, double_quant, config", GEMV_CASES)
 def test_gemv_forward_and_backward_equal_reference(m, n, k, quant_type, double_quant, config):
     w = _weight(n, k, quant_type, double_quant, seed=n + k)
-    x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
-    dy = jax.random.normal(jax.random.key(2), (m, n), jnp.bfloat16)
+    x = _normal(1, (m, k), jnp.bfloat16)
+    dy = _normal(2, (m, n), jnp.bfloat16)
     y = gemv.nf4_gemv(x, w, config=config, interpret=INTERPRET)
     dx = gemv.nf4_gemv_t(dy, w, config=config, interpret=INTERPRET)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
@@ -218,7 +224,7 @@ def test_gemv_f16x2_keeps_precision_at_any_activation_scale(dtype, split):
     outlier (3e4; 6e4, near fp16's top), and a row whose halves differ by 10^8, all stay at bf16-level
     error; bf16 and fp16 activations, one K slice or four."""
     w = _weight(96, 512, seed=5)
-    x = jax.random.normal(jax.random.key(9), (7, 512), jnp.float32) * 0.5
+    x = _normal(9, (7, 512), jnp.float32) * 0.5
     big, tiny = (1e6, 1e-6) if dtype == jnp.bfloat16 else (2e4, 1e-2)  # fp16: outputs stay normal fp16 numbers
     x = x * jnp.asarray([big, tiny, 0.0, 1.0, 1.0, 1.0, 1.0])[:, None]
     x = x.at[4, 17].set(3e4)
@@ -241,7 +247,7 @@ def test_gemv_bf16x2_keeps_precision_at_any_activation_scale(split):
     bf16, f16 = gemv.resolve_decode(gemv.GemvConfig(), jnp.bfloat16), gemv.resolve_decode(gemv.GemvConfig(), jnp.float16)
     assert (bf16.decode, bf16.x_layout, f16.decode, f16.x_layout) == ("prmt_bf16x2", "pairs", "prmt_f16x2", "split")
     w = _weight(96, 512, seed=5)
-    x = jax.random.normal(jax.random.key(9), (6, 512), jnp.float32) * 0.5
+    x = _normal(9, (6, 512), jnp.float32) * 0.5
     x = x * jnp.asarray([1e15, 1e-15, 0.0, 1.0, 1.0, 1.0])[:, None]
     x = x.at[4, 17].set(3e4)
     x = x.at[5, :256].multiply(1e4).at[5, 256:].multiply(1e-4).astype(jnp.bfloat16)
@@ -256,7 +262,7 @@ def test_gemv_bf16x2_keeps_precision_at_any_activation_scale(split):
 def test_gemv_f16x2_with_float32_activations():
     """fp32 x with the default config: fp16 pairs of the scaled x, bf16-level error."""
     w = _weight(64, 256, seed=6)
-    x = jax.random.normal(jax.random.key(4), (3, 256), jnp.float32) * 1e5
+    x = _normal(4, (3, 256), jnp.float32) * 1e5
     y = gemv.nf4_gemv(x, w, interpret=INTERPRET)
     with jax.default_matmul_precision("highest"):
         want = kernels.nf4_matmul_reference(x, w)
@@ -265,7 +271,7 @@ def test_gemv_f16x2_with_float32_activations():
 
 def test_gemv_float32_and_lead_dims():
     w = _weight(64, 192)  # K/64 = 3 blocks: not a power of two
-    x = jax.random.normal(jax.random.key(3), (2, 1, 192), jnp.float32)
+    x = _normal(3, (2, 1, 192), jnp.float32)
     y = gemv.nf4_gemv(x, w, config=gemv.GemvConfig(decode="gather16"), interpret=INTERPRET)
     assert y.shape == (2, 1, 64) and y.dtype == jnp.float32
     with jax.default_matmul_precision("highest"):  # a GPU's default fp32 dot is TF32
@@ -293,8 +299,8 @@ def test_gemv_auto_split_targets_about_2560_programs():
 def test_gemv_llama7b_size():
     """down_proj-sized weight [N=4096, K=11008] (K/64 = 172 blocks), M = 1, default configs."""
     w = _weight(4096, 11008)
-    x = jax.random.normal(jax.random.key(5), (1, 11008), jnp.bfloat16)
-    dy = jax.random.normal(jax.random.key(6), (1, 4096), jnp.bfloat16)
+    x = _normal(5, (1, 11008), jnp.bfloat16)
+    dy = _normal(6, (1, 4096), jnp.bfloat16)
     assert _rel_err(gemv.nf4_gemv(x, w, config=gemv.GemvConfig(block_n=256, blocks_per_step=32, split=2),
                                   interpret=INTERPRET), kernels.nf4_matmul_reference(x, w)) < 1e-2
     assert _rel_err(gemv.nf4_gemv_t(dy, w, config=gemv.GemvConfig(block_n=256, blocks_per_step=4, split=2),
@@ -307,7 +313,7 @@ def test_gemv_llama7b_size():
 ])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_pallas_dequantize_is_bit_exact(n, k, quant_type, double_quant, blocksize, dtype):
-    w = quantize(jax.random.normal(jax.random.key(n * k), (n, k)) * 0.05, quant_type=quant_type,
+    w = quantize(_normal(n * k, (n, k)) * 0.05, quant_type=quant_type,
                  double_quant=double_quant, blocksize=blocksize)
     want = np.asarray(jax.lax.bitcast_convert_type(dequantize(w, dtype), jnp.uint16))
     for config in (dequant.DequantConfig(block_rows=16), dequant.DequantConfig(scales_in_kernel=True)):
@@ -316,8 +322,8 @@ def test_pallas_dequantize_is_bit_exact(n, k, quant_type, double_quant, blocksiz
         # in-kernel scale decoding may round differently on a GPU (FMA); in interpret mode it is XLA's
         if not (config.scales_in_kernel and double_quant and not INTERPRET):
             np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(got, jnp.uint16)), want)
-    x = jax.random.normal(jax.random.key(1), (5, k), dtype)
-    dy = jax.random.normal(jax.random.key(2), (5, n), dtype)
+    x = _normal(1, (5, k), dtype)
+    dy = _normal(2, (5, n), dtype)
     dq = functools.partial(dequant.nf4_matmul_dequant, interpret=INTERPRET)
     dq_t = functools.partial(dequant.nf4_matmul_t_dequant, interpret=INTERPRET)
     np.testing.assert_array_equal(np.asarray(dq(x, w)), np.asarray(kernels.nf4_matmul_reference(x, w)))
@@ -329,8 +335,8 @@ def test_pallas_dequantize_is_bit_exact(n, k, quant_type, double_quant, blocksiz
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_xla_reduce_equals_reference(n, k, m):
     w = _weight(n, k, double_quant=n != 172)
-    x = jax.random.normal(jax.random.key(7), (m, k), jnp.bfloat16)
-    dy = jax.random.normal(jax.random.key(8), (m, n), jnp.bfloat16)
+    x = _normal(7, (m, k), jnp.bfloat16)
+    dy = _normal(8, (m, n), jnp.bfloat16)
     with kernels.use_implementation("xla_reduce"):
         assert kernels.select_implementation(x, w) == "xla_reduce"
         y, dx = jax.jit(kernels.nf4_matmul)(x, w), jax.jit(kernels.nf4_matmul_t)(dy, w)
@@ -344,9 +350,9 @@ def test_grad_through_nf4_dense_with_each_implementation(monkeypatch, impl):
     """jax.grad through nf4_dense with each implementation forced (Pallas in interpret mode on CPU)
     runs its forward and input-gradient kernels and equals the gradient through the XLA path."""
     w = _weight(64, 256)
-    x = jax.random.normal(jax.random.key(9), (2, 3, 256), jnp.bfloat16)  # M = 6 <= 8
-    a = jax.random.normal(jax.random.key(10), (256, 8)) * 0.1
-    b = jax.random.normal(jax.random.key(11), (8, 64)) * 0.1
+    x = _normal(9, (2, 3, 256), jnp.bfloat16)  # M = 6 <= 8
+    a = _normal(10, (256, 8)) * 0.1
+    b = _normal(11, (8, 64)) * 0.1
 
     def loss(x, a, b):
         return jnp.sum(nf4_dense(x, w, a, b, scaling=2.0).astype(jnp.float32) ** 2)
@@ -447,10 +453,10 @@ def test_split_xla_path_equals_the_reference(lead, n, k, quant_type, double_quan
     K = 172 (blocks spanning rows) takes the reference path."""
     from qlora_jax.kernels.nf4_matmul import nf4_matmul_split, nf4_matmul_t_split
 
-    w = quantize(jax.random.normal(jax.random.key(1), (n, k)) * 0.05, quant_type=quant_type, double_quant=double_quant)
+    w = quantize(_normal(1, (n, k)) * 0.05, quant_type=quant_type, double_quant=double_quant)
     for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
-        x = jax.random.normal(jax.random.key(2), (*lead, k), dtype)
-        dy = jax.random.normal(jax.random.key(3), (*lead, n), dtype)
+        x = _normal(2, (*lead, k), dtype)
+        dy = _normal(3, (*lead, n), dtype)
         y = nf4_matmul_split(x, w)
         dx = nf4_matmul_t_split(dy, w)
         assert y.shape == (*lead, n) and y.dtype == dtype and dx.shape == (*lead, k) and dx.dtype == dtype
@@ -503,15 +509,15 @@ def test_kernels_read_joined_tensors_with_one_offset_per_scale_group():
     from qlora_jax.nf4 import concat_rows
 
     k = 512
-    w = concat_rows([quantize(jax.random.normal(jax.random.key(i), (n, k)) * s) for i, (n, s) in
+    w = concat_rows([quantize(_normal(i, (n, k)) * s) for i, (n, s) in
                      enumerate([(64, 0.02), (32, 2.0), (48, 0.4)])])
-    x = jax.random.normal(jax.random.key(7), (2, k), jnp.bfloat16)
+    x = _normal(7, (2, k), jnp.bfloat16)
     ref = kernels.nf4_matmul_reference(x, w)
     for config in (gemv.GemvConfig(), gemv.GemvConfig(decode="prmt", split=2), gemv.GemvConfig(scales_in_kernel=False),
                    gemv.GemvConfig(decode="gather16", block_n=8)):
         assert _rel_err(gemv.nf4_gemv(x, w, config=config, interpret=INTERPRET), ref) < 1e-2, config
     assert _rel_err(small_m.nf4_matmul_small_m(x, w, interpret=INTERPRET), ref) < 1e-2
-    dy = jax.random.normal(jax.random.key(8), (5, w.shape[0]), jnp.bfloat16)
+    dy = _normal(8, (5, w.shape[0]), jnp.bfloat16)
     assert _rel_err(small_m.nf4_matmul_t_small_m(dy, w, interpret=INTERPRET), kernels.nf4_matmul_t_reference(dy, w)) < 1e-2
     got = dequant.dequantize_pallas(w, jnp.float16, interpret=INTERPRET)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(dequantize(w, jnp.float16), np.float32),
