@@ -202,11 +202,11 @@ def _jax_row(model, variant: str, impl: str, attention: str, unroll: bool, buffe
         out = gen.generate_ids(prompts, **kw)
         total_s.append(time.perf_counter() - t0)
         assert all(len(c.tokens) == args.new_tokens for c in out)
-    extra = {"build_s": build_s, "compile_s": compile_s, "unroll_layers": unroll, "layer_buffers": gen.uses_layer_buffers(),
-             "join_projections": join and gen.uses_layer_buffers(),
-             "dequantized_layers": gen.uses_layer_buffers() and gen.uses_dequantized_layers(batch) and model.quant.quantize,
-             "fp32_scales": (gen.uses_layer_buffers() and not gen.uses_dequantized_layers(batch) and model.quant.quantize
-                             and gen.uses_fp32_scales()),
+    plan = gen.decode_plan(batch)
+    extra = {"build_s": build_s, "compile_s": compile_s, "unroll_layers": unroll, "layer_buffers": plan["layer_buffers"],
+             "join_projections": join and plan["layer_buffers"],
+             "dequantized_layers": plan["dequantize_layers"] and model.quant.quantize,
+             "fp32_scales": plan["fp32_scales"] and model.quant.quantize,
              "implementation": impl, "attention": attention}
     if args.profile:
         trace = Path(args.profile) / (f"{variant}_{impl}_att-{attention}_b{batch}_unroll{int(unroll)}"

@@ -385,9 +385,7 @@ class Generator:
                           sampling=sampling, eos=self.eos, cache_len=P + max_new_tokens, max_new=max_new_tokens,
                           unroll_layers=self.unroll_layers, mesh=self.mesh)
         chunk = max_new_tokens if chunk_size is None else max(1, int(chunk_size))
-        buffers = self.uses_layer_buffers()
-        dequantized = buffers and self.uses_dequantized_layers(B)
-        fp32_scales = buffers and not dequantized and self.uses_fp32_scales()
+        plan = self.decode_plan(B)
         stopped: dict[int, tuple[list[int], str]] = {}
         step = 1
         while True:
@@ -404,10 +402,8 @@ class Generator:
                 break
             step = min(step + chunk, max_new_tokens)
             ds = _decode_jit(self.graphdef, self.state, ds, put_replicated(np.int32(step), self.mesh),
-                             sampling=sampling, eos=self.eos, unroll_layers=self.unroll_layers,
-                             layer_buffers=buffers, join_projections=self.join_projections and fsdp_size(self.mesh) == 1,
-                             dequantize_layers=dequantized, fp32_scales=fp32_scales, attention=self.attention,
-                             mesh=self.mesh)
+                             sampling=sampling, eos=self.eos, unroll_layers=self.unroll_layers, **plan,
+                             attention=self.attention, mesh=self.mesh)
             step = int(host_values(ds.step))
         out = []
         for i, row in enumerate(rows):
@@ -420,6 +416,17 @@ class Generator:
             text = None if self.tokenizer is None else self.completion_text(prompts[i], toks)
             out.append(Completion(toks, text, "eos" if ended else "length"))
         return out
+
+    def decode_plan(self, batch: int) -> dict[str, bool]:
+        """How a decode call for ``batch`` rows prepares the layer weights (the static arguments of the decode
+        loop): ``layer_buffers`` (:meth:`uses_layer_buffers`), ``join_projections`` (with them, not on a mesh
+        that splits weights over ``fsdp``), ``dequantize_layers`` (:meth:`uses_dequantized_layers`) and
+        ``fp32_scales`` (4-bit buffers that are not dequantized, :meth:`uses_fp32_scales`)."""
+        buffers = self.uses_layer_buffers()
+        dequantized = buffers and self.uses_dequantized_layers(batch)
+        return {"layer_buffers": buffers, "join_projections": self.join_projections and fsdp_size(self.mesh) == 1,
+                "dequantize_layers": dequantized,
+                "fp32_scales": buffers and not dequantized and self.uses_fp32_scales()}
 
     def uses_layer_buffers(self) -> bool:
         """Whether decode calls now slice the layer weights once per call (``layer_buffers``; ``None``:

@@ -79,6 +79,7 @@ from qlora_jax.kernels.nf4_matmul import operand_rows
 from qlora_jax.kernels.triton_common import (
     k_step,
     kernel_support,
+    pow2_at_least,
     pow2_at_most,
     pow2_divisor,
     scale_operands,
@@ -391,7 +392,7 @@ def _validate(name: str, a: jax.Array, w: QuantizedTensor, dim: int) -> int:
 
 def _pad_m(a2: jax.Array) -> jax.Array:
     m = a2.shape[0]
-    return jnp.pad(a2, ((0, pow2_at_most(2 * m - 1) - m), (0, 0)))  # next power of two >= m
+    return jnp.pad(a2, ((0, pow2_at_least(m) - m), (0, 0)))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

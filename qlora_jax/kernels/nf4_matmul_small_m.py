@@ -44,6 +44,7 @@ from qlora_jax.kernels.nf4_matmul import operand_rows
 from qlora_jax.kernels.triton_common import (
     k_step,
     kernel_support,
+    pow2_at_least,
     pow2_at_most,
     pow2_divisor,
     scale_operands,
@@ -200,7 +201,7 @@ def _validate(name: str, a: jax.Array, w: QuantizedTensor, dim: int) -> int:
 def _dot_blocks(blocksize: int) -> int:
     """The fewest quantization blocks, a power of two, whose plane operand has at least ``MIN_DOT`` columns
     (``blocksize / 4`` per block): a loop step's (forward) or a program's (gradient) smallest group."""
-    return pow2_at_most(2 * max(1, -(-MIN_DOT // (blocksize // 4))) - 1)
+    return pow2_at_least(-(-MIN_DOT // (blocksize // 4)))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

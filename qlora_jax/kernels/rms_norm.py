@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from qlora_jax.kernels import ForcedChoice
-from qlora_jax.kernels.triton_common import pow2_at_most
+from qlora_jax.kernels.triton_common import pow2_at_least
 
 AUTO_MAX_ROWS = 1  # "auto" runs the kernel for this many rows at most (module docstring); forced, any number
 MAX_DIM = 32768  # a row lives in one program's registers
@@ -79,7 +79,7 @@ def rms_norm_pallas(x: jax.Array, scale: jax.Array, eps: float, *, num_warps: in
         raise ValueError(f"rms_norm_pallas: {reason}")
     d = x.shape[-1]
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    dp = pow2_at_most(2 * d - 1)  # the next power of two >= D
+    dp = pow2_at_least(d)
     out = pl.pallas_call(
         functools.partial(_kernel, d=d, dp=dp, eps=float(eps)),
         out_shape=jax.ShapeDtypeStruct((rows, d), x.dtype),

@@ -20,6 +20,11 @@ def pow2_at_most(v: int) -> int:
     return 1 << (max(int(v), 1).bit_length() - 1)
 
 
+def pow2_at_least(v: int) -> int:
+    """The smallest power of two >= ``v`` (1 for ``v <= 1``)."""
+    return pow2_at_most(2 * max(int(v), 1) - 1)
+
+
 def pow2_divisor(n: int, want: int) -> int:
     """The largest power of two <= ``want`` that divides ``n``."""
     d = pow2_at_most(want)
